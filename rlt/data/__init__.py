@@ -1,0 +1,1 @@
+"""Data formats, example parsing, text rendering and dataset loading."""

@@ -1,0 +1,120 @@
+"""Tag styles and the registry of data formats.
+
+A *format* fixes how reasoning is wrapped in tags for the student
+(thought/solution) and for the teacher (solution/explanation), plus the
+delimiters around them and the default student system prompt.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+logger = logging.getLogger(__name__)
+
+TAG_STYLES = ("bespoke", "r1")
+
+DEFAULT_STUDENT_SYSTEM_PROMPT = (
+    "You are a careful problem solver. First reason about the question step by "
+    "step inside the thought section, then state the final answer inside the "
+    "solution section."
+)
+
+DEFAULT_TEACHER_SYSTEM_PROMPT = (
+    "You are a teacher who already knows the answer. Write the solution first, "
+    "inside the solution tags. Then, inside the explanation tags, walk a student "
+    "through how one reaches that solution: short steps that build on each "
+    "other, separated by blank lines, without skipping the reasoning a "
+    "learner would need."
+)
+
+
+def start_tag(name: str, style: str) -> str:
+    """Opening tag for ``name`` in ``style`` ("bespoke": <|begin_of_X|>, "r1": <X>)."""
+    if style == "bespoke":
+        return f"<|begin_of_{name}|>"
+    if style == "r1":
+        return f"<{name}>"
+    raise ValueError(f"unknown tag style {style!r}; expected one of {TAG_STYLES}")
+
+
+def end_tag(name: str, style: str) -> str:
+    """Closing tag for ``name`` in ``style`` ("bespoke": <|end_of_X|>, "r1": </X>)."""
+    if style == "bespoke":
+        return f"<|end_of_{name}|>"
+    if style == "r1":
+        return f"</{name}>"
+    raise ValueError(f"unknown tag style {style!r}; expected one of {TAG_STYLES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataFormat:
+    """How student and teacher texts are tagged.
+
+    row_schema: "stratos" (system + conversations) or "custom" (question/prompt,
+        solution, optional reasoning_trace columns).
+    """
+
+    name: str
+    row_schema: str = "custom"
+    tag_style: str = "bespoke"
+    think_tag: str = "thought"
+    solution_tag: str = "solution"
+    explanation_tag: str = "explanation"
+    think_prefix: str = ""
+    think_solution_delimiter: str = "\n\n"
+    delimiter_padding: str = "\n\n"
+    student_system_prompt: str = DEFAULT_STUDENT_SYSTEM_PROMPT
+    teacher_system_prompt: str = DEFAULT_TEACHER_SYSTEM_PROMPT
+
+    def __post_init__(self):
+        if self.tag_style not in TAG_STYLES:
+            raise ValueError(f"data format {self.name!r}: tag_style must be one of {TAG_STYLES}, got {self.tag_style!r}")
+        if self.row_schema not in ("stratos", "custom"):
+            raise ValueError(f"data format {self.name!r}: row_schema must be 'stratos' or 'custom', got {self.row_schema!r}")
+
+    def tags(self, name: str) -> tuple[str, str]:
+        return start_tag(name, self.tag_style), end_tag(name, self.tag_style)
+
+    @property
+    def think_tags(self) -> tuple[str, str]:
+        return self.tags(self.think_tag)
+
+    @property
+    def solution_tags(self) -> tuple[str, str]:
+        return self.tags(self.solution_tag)
+
+    @property
+    def explanation_tags(self) -> tuple[str, str]:
+        return self.tags(self.explanation_tag)
+
+
+FORMATS: dict[str, DataFormat] = {
+    "bespoke_stratos": DataFormat(name="bespoke_stratos", row_schema="stratos", tag_style="bespoke"),
+    "custom": DataFormat(name="custom", row_schema="custom", tag_style="bespoke"),
+    "custom_r1": DataFormat(name="custom_r1", row_schema="custom", tag_style="r1", think_tag="think", solution_tag="answer"),
+}
+
+# Known dataset ids -> format name. Unknown ids fall back to "custom".
+DATASET_FORMATS: dict[str, str] = {
+    "bespokelabs/Bespoke-Stratos-17k": "bespoke_stratos",
+}
+
+
+def resolve_format(data_format: str | None, dataset_id_or_path: str | None = None, **overrides) -> DataFormat:
+    """Pick a format by name, or by dataset id when ``data_format`` is None/"auto".
+
+    ``overrides`` replace fields of the registered format (e.g. a custom
+    ``student_system_prompt``); None values are ignored.
+    """
+    if data_format in (None, "auto"):
+        name = DATASET_FORMATS.get(str(dataset_id_or_path), "custom")
+        logger.info("data_format=auto: dataset %r uses the %r format", dataset_id_or_path, name)
+    else:
+        name = data_format
+    if name not in FORMATS:
+        raise ValueError(f"unknown data_format {name!r}; known formats: {sorted(FORMATS)} (or 'auto')")
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(fields) - {f.name for f in dataclasses.fields(DataFormat)}
+    if unknown:
+        raise ValueError(f"unknown data format field(s) {sorted(unknown)}")
+    return dataclasses.replace(FORMATS[name], **fields)

@@ -1,0 +1,85 @@
+"""Rendering teacher and student texts through the tokenizer's chat template.
+
+Teacher text: [system: teacher prompt, user: question, assistant:
+  <sol>solution</sol> + delimiter + <expl>thought</expl>].
+RL prompt: the teacher text cut right after <expl> + padding.
+Student text: [system: student prompt, user: question, assistant:
+  think_prefix + <think>thought</think> + delimiter + <sol>solution</sol>].
+"""
+from __future__ import annotations
+
+from rlt.data.examples import Example
+from rlt.data.formats import DataFormat
+
+
+def _chat(tokenizer, system: str, question: str, answer: str | None) -> str:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+    if answer is None:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    messages.append({"role": "assistant", "content": answer})
+    return tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def teacher_answer(solution: str, thought: str, fmt: DataFormat) -> str:
+    s0, s1 = fmt.solution_tags
+    e0, e1 = fmt.explanation_tags
+    return s0 + solution + s1 + fmt.think_solution_delimiter + e0 + thought + e1
+
+
+def student_answer(thought: str, solution: str, fmt: DataFormat) -> str:
+    t0, t1 = fmt.think_tags
+    s0, s1 = fmt.solution_tags
+    return fmt.think_prefix + t0 + thought + t1 + fmt.think_solution_delimiter + s0 + solution + s1
+
+
+def render_teacher_text(tokenizer, ex: Example, fmt: DataFormat) -> str:
+    return _chat(tokenizer, fmt.teacher_system_prompt, ex.question, teacher_answer(ex.solution, ex.thought, fmt))
+
+
+def student_system(ex_system: str | None, fmt: DataFormat) -> str:
+    return ex_system if ex_system else fmt.student_system_prompt
+
+
+def render_student_text(tokenizer, question: str, thought: str, solution: str, system: str | None,
+                        fmt: DataFormat) -> str:
+    return _chat(tokenizer, student_system(system, fmt), question, student_answer(thought, solution, fmt))
+
+
+def render_student_prompt(tokenizer, question: str, system: str | None, fmt: DataFormat) -> str:
+    """What a student sees at test time (generation prompt, nothing answered yet)."""
+    return _chat(tokenizer, student_system(system, fmt), question, None)
+
+
+def _assistant_start(tokenizer, fmt: DataFormat, ex: Example) -> int:
+    """Index where the assistant content starts in the rendered teacher text."""
+    head = _chat(tokenizer, fmt.teacher_system_prompt, ex.question, None)
+    return len(head)
+
+
+def teacher_prompt(tokenizer, ex: Example, fmt: DataFormat) -> str:
+    """The RL prompt: teacher text up to and including <expl> + padding."""
+    return teacher_prompt_and_completion(tokenizer, ex, fmt)[0]
+
+
+def teacher_prompt_and_completion(tokenizer, ex: Example, fmt: DataFormat) -> tuple[str, str]:
+    """Split the teacher text into (RL prompt, explanation completion).
+
+    The completion runs through the end-of-turn token of the assistant turn
+    (the trailing newline some templates add after it is dropped). When the
+    thought does not begin with the padding, the prompt ends right after the
+    explanation start tag and the padding is not assumed.
+    """
+    full = render_teacher_text(tokenizer, ex, fmt)
+    start = _assistant_start(tokenizer, fmt, ex)
+    answer = teacher_answer(ex.solution, ex.thought, fmt)
+    if not full.startswith(answer, start):
+        raise ValueError("the chat template altered the assistant content; rlt needs it verbatim")
+    s0, s1 = fmt.solution_tags
+    cut = start + len(s0 + ex.solution + s1 + fmt.think_solution_delimiter + fmt.explanation_tags[0])
+    if full.startswith(fmt.delimiter_padding, cut):
+        cut += len(fmt.delimiter_padding)
+    end = start + len(answer)
+    eos = tokenizer.eos_token or ""
+    if eos and full.startswith(eos, end):
+        end += len(eos)
+    return full[:cut], full[cut:end]

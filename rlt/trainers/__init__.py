@@ -1,0 +1,1 @@
+"""Trainers: teacher SFT warm-up and teacher GRPO, both on trl."""
