@@ -114,7 +114,10 @@ def build_args(cfg: dict[str, Any], args_cls, num_processes: int | None = None, 
             f"processes={n}) = {derived}; set gradient_accumulation_steps=null to derive it")
     if not torch.cuda.is_available():
         kw["bf16"], kw["tf32"] = False, None
-        kw["use_cpu"] = True
+        # Without an accelerator accelerate leaves the backend unset and then
+        # counts a single process; name gloo so every rank is counted.
+        if num_processes is None and world_size() > 1:
+            kw.setdefault("ddp_backend", "gloo")
     if kw.get("report_to") in (None, "none", []):
         kw["report_to"] = "none"
     kw.update(forced)
