@@ -17,7 +17,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 TINY_RE = re.compile(r"^rlt-tiny:(\d+)$")
-TINY_VERSION = "v1"  # bump when the tiny builder changes
+TINY_VERSION = "v2"  # bump when the tiny builder changes
 
 
 def cache_dir() -> Path:

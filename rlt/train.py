@@ -15,6 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 from rlt.logging_utils import setup_logging
 
 logger = logging.getLogger("rlt.train")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "cfgs")
+
+
+def compose(run_cfg: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The resolved config of ``run_cfg`` with Hydra overrides, outside @hydra.main."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    name = Path(run_cfg).name.removesuffix(".yaml")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hydra_compose("train", overrides=[f"run_cfg@_global_={name}", *overrides])
+    out = OmegaConf.to_container(cfg, resolve=True)
+    out.pop("hydra", None)
+    return out
 
 
 def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:

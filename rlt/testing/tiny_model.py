@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from rlt.data import countdown
 from rlt.data.formats import DEFAULT_STUDENT_SYSTEM_PROMPT, DEFAULT_TEACHER_SYSTEM_PROMPT, FORMATS
@@ -21,6 +21,8 @@ from rlt.data.text import student_answer, teacher_answer
 
 logger = logging.getLogger(__name__)
 
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_pad|>"]
 CHAT_TEMPLATE = (
     "{%- if messages[0]['role'] != 'system' %}"
@@ -50,7 +52,12 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Qwen2's pre-tokenization: digits alone, punctuation runs keep trailing
+    # newlines (so "|>\n\n" is one piece, as in Qwen), newline runs together.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)

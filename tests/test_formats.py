@@ -1,0 +1,115 @@
+"""Format parsing and rendering, byte-exact against hand-written strings."""
+import pytest
+
+from rlt.data.examples import Example, RowError, parse_rows
+from rlt.data.formats import resolve_format, start_tag, end_tag
+from rlt.data.text import (render_student_text, render_teacher_text, student_answer, teacher_answer,
+                           teacher_prompt_and_completion)
+
+Q = "What is 2+3?"
+THOUGHT = "\n\nAdd 2 and 3.\n\n"
+SOL = "\n\n\\boxed{5}\n\n"
+
+
+def test_tag_styles():
+    assert (start_tag("thought", "bespoke"), end_tag("thought", "bespoke")) == ("<|begin_of_thought|>", "<|end_of_thought|>")
+    assert (start_tag("think", "r1"), end_tag("think", "r1")) == ("<think>", "</think>")
+    with pytest.raises(ValueError, match="tag style"):
+        start_tag("x", "xml")
+
+
+def test_format_registry_and_auto():
+    assert resolve_format("auto", "bespokelabs/Bespoke-Stratos-17k").row_schema == "stratos"
+    assert resolve_format("auto", "someone/other-data").name == "custom"
+    assert resolve_format(None, "data/x.jsonl").name == "custom"
+    with pytest.raises(ValueError, match="unknown data_format 'nope'"):
+        resolve_format("nope")
+    assert resolve_format("custom", student_system_prompt="S").student_system_prompt == "S"
+
+
+def test_answers_bespoke_and_r1():
+    b = resolve_format("bespoke_stratos")
+    assert student_answer(THOUGHT, SOL, b) == (
+        "<|begin_of_thought|>\n\nAdd 2 and 3.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n\\boxed{5}\n\n<|end_of_solution|>")
+    assert teacher_answer(SOL, THOUGHT, b) == (
+        "<|begin_of_solution|>\n\n\\boxed{5}\n\n<|end_of_solution|>\n\n<|begin_of_explanation|>\n\nAdd 2 and 3.\n\n<|end_of_explanation|>")
+    r1 = resolve_format("custom_r1")
+    assert student_answer(THOUGHT, SOL, r1) == "<think>\n\nAdd 2 and 3.\n\n</think>\n\n<answer>\n\n\\boxed{5}\n\n</answer>"
+    assert teacher_answer(SOL, THOUGHT, r1) == "<answer>\n\n\\boxed{5}\n\n</answer>\n\n<explanation>\n\nAdd 2 and 3.\n\n</explanation>"
+
+
+def test_teacher_and_student_text(tokenizer):
+    fmt = resolve_format("bespoke_stratos", teacher_system_prompt="TEACH")
+    ex = Example(question=Q, solution=SOL, thought=THOUGHT, system="STUDENT")
+    head = "<|im_start|>system\nTEACH<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+    teacher = (head + "<|begin_of_solution|>\n\n\\boxed{5}\n\n<|end_of_solution|>\n\n<|begin_of_explanation|>"
+               "\n\nAdd 2 and 3.\n\n<|end_of_explanation|><|im_end|>\n")
+    assert render_teacher_text(tokenizer, ex, fmt) == teacher
+    prompt, completion = teacher_prompt_and_completion(tokenizer, ex, fmt)
+    assert prompt == head + "<|begin_of_solution|>\n\n\\boxed{5}\n\n<|end_of_solution|>\n\n<|begin_of_explanation|>\n\n"
+    assert completion == "Add 2 and 3.\n\n<|end_of_explanation|><|im_end|>"
+    student = ("<|im_start|>system\nSTUDENT<|im_end|>\n<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n"
+               "<|begin_of_thought|>\n\nAdd 2 and 3.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n\\boxed{5}\n\n"
+               "<|end_of_solution|><|im_end|>\n")
+    assert render_student_text(tokenizer, Q, THOUGHT, SOL, "STUDENT", fmt) == student
+    # no row system prompt -> the format's default
+    assert "<|im_start|>system\nDEF<|im_end|>" in render_student_text(
+        tokenizer, Q, THOUGHT, SOL, None, resolve_format("bespoke_stratos", student_system_prompt="DEF"))
+
+
+def test_thought_without_padding_keeps_whole_thought_in_completion(tokenizer):
+    fmt = resolve_format("custom", teacher_system_prompt="T")
+    prompt, completion = teacher_prompt_and_completion(tokenizer, Example(Q, "5", "add them"), fmt)
+    assert prompt.endswith("<|end_of_solution|>\n\n<|begin_of_explanation|>")
+    assert completion == "add them<|end_of_explanation|><|im_end|>"
+
+
+def test_parse_stratos_rows_byte_exact():
+    fmt = resolve_format("bespoke_stratos")
+    row = {"system": "SYS", "conversations": [
+        {"from": "user", "value": Q},
+        {"from": "assistant", "value": "<|begin_of_thought|>" + THOUGHT + "<|end_of_thought|>\n\n<|begin_of_solution|>"
+         + SOL + "<|end_of_solution|>"}]}
+    [ex] = parse_rows([row], fmt)
+    assert ex == Example(question=Q, solution=SOL, thought=THOUGHT, system="SYS")
+
+
+def test_parse_r1_rows():
+    fmt = resolve_format("custom_r1")
+    [ex] = parse_rows([{"question": Q, "solution": "5", "reasoning_trace": "<no tags needed>"}], fmt)
+    assert ex == Example(Q, "5", "<no tags needed>", None)
+
+
+def test_parse_custom_rows_question_and_prompt_columns(caplog):
+    fmt = resolve_format("custom")
+    [a] = parse_rows([{"question": Q, "solution": SOL, "reasoning_trace": THOUGHT}], fmt)
+    assert a == Example(Q, SOL, THOUGHT, None)
+    with caplog.at_level("INFO"):
+        [b] = parse_rows([{"prompt": Q, "solution": SOL}], fmt, source="up.jsonl")
+    assert b.thought == SOL  # thought defaults to the solution
+    assert "column 'prompt'" in caplog.text
+
+
+@pytest.mark.parametrize("row,msg", [
+    ({"conversations": [{"from": "user", "value": Q}, {"from": "assistant", "value": "no tags"}]}, "row 1: assistant turn: missing tag '<|begin_of_thought|>'"),
+    ({"conversations": [{"from": "user", "value": Q}, {"from": "assistant", "value": "<|begin_of_thought|>x<|end_of_thought|>"}]}, "row 1: assistant turn after the thought: missing tag '<|begin_of_solution|>'"),
+    ({"conversations": [{"from": "user", "value": "  "}, {"from": "assistant", "value": "x"}]}, "row 1: no non-empty user turn"),
+    ({"system": "s"}, "row 1: missing column 'conversations'"),
+])
+def test_bad_stratos_rows_name_the_row(row, msg):
+    fmt = resolve_format("bespoke_stratos")
+    good = {"conversations": [{"from": "user", "value": Q}, {"from": "assistant", "value":
+            "<|begin_of_thought|>a<|end_of_thought|>\n\n<|begin_of_solution|>b<|end_of_solution|>"}]}
+    with pytest.raises(RowError) as e:
+        parse_rows([good, row], fmt, source="data.jsonl")
+    assert f"data.jsonl, {msg}" in str(e.value)
+    kept = parse_rows([good, row, good], fmt, drop_bad_rows=True)
+    assert len(kept) == 2
+
+
+def test_bad_custom_rows():
+    fmt = resolve_format("custom")
+    with pytest.raises(RowError, match="row 1: empty or missing 'solution'"):
+        parse_rows([{"question": "a", "solution": "b"}, {"question": "c", "solution": ""}], fmt)
+    with pytest.raises(RowError, match="needs a 'question' \\(or 'prompt'\\) column"):
+        parse_rows([{"text": "a"}], fmt)
