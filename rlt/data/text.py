@@ -83,3 +83,16 @@ def teacher_prompt_and_completion(tokenizer, ex: Example, fmt: DataFormat) -> tu
     if eos and full.startswith(eos, end):
         end += len(eos)
     return full[:cut], full[cut:end]
+
+
+def student_text_with_spans(tokenizer, question: str, thought: str, solution: str, system: str | None,
+                            fmt: DataFormat) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """Student text and the character spans [start, end) of the thought and the solution content."""
+    text = render_student_text(tokenizer, question, thought, solution, system, fmt)
+    head = len(render_student_prompt(tokenizer, question, system, fmt))
+    answer = student_answer(thought, solution, fmt)
+    if not text.startswith(answer, head):
+        raise ValueError("the chat template altered the assistant content; rlt needs it verbatim")
+    t0 = head + len(fmt.think_prefix) + len(fmt.think_tags[0])
+    s0 = t0 + len(thought) + len(fmt.think_tags[1]) + len(fmt.think_solution_delimiter) + len(fmt.solution_tags[0])
+    return text, (t0, t0 + len(thought)), (s0, s0 + len(solution))

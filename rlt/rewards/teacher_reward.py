@@ -1,0 +1,178 @@
+"""The RLT teacher reward: how well a frozen student understands the teacher's explanation.
+
+For each completion (teacher text after the RL prompt):
+  thought  = text between the explanation start tag and the first end tag
+             (the start tag + padding end the prompt, so the thought starts
+             with the padding); a missing end tag costs ``not_matched_penalty``
+             and the end tag is appended.
+  r_SS     = coeffs . reductions(clip(normalize(student log-probs of the solution)))
+  r_KL     = coeffs . reductions(clip(normalize(teacher - student log-probs of the thought)))
+  reward   = r_SS - r_KL + match penalty
+With ``include_teacher_think_entropy: false`` the KL term is replaced by the
+student's negative log-likelihood of the thought (the "no entropy" variant).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from rlt.data.formats import DataFormat
+from rlt.data.text import student_text_with_spans
+from rlt.rewards.config import RewardConfig
+from rlt.rewards.logprobs import token_logprobs
+from rlt.rewards.ops import REDUCTIONS, kl_estimate, normalize, reduce_all, weighted_scores
+from rlt.rewards.spans import align_spans, encode_pieces, tokens_within
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RewardInput:
+    prompt: str          # RL prompt, ending with the explanation start tag + padding
+    completion: str      # teacher text generated after the prompt
+    question: str
+    solution: str        # solution content, without tags
+    system: str | None = None  # student system prompt of the row (None: the format's default)
+
+
+@dataclasses.dataclass
+class _Prepared:
+    teacher_ids: list[int]
+    student_ids: list[int]
+    solution_pos: list[int]       # student token indices of the solution content
+    thought_pos_student: list[int]  # aligned thought tokens (student side)
+    thought_pos_teacher: list[int]  # the same tokens in the teacher sequence
+    match_penalty: float
+    misaligned: int
+    thought: str
+    student_text: str
+
+
+@dataclasses.dataclass
+class RewardResult:
+    rewards: torch.Tensor                 # [N]
+    components: dict[str, torch.Tensor]   # name -> [N]
+
+    def metrics(self) -> dict[str, float]:
+        """Batch means (NaN-aware) of every component."""
+        return {k: float(torch.nanmean(v.float())) for k, v in self.components.items()}
+
+
+class TeacherReward:
+    """Scores teacher completions with a frozen student.
+
+    student_model: the frozen student (eval mode, no grad).
+    tokenizer: shared by teacher and student (the caller checks they agree).
+    teacher_temperature: the generation temperature (log-probs are unbiased with it).
+    """
+
+    def __init__(self, student_model, tokenizer, fmt: DataFormat, config: RewardConfig, teacher_temperature: float):
+        if student_model is None:
+            raise ValueError("TeacherReward needs a student model")
+        self.student = student_model
+        self.tokenizer = tokenizer
+        self.fmt = fmt
+        self.cfg = config
+        self.teacher_temperature = float(teacher_temperature) if config.unbias_teacher_log_probs else 1.0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ----------------------------------------------------------------- text side
+    def prepare(self, item: RewardInput) -> _Prepared:
+        e0, e1 = self.fmt.explanation_tags
+        prefix = e0 + self.fmt.delimiter_padding
+        if not item.prompt.endswith(prefix):
+            raise ValueError(f"the RL prompt must end with {prefix!r}")
+        completion, penalty = item.completion, 0.0
+        end = completion.find(e1)
+        if end < 0:
+            penalty = float(self.cfg.not_matched_penalty)
+            completion = completion + e1
+            end = completion.find(e1)
+        thought = self.fmt.delimiter_padding + completion[:end]
+        teacher = encode_pieces(self.tokenizer, [item.prompt, completion])
+        t_origin = len(item.prompt) - len(self.fmt.delimiter_padding)
+        t_idx = tokens_within(teacher, t_origin, len(item.prompt) + end)
+
+        text, (th0, th1), (so0, so1) = student_text_with_spans(
+            self.tokenizer, item.question, thought, item.solution, item.system, self.fmt)
+        student = encode_pieces(self.tokenizer, [text])
+        s_idx = tokens_within(student, th0, th1)
+        pt, ps, misaligned = align_spans(teacher, t_idx, t_origin, student, s_idx, th0)
+        sol = tokens_within(student, so0, so1)
+        return _Prepared(teacher.ids, student.ids, sol, ps, pt, penalty, misaligned, thought, text)
+
+    # ---------------------------------------------------------------- tensor side
+    @torch.no_grad()
+    def __call__(self, teacher_model, items: list[RewardInput]) -> RewardResult:
+        preps = [self.prepare(it) for it in items]
+        return self.score_prepared(teacher_model, preps)
+
+    @torch.no_grad()
+    def score_prepared(self, teacher_model, preps: list[_Prepared]) -> RewardResult:
+        cfg = self.cfg
+        mb, chunk = cfg.reward_micro_batch_size, cfg.reward_logit_chunk_size
+        s_pos = [p.solution_pos + p.thought_pos_student for p in preps]
+        s_lp = token_logprobs(self.student, [p.student_ids for p in preps], s_pos, cfg.student_temperature,
+                              mb, chunk, self.pad_id)
+        t_lp = token_logprobs(teacher_model, [p.teacher_ids for p in preps], [p.thought_pos_teacher for p in preps],
+                              self.teacher_temperature, mb, chunk, self.pad_id)
+        sol_lp, sol_mask = _pad([lp[:len(p.solution_pos)] for lp, p in zip(s_lp, preps)])
+        st_lp, th_mask = _pad([lp[len(p.solution_pos):] for lp, p in zip(s_lp, preps)])
+        tt_lp, _ = _pad(t_lp)
+        return self._combine(sol_lp, sol_mask, st_lp, tt_lp, th_mask, preps)
+
+    def _combine(self, sol_lp, sol_mask, st_lp, tt_lp, th_mask, preps) -> RewardResult:
+        cfg = self.cfg
+        a = torch.tensor(cfg.answer_log_prob_coeff)
+        lam = torch.tensor(cfg.kl_penalty_reward_coeff)
+        pen = float(cfg.not_matched_penalty)
+
+        def process(x, fn, lo=None, hi=None):
+            x = normalize(x, fn)
+            return x.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else x
+
+        lo = None if cfg.clip_log_prob is None else -float(cfg.clip_log_prob)
+        ss_scores = torch.nan_to_num(reduce_all(process(sol_lp, cfg.normalize_log_prob_fn, lo=lo), sol_mask,
+                                                cfg.reduction_log_prob_fn), nan=pen)
+        r_ss = weighted_scores(ss_scores, a, pen)
+        kl = kl_estimate(tt_lp, st_lp, cfg.use_schulman_kl_estimation)
+        kl_scores = torch.nan_to_num(reduce_all(process(kl, cfg.normalize_kl_fn, hi=cfg.clip_kl), th_mask,
+                                                cfg.reduction_kl_fn), nan=-pen)
+        r_kl = weighted_scores(kl_scores, lam, -pen)
+        ne_scores = torch.nan_to_num(reduce_all(process(-st_lp, cfg.normalize_kl_fn, hi=cfg.clip_kl), th_mask,
+                                                cfg.reduction_kl_fn), nan=pen)
+        r_ne = weighted_scores(ne_scores, lam, pen)
+        match = torch.tensor([p.match_penalty for p in preps])
+        full, no_entropy = r_ss - r_kl + match, r_ss - r_ne + match
+        reward = full if cfg.include_teacher_think_entropy else no_entropy
+
+        comp: dict[str, torch.Tensor] = {}
+        for op in REDUCTIONS:
+            if op == "sum":
+                continue
+            comp[f"solution_log_prob/{op}"] = reduce_all(sol_lp, sol_mask, [op])[:, 0]
+            comp[f"thought_kl/{op}"] = reduce_all(kl, th_mask, [op])[:, 0]
+        for i, op in enumerate(cfg.reduction_log_prob_fn):
+            comp[f"r_ss/{op}"] = ss_scores[:, i] * a[i]
+        for i, op in enumerate(cfg.reduction_kl_fn):
+            comp[f"r_kl/{op}"] = kl_scores[:, i] * lam[i]
+        comp.update({
+            "r_ss": r_ss, "r_kl": r_kl, "r_kl_no_entropy": r_ne, "match_penalty": match,
+            "reward_full_kl": full, "reward_no_entropy": no_entropy, "reward": reward,
+            "thought_tokens": th_mask.sum(-1).float(), "solution_tokens": sol_mask.sum(-1).float(),
+            "misaligned_thought_tokens": torch.tensor([float(p.misaligned) for p in preps]),
+        })
+        return RewardResult(reward, comp)
+
+
+def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-aligned [N, T] values and mask from N 1-d tensors (T >= 1)."""
+    t = max([1] + [len(r) for r in rows])
+    vals = torch.zeros(len(rows), t)
+    mask = torch.zeros(len(rows), t, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        vals[i, :len(r)] = r
+        mask[i, :len(r)] = True
+    return vals, mask

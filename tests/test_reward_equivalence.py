@@ -1,0 +1,101 @@
+"""rlt's batched reward equals the per-sample oracle on tiny-model completions."""
+import random
+
+import pytest
+import torch
+
+from reward_oracle import oracle_reward
+from rlt.data.formats import resolve_format
+from rlt.data.loading import load_examples
+from rlt.data.text import teacher_prompt
+from rlt.rewards.config import RewardConfig
+from rlt.rewards.teacher_reward import RewardInput, TeacherReward
+
+FMT = resolve_format("bespoke_stratos")
+E1 = "<|end_of_explanation|>"
+
+
+@pytest.fixture(scope="module")
+def models(tiny_path):
+    from rlt.models import load_causal_lm
+
+    return load_causal_lm(tiny_path, "float32").eval(), load_causal_lm("rlt-tiny:1", "float32").eval()
+
+
+def make_cases(tokenizer, teacher, n_sampled=40, seed=0):
+    """Sampled completions plus hand-made edge cases."""
+    exs = load_examples("rlt-countdown:8:2", FMT)
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    cases = []
+    for k in range(n_sampled):
+        ex = exs[k % len(exs)]
+        prompt = teacher_prompt(tokenizer, ex, FMT)
+        ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+        torch.manual_seed(seed * 1000 + k)
+        out = teacher.generate(ids, do_sample=True, max_new_tokens=rng.randint(5, 60), temperature=1.0,
+                               pad_token_id=tokenizer.pad_token_id)
+        comp = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        if k % 3 == 0:  # end tag somewhere, sometimes with text after it
+            cut = rng.randint(0, len(comp))
+            comp = comp[:cut] + E1 + (comp[cut:] if k % 2 else "")
+        cases.append(RewardInput(prompt, comp, ex.question, ex.solution, ex.system))
+    ex = exs[0]
+    prompt = teacher_prompt(tokenizer, ex, FMT)
+    special = [
+        (ex.solution, "Step 1: add.\n\nStep 2: multiply.\n\n" + E1),  # "\n\n" boundaries
+        (ex.solution, E1),                                            # empty thought
+        (ex.solution, E1 + "\n\ntrailing text after the tag"),       # text after the end tag
+        (ex.solution, "no end tag at all"),                           # no end tag
+        (ex.solution, "Schritt 1: 3 × 4 = 12 ✓ 日本語\n\n" + E1),     # unicode
+        ("(3 + 4) * 2", "Group first.\n\n" + E1),                     # solution merging with its tags
+        ("|>.5", "Half.\n\n" + E1 + "more"),
+        ("\n\n\\boxed{\\frac{1}{2}}\n\n", "\n\n" + E1),
+        (ex.solution, "A" + E1 + "B" + E1),                           # first end tag wins
+    ]
+    for sol, comp in special:
+        cases.append(RewardInput(prompt.replace(ex.solution, sol) if sol != ex.solution else prompt, comp,
+                                 ex.question, sol, ex.system))
+    return cases
+
+
+CONFIGS = {
+    "paper": {},
+    "variants": dict(use_schulman_kl_estimation=True, normalize_log_prob_fn="exp", normalize_kl_fn="exp_norm",
+                     clip_log_prob=3.0, clip_kl=0.2, reduction_log_prob_fn=["median", "first_quartile", "sum"],
+                     answer_log_prob_coeff=[1, 0.5, 0.01], reduction_kl_fn=["last_quartile", "min"],
+                     kl_penalty_reward_coeff=[2, 0.1], include_teacher_think_entropy=False,
+                     unbias_student_log_probs_temp=None, unbias_teacher_log_probs=False,
+                     reward_micro_batch_size=3, reward_logit_chunk_size=7),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_rlt_matches_oracle(tokenizer, models, name):
+    teacher, student = models
+    cfg = RewardConfig(**CONFIGS[name])
+    cases = make_cases(tokenizer, teacher, n_sampled=42 if name == "paper" else 12)
+    assert len(cases) >= (50 if name == "paper" else 20)
+    res = TeacherReward(student, tokenizer, FMT, cfg, teacher_temperature=0.7)(teacher, cases)
+    kinds = {"no_tag": 0, "after_tag": 0}
+    for i, item in enumerate(cases):
+        ref = oracle_reward(teacher, student, tokenizer, FMT, cfg, 0.7, item)
+        for key in ("reward", "r_ss", "r_kl", "r_kl_no_entropy", "match_penalty", "thought_tokens", "solution_tokens"):
+            got = res.components[key][i].item()
+            assert got == pytest.approx(ref[key], abs=1e-5), (i, key, item.completion[:80])
+        kinds["no_tag"] += E1 not in item.completion
+        kinds["after_tag"] += E1 in item.completion and not item.completion.endswith(E1)
+    assert kinds["no_tag"] >= 5 and kinds["after_tag"] >= 3
+    assert (res.components["match_penalty"] == -1).sum() == kinds["no_tag"]
+    assert res.components["misaligned_thought_tokens"].sum() >= 0
+
+
+def test_empty_thought_and_solution_spans_get_penalties(tokenizer, models):
+    teacher, student = models
+    ex = load_examples("rlt-countdown:1:0", FMT)[0]
+    prompt = teacher_prompt(tokenizer, ex, FMT)
+    res = TeacherReward(student, tokenizer, FMT, RewardConfig(), 0.7)(
+        teacher, [RewardInput(prompt, E1, ex.question, ex.solution, ex.system)])
+    assert res.components["thought_tokens"].item() == 0
+    # empty thought span: every KL reduction is NaN -> -not_matched_penalty = +1 each
+    assert res.components["r_kl"].item() == pytest.approx(3 * 1 + 0.03 * 1)
