@@ -30,7 +30,7 @@ def make_cases(tokenizer, teacher, n_sampled=40, seed=0):
     cases = []
     for k in range(n_sampled):
         ex = exs[k % len(exs)]
-        prompt = teacher_prompt(tokenizer, ex, FMT)
+        prompt = teacher_prompt(tokenizer, ex.question, ex.solution, FMT)
         ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids
         torch.manual_seed(seed * 1000 + k)
         out = teacher.generate(ids, do_sample=True, max_new_tokens=rng.randint(5, 60), temperature=1.0,
@@ -41,7 +41,7 @@ def make_cases(tokenizer, teacher, n_sampled=40, seed=0):
             comp = comp[:cut] + E1 + (comp[cut:] if k % 2 else "")
         cases.append(RewardInput(prompt, comp, ex.question, ex.solution, ex.system))
     ex = exs[0]
-    prompt = teacher_prompt(tokenizer, ex, FMT)
+    prompt = teacher_prompt(tokenizer, ex.question, ex.solution, FMT)
     special = [
         (ex.solution, "Step 1: add.\n\nStep 2: multiply.\n\n" + E1),  # "\n\n" boundaries
         (ex.solution, E1),                                            # empty thought
@@ -54,8 +54,7 @@ def make_cases(tokenizer, teacher, n_sampled=40, seed=0):
         (ex.solution, "A" + E1 + "B" + E1),                           # first end tag wins
     ]
     for sol, comp in special:
-        cases.append(RewardInput(prompt.replace(ex.solution, sol) if sol != ex.solution else prompt, comp,
-                                 ex.question, sol, ex.system))
+        cases.append(RewardInput(teacher_prompt(tokenizer, ex.question, sol, FMT), comp, ex.question, sol, ex.system))
     return cases
 
 
@@ -93,7 +92,7 @@ def test_rlt_matches_oracle(tokenizer, models, name):
 def test_empty_thought_and_solution_spans_get_penalties(tokenizer, models):
     teacher, student = models
     ex = load_examples("rlt-countdown:1:0", FMT)[0]
-    prompt = teacher_prompt(tokenizer, ex, FMT)
+    prompt = teacher_prompt(tokenizer, ex.question, ex.solution, FMT)
     res = TeacherReward(student, tokenizer, FMT, RewardConfig(), 0.7)(
         teacher, [RewardInput(prompt, E1, ex.question, ex.solution, ex.system)])
     assert res.components["thought_tokens"].item() == 0

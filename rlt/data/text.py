@@ -56,8 +56,9 @@ def _assistant_start(tokenizer, fmt: DataFormat, ex: Example) -> int:
     return len(head)
 
 
-def teacher_prompt(tokenizer, ex: Example, fmt: DataFormat) -> str:
-    """The RL prompt: teacher text up to and including <expl> + padding."""
+def teacher_prompt(tokenizer, question: str, solution: str, fmt: DataFormat) -> str:
+    """The RL prompt: teacher text up to and including <expl> + padding (independent of any thought)."""
+    ex = Example(question=question, solution=solution, thought=fmt.delimiter_padding)
     return teacher_prompt_and_completion(tokenizer, ex, fmt)[0]
 
 

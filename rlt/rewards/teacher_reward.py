@@ -121,50 +121,57 @@ class TeacherReward:
         sol_lp, sol_mask = _pad([lp[:len(p.solution_pos)] for lp, p in zip(s_lp, preps)])
         st_lp, th_mask = _pad([lp[len(p.solution_pos):] for lp, p in zip(s_lp, preps)])
         tt_lp, _ = _pad(t_lp)
-        return self._combine(sol_lp, sol_mask, st_lp, tt_lp, th_mask, preps)
-
-    def _combine(self, sol_lp, sol_mask, st_lp, tt_lp, th_mask, preps) -> RewardResult:
-        cfg = self.cfg
-        a = torch.tensor(cfg.answer_log_prob_coeff)
-        lam = torch.tensor(cfg.kl_penalty_reward_coeff)
-        pen = float(cfg.not_matched_penalty)
-
-        def process(x, fn, lo=None, hi=None):
-            x = normalize(x, fn)
-            return x.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else x
-
-        lo = None if cfg.clip_log_prob is None else -float(cfg.clip_log_prob)
-        ss_scores = torch.nan_to_num(reduce_all(process(sol_lp, cfg.normalize_log_prob_fn, lo=lo), sol_mask,
-                                                cfg.reduction_log_prob_fn), nan=pen)
-        r_ss = weighted_scores(ss_scores, a, pen)
-        kl = kl_estimate(tt_lp, st_lp, cfg.use_schulman_kl_estimation)
-        kl_scores = torch.nan_to_num(reduce_all(process(kl, cfg.normalize_kl_fn, hi=cfg.clip_kl), th_mask,
-                                                cfg.reduction_kl_fn), nan=-pen)
-        r_kl = weighted_scores(kl_scores, lam, -pen)
-        ne_scores = torch.nan_to_num(reduce_all(process(-st_lp, cfg.normalize_kl_fn, hi=cfg.clip_kl), th_mask,
-                                                cfg.reduction_kl_fn), nan=pen)
-        r_ne = weighted_scores(ne_scores, lam, pen)
         match = torch.tensor([p.match_penalty for p in preps])
-        full, no_entropy = r_ss - r_kl + match, r_ss - r_ne + match
-        reward = full if cfg.include_teacher_think_entropy else no_entropy
+        comp = combine(self.cfg, sol_lp, sol_mask, st_lp, tt_lp, th_mask, match)
+        comp["misaligned_thought_tokens"] = torch.tensor([float(p.misaligned) for p in preps])
+        return RewardResult(comp["reward"], comp)
 
-        comp: dict[str, torch.Tensor] = {}
-        for op in REDUCTIONS:
-            if op == "sum":
-                continue
-            comp[f"solution_log_prob/{op}"] = reduce_all(sol_lp, sol_mask, [op])[:, 0]
-            comp[f"thought_kl/{op}"] = reduce_all(kl, th_mask, [op])[:, 0]
-        for i, op in enumerate(cfg.reduction_log_prob_fn):
-            comp[f"r_ss/{op}"] = ss_scores[:, i] * a[i]
-        for i, op in enumerate(cfg.reduction_kl_fn):
-            comp[f"r_kl/{op}"] = kl_scores[:, i] * lam[i]
-        comp.update({
-            "r_ss": r_ss, "r_kl": r_kl, "r_kl_no_entropy": r_ne, "match_penalty": match,
-            "reward_full_kl": full, "reward_no_entropy": no_entropy, "reward": reward,
-            "thought_tokens": th_mask.sum(-1).float(), "solution_tokens": sol_mask.sum(-1).float(),
-            "misaligned_thought_tokens": torch.tensor([float(p.misaligned) for p in preps]),
-        })
-        return RewardResult(reward, comp)
+
+def combine(cfg: RewardConfig, sol_lp, sol_mask, st_lp, tt_lp, th_mask, match) -> dict[str, torch.Tensor]:
+    """The reward and its components from span log-probs.
+
+    sol_lp, sol_mask: [N, S] student log-probs of the solution tokens (left-aligned);
+    st_lp, tt_lp, th_mask: [N, K] student / teacher log-probs of the thought tokens;
+    match: [N] match penalties. Returns name -> [N] (see README for the names).
+    """
+    a = torch.tensor(cfg.answer_log_prob_coeff)
+    lam = torch.tensor(cfg.kl_penalty_reward_coeff)
+    pen = float(cfg.not_matched_penalty)
+
+    def process(x, fn, lo=None, hi=None):
+        x = normalize(x, fn)
+        return x.clamp(min=lo, max=hi) if (lo is not None or hi is not None) else x
+
+    lo = None if cfg.clip_log_prob is None else -float(cfg.clip_log_prob)
+    ss_scores = torch.nan_to_num(reduce_all(process(sol_lp, cfg.normalize_log_prob_fn, lo=lo), sol_mask,
+                                            cfg.reduction_log_prob_fn), nan=pen)
+    r_ss = weighted_scores(ss_scores, a, pen)
+    kl = kl_estimate(tt_lp, st_lp, cfg.use_schulman_kl_estimation)
+    kl_scores = torch.nan_to_num(reduce_all(process(kl, cfg.normalize_kl_fn, hi=cfg.clip_kl), th_mask,
+                                            cfg.reduction_kl_fn), nan=-pen)
+    r_kl = weighted_scores(kl_scores, lam, -pen)
+    ne_scores = torch.nan_to_num(reduce_all(process(-st_lp, cfg.normalize_kl_fn, hi=cfg.clip_kl), th_mask,
+                                            cfg.reduction_kl_fn), nan=pen)
+    r_ne = weighted_scores(ne_scores, lam, pen)
+    full, no_entropy = r_ss - r_kl + match, r_ss - r_ne + match
+    reward = full if cfg.include_teacher_think_entropy else no_entropy
+
+    comp: dict[str, torch.Tensor] = {}
+    for op in REDUCTIONS:
+        if op == "sum":
+            continue
+        comp[f"solution_log_prob/{op}"] = reduce_all(sol_lp, sol_mask, [op])[:, 0]
+        comp[f"thought_kl/{op}"] = reduce_all(kl, th_mask, [op])[:, 0]
+    for i, op in enumerate(cfg.reduction_log_prob_fn):
+        comp[f"r_ss/{op}"] = ss_scores[:, i] * a[i]
+    for i, op in enumerate(cfg.reduction_kl_fn):
+        comp[f"r_kl/{op}"] = kl_scores[:, i] * lam[i]
+    comp.update({
+        "r_ss": r_ss, "r_kl": r_kl, "r_kl_no_entropy": r_ne, "match_penalty": match,
+        "reward_full_kl": full, "reward_no_entropy": no_entropy, "reward": reward,
+        "thought_tokens": th_mask.sum(-1).float(), "solution_tokens": sol_mask.sum(-1).float(),
+    })
+    return comp
 
 
 def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

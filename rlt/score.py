@@ -1,0 +1,113 @@
+"""Offline scorer: the teacher reward for given completions.
+
+    python -m rlt.score teacher=PATH student=PATH input=IN.jsonl output=OUT.jsonl \
+        [teacher_temperature=0.7] [skip_bad_rows=false] [dtype=float32] \
+        [data_format=bespoke_stratos] [student_system_prompt=...] [teacher_system_prompt=...] \
+        [any reward key, e.g. kl_penalty_reward_coeff=[0,0]]
+
+Input rows: question, solution (content without tags), completion (teacher text
+after the RL prompt), optional system (student system prompt). Output rows:
+the input plus `reward` and `reward_components`. Every row is checked before
+scoring; a bad row stops the run (nothing is written) unless skip_bad_rows=true.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from rlt.logging_utils import setup_logging
+
+logger = logging.getLogger("rlt.score")
+REWARD_DEFAULTS = Path(__file__).resolve().parents[1] / "cfgs" / "trainer_cfg" / "reward_cfg" / "teacher_reward.yaml"
+CLI_DEFAULTS = {"teacher": None, "student": None, "input": None, "output": None, "teacher_temperature": 0.7,
+                "skip_bad_rows": False, "dtype": "float32", "data_format": "bespoke_stratos",
+                "student_system_prompt": None, "teacher_system_prompt": None, "batch_size": 64}
+
+
+def parse_args(argv: list[str]) -> dict:
+    base = OmegaConf.merge(OmegaConf.create(CLI_DEFAULTS), OmegaConf.load(REWARD_DEFAULTS))
+    OmegaConf.set_struct(base, True)
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
+    except Exception as e:  # an unknown key names itself in the message
+        raise SystemExit(f"rlt.score: {e}") from None
+    missing = [k for k in ("teacher", "student", "input", "output") if cfg[k] is None]
+    if missing:
+        raise SystemExit(f"rlt.score: missing required argument(s) {', '.join(f'{k}=...' for k in missing)}")
+    return OmegaConf.to_container(cfg)
+
+
+def read_items(path: str, tokenizer, fmt, skip_bad_rows: bool):
+    """(row, RewardInput) pairs; bad rows raise with their line number unless skipped."""
+    from rlt.data.text import teacher_prompt
+    from rlt.rewards.teacher_reward import RewardInput
+
+    out, bad = [], []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                missing = [k for k in ("question", "solution", "completion") if not isinstance(row.get(k), str)]
+                if missing:
+                    raise ValueError(f"missing or non-string field(s) {missing}")
+                if not row["question"].strip():
+                    raise ValueError("empty question")
+                item = RewardInput(teacher_prompt(tokenizer, row["question"], row["solution"], fmt), row["completion"],
+                                   row["question"], row["solution"], row.get("system"))
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
+                if not skip_bad_rows:
+                    raise SystemExit(f"rlt.score: {path}, line {lineno}: {e} (skip_bad_rows=true skips such rows; "
+                                     "nothing was written)") from None
+                bad.append(lineno)
+                continue
+            out.append((row, item))
+    if bad:
+        logger.warning("%s: skipped %d bad row(s) at line(s) %s", path, len(bad), bad[:20])
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from tqdm import tqdm
+
+    from rlt.data.formats import resolve_format
+    from rlt.models import load_causal_lm, load_tokenizer, same_tokenizer
+    from rlt.rewards.config import RewardConfig
+    from rlt.rewards.teacher_reward import TeacherReward
+
+    fmt = resolve_format(args["data_format"], student_system_prompt=args["student_system_prompt"],
+                         teacher_system_prompt=args["teacher_system_prompt"])
+    tokenizer = load_tokenizer(args["teacher"])
+    if not same_tokenizer(tokenizer, load_tokenizer(args["student"])):
+        raise SystemExit("rlt.score: teacher and student tokenizers differ; the reward needs one shared tokenizer")
+    rows = read_items(args["input"], tokenizer, fmt, args["skip_bad_rows"])
+    teacher = load_causal_lm(args["teacher"], args["dtype"]).eval()
+    student = load_causal_lm(args["student"], args["dtype"]).eval()
+    reward = TeacherReward(student, tokenizer, fmt, RewardConfig.from_dict(args), args["teacher_temperature"])
+    scored = []
+    for s in tqdm(range(0, len(rows), args["batch_size"]), desc="scoring", unit="batch"):
+        chunk = rows[s:s + args["batch_size"]]
+        res = reward(teacher, [item for _, item in chunk])
+        for k, (row, _) in enumerate(chunk):
+            comps = {n: (None if v[k] != v[k] else float(v[k])) for n, v in res.components.items()}  # NaN -> null
+            scored.append({**row, "reward": float(res.rewards[k]), "reward_components": comps})
+    out = Path(args["output"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".partial")
+    with open(tmp, "w") as f:
+        for row in scored:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, out)
+    logger.info("scored %d row(s) -> %s", len(scored), out)
+
+
+if __name__ == "__main__":
+    main()
