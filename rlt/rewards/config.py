@@ -30,7 +30,7 @@ class RewardConfig:
     unbias_student_log_probs_temp: float | None = 0.7
     include_teacher_think_entropy: bool = True
     reward_micro_batch_size: int = 4
-    reward_logit_chunk_size: int = 1024
+    reward_logit_chunk_size: int = 256
 
     def __post_init__(self):
         self.reduction_log_prob_fn = [str(r).lower() for r in _as_list(self.reduction_log_prob_fn)]

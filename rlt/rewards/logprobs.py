@@ -38,9 +38,12 @@ def chunked_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.T
     for s in range(0, hidden.shape[0], chunk_size):
         logits = F.linear(hidden[s:s + chunk_size], weight, bias).float()
         if temperature != 1.0:
-            logits = logits / temperature
+            logits.div_(temperature)
         picked = logits.gather(-1, labels[s:s + chunk_size, None]).squeeze(-1)
-        out[s:s + chunk_size] = picked - torch.logsumexp(logits, dim=-1)
+        # logsumexp in place: one [chunk, vocab] buffer in all
+        top = logits.amax(dim=-1, keepdim=True)
+        lse = logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
+        out[s:s + chunk_size] = picked - lse
     return out
 
 
