@@ -69,7 +69,7 @@ def run(cfg: dict) -> None:
 
         run_sft(cfg, student=kind == "student_sft")
     elif kind == "teacher_grpo":
-        from rlt.trainers.teacher_grpo import run_teacher_grpo
+        from rlt.trainers.grpo_run import run_teacher_grpo
 
         run_teacher_grpo(cfg)
     else:

@@ -1,0 +1,143 @@
+"""Teacher GRPO on trl's GRPOTrainer, rewarded by a frozen student.
+
+Only small hooks are overridden:
+  * the reward function (a method handed to trl as ``reward_funcs``) runs the
+    teacher reward under no_grad with the teacher in eval mode and logs every
+    reward component;
+  * ``_generate_single_turn`` and ``training_step`` are wrapped to time
+    generation, reward scoring and the policy update.
+Everything else (advantages, loss, KL to the reference, reference syncing,
+checkpointing) is trl's, configured to the reference's GRPO in
+cfgs/trainer_cfg/grpo.yaml.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from trl import GRPOTrainer
+
+from rlt.rewards.teacher_reward import RewardInput, TeacherReward
+from rlt.trainers.frozen import deepspeed_stage, prepare_frozen
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherGRPOTrainer(GRPOTrainer):
+    """GRPO for an RLT teacher.
+
+    student_model: the frozen student the reward uses (already inside ``teacher_reward``);
+        it is placed (sharded / offloaded) here, never trained.
+    teacher_reward: a :class:`TeacherReward` built with that student and the tokenizer.
+    use_reference_teacher_model: score teacher log-probs with the reference model
+        instead of the current policy.
+    offload_untrained_models: keep the student's and the reference's parameters in
+        CPU memory between uses (DeepSpeed ZeRO-3).
+    logging_prob: probability of writing each scored student text to
+        ``output_dir/teacher_chats/log.txt`` (main process).
+    save_completions_probability: probability of saving each completion with its
+        reward components to ``output_dir/stored_completions/``.
+    """
+
+    def __init__(self, *, model, student_model, teacher_reward: TeacherReward, args, train_dataset,
+                 processing_class, use_reference_teacher_model: bool = False, offload_untrained_models: bool = False,
+                 logging_prob: float = 0.0, save_completions_probability: float = 0.0, callbacks=None):
+        if student_model is None or teacher_reward.student is not student_model:
+            raise ValueError("TeacherGRPOTrainer needs the student model that its teacher reward scores with")
+        if use_reference_teacher_model and args.beta == 0.0:
+            raise ValueError("use_reference_teacher_model=true needs a reference model: set beta > 0")
+        self.teacher_reward = teacher_reward
+        self.use_reference_teacher_model = use_reference_teacher_model
+        self.logging_prob = float(logging_prob or 0.0)
+        self.save_completions_probability = float(save_completions_probability or 0.0)
+        self._timing = defaultdict(float)
+        super().__init__(model=model, reward_funcs=[self.teacher_reward_fn], args=args, train_dataset=train_dataset,
+                         processing_class=processing_class, callbacks=callbacks)
+        self._rng = random.Random(args.seed + 1000 * self.accelerator.process_index)
+        self._student_engine = prepare_frozen(student_model, self.accelerator, offload_untrained_models)
+        if offload_untrained_models and self.ref_model is not None and deepspeed_stage(self.accelerator) == 3:
+            self._offload_reference()
+
+    # ------------------------------------------------------------------ models
+    def _offload_reference(self):
+        """Re-place the reference model with its ZeRO-3 shards offloaded to CPU."""
+        from trl.trainer.callbacks import SyncRefModelCallback
+
+        ref_module = getattr(self.ref_model, "module", self.ref_model)
+        self.ref_model = prepare_frozen(ref_module, self.accelerator, offload=True)
+        for cb in self.callback_handler.callbacks:
+            if isinstance(cb, SyncRefModelCallback):
+                cb.ref_model = self.ref_model
+
+    def teacher_model(self):
+        """The model whose log-probs the reward uses: the policy, or the reference."""
+        m = self.ref_model if self.use_reference_teacher_model else self.model
+        return getattr(m, "module", m)
+
+    # ------------------------------------------------------------------ reward
+    def teacher_reward_fn(self, prompts, completions, question, solution, student_system, **kwargs):
+        """trl reward function: one float per completion (trl calls it in train mode with grad on)."""
+        t0 = time.perf_counter()
+        items = [RewardInput(p, c, q, s, sy) for p, c, q, s, sy in zip(prompts, completions, question, solution,
+                                                                        student_system)]
+        teacher = self.teacher_model()
+        with torch.no_grad():
+            result = self.teacher_reward(teacher, items)
+        log_metric = kwargs.get("log_metric")
+        if log_metric is not None:
+            for name, value in result.metrics().items():
+                log_metric(f"teacher_reward/{name}", value)
+            log_metric("teacher_reward/no_end_tag_frac", float((result.components["match_penalty"] != 0).float().mean()))
+        self._record(items, result)
+        self._timing["reward"] += time.perf_counter() - t0
+        return result.rewards.tolist()
+
+    def _record(self, items, result):
+        out = Path(self.args.output_dir)
+        step = self.state.global_step
+        if self.logging_prob > 0 and self.accelerator.is_main_process:
+            picked = [i for i in range(len(items)) if self._rng.random() < self.logging_prob]
+            if picked:
+                (out / "teacher_chats").mkdir(parents=True, exist_ok=True)
+                with open(out / "teacher_chats" / "log.txt", "a") as f:
+                    for i in picked:
+                        f.write(f"===== step {step} | reward {result.rewards[i]:.4f}\n--- teacher prompt\n"
+                                f"{items[i].prompt}\n--- completion\n{items[i].completion}\n")
+        if self.save_completions_probability > 0:
+            picked = [i for i in range(len(items)) if self._rng.random() < self.save_completions_probability]
+            if picked:
+                d = out / "stored_completions"
+                d.mkdir(parents=True, exist_ok=True)
+                with open(d / f"step{step:06d}_rank{self.accelerator.process_index}.jsonl", "a") as f:
+                    for i in picked:
+                        comps = {k: (None if v[i] != v[i] else float(v[i])) for k, v in result.components.items()}
+                        f.write(json.dumps({"step": step, "prompt": items[i].prompt, "completion": items[i].completion,
+                                            "reward": float(result.rewards[i]), "reward_components": comps}) + "\n")
+
+    # ------------------------------------------------------------------ timing
+    def _generate_single_turn(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return super()._generate_single_turn(*args, **kwargs)
+        finally:
+            self._timing["generation"] += time.perf_counter() - t0
+
+    def training_step(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        before = sum(self._timing.values())
+        loss = super().training_step(*args, **kwargs)
+        spent = time.perf_counter() - t0
+        self._timing["update"] += spent - (sum(self._timing.values()) - before)
+        return loss
+
+    def log(self, logs: dict, *args, **kwargs):
+        if self.model.training and self._timing:
+            for k, v in self._timing.items():
+                logs[f"time/{k}"] = round(v, 4)
+            self._timing.clear()
+        return super().log(logs, *args, **kwargs)
