@@ -94,11 +94,12 @@ def split_config(cfg: dict[str, Any], args_cls) -> tuple[dict[str, Any], dict[st
     return rlt, trl_kwargs
 
 
-def build_args(cfg: dict[str, Any], args_cls, num_processes: int | None = None, **forced):
+def build_args(cfg: dict[str, Any], args_cls, num_processes: int | None = None, validate=None, **forced):
     """rlt settings and an ``args_cls`` instance (SFTConfig / GRPOConfig) for this run.
 
     gradient_accumulation_steps is derived from train_batch_size when null;
     without CUDA, bf16/tf32 are switched off (the CPU DeepSpeed path).
+    ``validate(rlt, kwargs, num_processes)`` runs before ``args_cls`` checks anything itself.
     """
     import torch
 
@@ -121,4 +122,6 @@ def build_args(cfg: dict[str, Any], args_cls, num_processes: int | None = None, 
     if kw.get("report_to") in (None, "none", []):
         kw["report_to"] = "none"
     kw.update(forced)
+    if validate is not None:
+        validate(rlt, kw, n)
     return rlt, args_cls(**kw)

@@ -10,6 +10,8 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -35,13 +37,16 @@ def resolve_model_path(name_or_path: str) -> str:
         if not hub_like:
             raise FileNotFoundError(f"model path {name_or_path!r} does not exist (and is not a hub id)")
         return str(name_or_path)
-    from rlt.testing.tiny_model import write_tiny_model
-
     target = cache_dir() / "tiny_models" / f"seed{m.group(1)}-{TINY_VERSION}"
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-        write_tiny_model(tmp, seed=int(m.group(1)))
+        # A clean subprocess: inside a DeepSpeed ZeRO-3 launch, a model built
+        # in-process would be partitioned and saved empty.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("ACCELERATE_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
+        subprocess.run([sys.executable, "-m", "rlt.testing.tiny_model", str(tmp), "--seed", m.group(1)],
+                       env=env, check=True, stdout=subprocess.DEVNULL)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: same deterministic content

@@ -43,8 +43,27 @@ def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
     return get_last_checkpoint(output_dir)
 
 
+CRASH_ENV = "RLT_INJECT_CRASH_AFTER_STEP"
+
+
+def crash_after_step_callback(step: int):
+    """Fault injection for resume tests: hard-exit right after the checkpoint of ``step`` is written."""
+    from transformers import TrainerCallback
+
+    class _Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                logger.warning("%s=%d: exiting after the checkpoint of step %d", CRASH_ENV, step, state.global_step)
+                logging.shutdown()
+                os._exit(17)
+
+    return _Crash()
+
+
 def train_and_save(trainer, tokenizer, rlt_cfg: dict, output_dir: str) -> None:
     """Train (resuming when a checkpoint exists) and save the final model + tokenizer."""
+    if os.environ.get(CRASH_ENV):
+        trainer.add_callback(crash_after_step_callback(int(os.environ[CRASH_ENV])))
     ckpt = last_checkpoint(output_dir, rlt_cfg.get("resume_from"))
     if ckpt:
         logger.info("resuming from %s", ckpt)

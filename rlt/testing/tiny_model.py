@@ -87,11 +87,16 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: in
     return model
 
 
-def write_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, **model_kwargs) -> Path:
-    """Write model + tokenizer to ``out_dir`` (loadable with from_pretrained)."""
+def write_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, tokenizer_seed: int = 0,
+                     **model_kwargs) -> Path:
+    """Write model + tokenizer to ``out_dir`` (loadable with from_pretrained).
+
+    The tokenizer depends only on vocab_size and tokenizer_seed, so tiny models
+    with different weight seeds share it (as a teacher and its student must).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size=vocab_size, seed=0)  # one tokenizer for every seed
+    tokenizer = build_tokenizer(vocab_size=vocab_size, seed=tokenizer_seed)
     model = build_model(tokenizer, seed=seed, **model_kwargs)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

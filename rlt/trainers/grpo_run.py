@@ -8,21 +8,23 @@ from rlt.config import ConfigError
 logger = logging.getLogger(__name__)
 
 
-def validate_grpo(rlt_cfg: dict, args, num_processes: int) -> None:
-    """Startup checks with errors that say which key to change."""
-    g = args.num_generations
+def validate_grpo(rlt_cfg: dict, kw: dict, num_processes: int) -> None:
+    """Startup checks on the translated settings, with errors that say which key to change."""
+    from rlt.rewards.config import RewardConfig
+
+    g = kw.get("num_generations")
     if g is None or g < 2:
         raise ConfigError(f"num_generations={g}: GRPO needs at least 2 completions per prompt")
     if rlt_cfg["train_batch_size"] % g:
         raise ConfigError(f"train_batch_size={rlt_cfg['train_batch_size']} must be a multiple of num_generations={g} "
                           "(each optimizer step sees whole groups)")
-    ga, spg = args.gradient_accumulation_steps, args.steps_per_generation
+    ga, spg = kw["gradient_accumulation_steps"], kw.get("steps_per_generation")
     if spg is not None and ga % spg:
         raise ConfigError(
             f"generation_aggregation_steps={spg} must divide gradient_accumulation_steps={ga} (= train_batch_size / "
             f"(per_device_train_batch_size x {num_processes} processes)); set generation_aggregation_steps={ga} "
             "or a divisor of it, or null for one generation round per optimizer step")
-    gen_batch = args.per_device_train_batch_size * num_processes * (spg or ga)
+    gen_batch = kw["per_device_train_batch_size"] * num_processes * (spg or ga)
     if gen_batch % g:
         raise ConfigError(
             f"one generation round holds per_device_train_batch_size x processes x generation_aggregation_steps = "
@@ -31,6 +33,9 @@ def validate_grpo(rlt_cfg: dict, args, num_processes: int) -> None:
     if not rlt_cfg.get("student_model"):
         raise ConfigError("student_model is required for the teacher reward (a path or hub id); it is never "
                           "replaced by the reference model")
+    if rlt_cfg.get("use_reference_teacher_model") and not kw.get("beta"):
+        raise ConfigError("use_reference_teacher_model=true needs a reference model: set beta > 0")
+    RewardConfig.from_dict(rlt_cfg)  # coefficient / reduction shapes
 
 
 def build_grpo_dataset(tokenizer, examples, fmt, max_prompt_length: int | None):
@@ -59,20 +64,20 @@ def build_grpo_dataset(tokenizer, examples, fmt, max_prompt_length: int | None):
     return datasets.Dataset.from_list(rows)
 
 
-def run_teacher_grpo(cfg: dict) -> None:
+def build_teacher_grpo_trainer(cfg: dict, num_processes: int | None = None):
+    """(trainer, tokenizer, rlt settings) for a composed teacher GRPO config."""
     from trl import GRPOConfig
 
-    from rlt.config import build_args, world_size
+    from rlt.config import build_args
     from rlt.data.formats import resolve_format
     from rlt.data.loading import load_examples
     from rlt.models import load_causal_lm, load_tokenizer, same_tokenizer
     from rlt.rewards.config import RewardConfig
     from rlt.rewards.teacher_reward import TeacherReward
-    from rlt.train import save_composed_config, train_and_save
+    from rlt.train import save_composed_config
     from rlt.trainers.teacher_grpo import TeacherGRPOTrainer
 
-    rlt_cfg, args = build_args(cfg, GRPOConfig)
-    validate_grpo(rlt_cfg, args, world_size())
+    rlt_cfg, args = build_args(cfg, GRPOConfig, num_processes=num_processes, validate=validate_grpo)
     reward_cfg = RewardConfig.from_dict(rlt_cfg)
     save_composed_config(cfg, args.output_dir)
     fmt = resolve_format(rlt_cfg["data_format"], rlt_cfg["dataset_id_or_path"],
@@ -96,4 +101,11 @@ def run_teacher_grpo(cfg: dict) -> None:
         processing_class=tokenizer, use_reference_teacher_model=rlt_cfg["use_reference_teacher_model"],
         offload_untrained_models=rlt_cfg["offload_untrained_models"], logging_prob=rlt_cfg["logging_prob"],
         save_completions_probability=rlt_cfg["save_completions_probability"])
-    train_and_save(trainer, tokenizer, rlt_cfg, args.output_dir)
+    return trainer, tokenizer, rlt_cfg
+
+
+def run_teacher_grpo(cfg: dict) -> None:
+    from rlt.train import train_and_save
+
+    trainer, tokenizer, rlt_cfg = build_teacher_grpo_trainer(cfg)
+    train_and_save(trainer, tokenizer, rlt_cfg, trainer.args.output_dir)

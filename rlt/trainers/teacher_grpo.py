@@ -49,8 +49,6 @@ class TeacherGRPOTrainer(GRPOTrainer):
                  logging_prob: float = 0.0, save_completions_probability: float = 0.0, callbacks=None):
         if student_model is None or teacher_reward.student is not student_model:
             raise ValueError("TeacherGRPOTrainer needs the student model that its teacher reward scores with")
-        if use_reference_teacher_model and args.beta == 0.0:
-            raise ValueError("use_reference_teacher_model=true needs a reference model: set beta > 0")
         self.teacher_reward = teacher_reward
         self.use_reference_teacher_model = use_reference_teacher_model
         self.logging_prob = float(logging_prob or 0.0)

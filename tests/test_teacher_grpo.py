@@ -1,0 +1,138 @@
+"""Teacher GRPO semantics on a single CPU process (trainer built directly)."""
+import math
+
+import pytest
+import torch
+
+from rlt.config import ConfigError
+from rlt.rewards.config import RewardConfig
+from rlt.rewards.teacher_reward import RewardInput
+from rlt.train import compose
+from rlt.trainers.grpo_run import build_teacher_grpo_trainer, run_teacher_grpo, validate_grpo
+
+
+def make_trainer(tmp_path, *overrides):
+    cfg = compose("tiny_teacher_rlt", [f"output_dir={tmp_path}", "logging_prob=0", "save_completions_probability=0",
+                                       *overrides])
+    trainer, tok, _ = build_teacher_grpo_trainer(cfg, num_processes=1)
+    return trainer, tok
+
+
+def test_paper_values_compose():
+    cfg = compose("teacher_rlt")
+    expect = dict(model_name_or_path="results/pre_rl_model", student_model="bespokelabs/Bespoke-Stratos-7B",
+                  max_steps=125, train_batch_size=1024, per_device_train_batch_size=1,
+                  generation_aggregation_steps=256, num_generations=64, temperature=0.7, learning_rate=1e-6,
+                  lr_scheduler_type="constant", beta=0.04, sync_ref_model=True, ref_model_mixup_alpha=0.9,
+                  ref_model_sync_steps=32, max_prompt_length=16384, max_completion_length=16384,
+                  answer_log_prob_coeff=[1.0, 0.01], kl_penalty_reward_coeff=[3.0, 0.03],
+                  reduction_log_prob_fn=["mean", "min"], reduction_kl_fn=["mean", "max"], not_matched_penalty=-1.0,
+                  unbias_student_log_probs_temp=0.7, save_steps=25, save_final_model=True,
+                  offload_untrained_models=True, loss_type="grpo", use_bias_correction_kl=False,
+                  vllm_importance_sampling_correction=False, scale_rewards="group")
+    assert {k: cfg[k] for k in expect} == expect
+
+
+def test_kl_coeff_override_reaches_the_reward():
+    from trl import GRPOConfig
+    from rlt.config import build_args
+
+    cfg = compose("teacher_rlt", ["kl_penalty_reward_coeff=[0,0]", "output_dir=/tmp/unused"])
+    rlt_cfg, _ = build_args(cfg, GRPOConfig, num_processes=4)
+    assert RewardConfig.from_dict(rlt_cfg).kl_penalty_reward_coeff == [0.0, 0.0]
+
+
+def test_validation_errors(tmp_path):
+    from trl import GRPOConfig
+    from rlt.config import build_args
+
+    def check(overrides, n, match):
+        cfg = compose("teacher_rlt", [f"output_dir={tmp_path}", *overrides])
+        with pytest.raises(ConfigError, match=match):
+            build_args(cfg, GRPOConfig, num_processes=n, validate=validate_grpo)
+
+    check([], 8, r"generation_aggregation_steps=256 must divide gradient_accumulation_steps=128")
+    check(["train_batch_size=1000"], 4, r"train_batch_size=1000 must be a multiple of num_generations=64")
+    check(["num_generations=1"], 4, r"at least 2")
+    check(["generation_aggregation_steps=2"], 4, "= 8 completions, not a multiple of num_generations=64")
+    check(["student_model=null"], 4, "student_model is required")
+    check(["use_reference_teacher_model=true", "beta=0"], 4, "needs a reference model")
+    check(["answer_log_prob_coeff=[1]"], 4, "answer_log_prob_coeff has 1 value")
+    # passes on 4 training processes (the paper's layout)
+    cfg = compose("teacher_rlt", [f"output_dir={tmp_path}"])
+    rlt_cfg, args = build_args(cfg, GRPOConfig, num_processes=4, validate=validate_grpo)
+    assert args.gradient_accumulation_steps == 256 and args.steps_per_generation == 256
+
+
+def test_student_with_another_tokenizer_is_refused(tmp_path):
+    from rlt.testing.tiny_model import write_tiny_model
+
+    other = write_tiny_model(tmp_path / "other", seed=2, vocab_size=400, tokenizer_seed=7)
+    cfg = compose("tiny_teacher_rlt", [f"output_dir={tmp_path}/o", f"student_model={other}"])
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        run_teacher_grpo(cfg)
+
+
+def test_advantages_by_hand_including_zero_std_group(tmp_path):
+    trainer, _ = make_trainer(tmp_path)
+    rewards = [1.0, 2.0, 3.0, 4.0, 5.0, 5.0, 5.0, 5.0]
+    trainer.reward_funcs[0] = lambda prompts, completions, **kw: rewards[:len(prompts)]
+    trainer._generate_single_turn = lambda prompt_ids, *a, **k: ([[7, 8, 9]] * len(prompt_ids), None)
+    batch = [trainer.train_dataset[0]] * 4 + [trainer.train_dataset[1]] * 4
+    out = trainer._generate_and_score_completions(batch)
+    std = math.sqrt(5 / 3)  # unbiased std of 1, 2, 3, 4
+    expect = [(r - 2.5) / (std + 1e-4) for r in rewards[:4]] + [0.0] * 4
+    assert out["advantages"].tolist() == pytest.approx(expect, abs=1e-6)
+
+
+def test_grpo_loss_by_hand_with_beta(tmp_path):
+    trainer, _ = make_trainer(tmp_path)
+    lp = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]], requires_grad=True)
+    trainer._get_per_token_logps_and_entropies = lambda *a, **k: (lp, torch.zeros_like(lp), None)
+    inputs = {"prompt_ids": torch.ones(2, 2, dtype=torch.long), "prompt_mask": torch.ones(2, 2, dtype=torch.long),
+              "completion_ids": torch.ones(2, 3, dtype=torch.long),
+              "completion_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+              "advantages": torch.tensor([0.5, -1.0]), "num_items_in_batch": torch.tensor(5),
+              "ref_per_token_logps": torch.tensor([[-1.0, -2.0, -1.0], [-2.0, -2.0, -1.0]])}
+    beta, ga = 0.04, trainer.args.gradient_accumulation_steps
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = ga  # as inside the training loop
+    loss = trainer._compute_loss(trainer.model, inputs)
+    # on-policy ratio 1: token loss = -A + beta * k3, k3 = e^d - d - 1 with d = ref - logp
+    seq1 = (-0.5 * 3 + beta * (math.exp(-1) + 1 - 1)) / 3
+    seq2 = (1.0 * 2) / 2  # the masked third token (d = 1) does not count
+    assert loss.item() == pytest.approx((seq1 + seq2) / 2 / ga, abs=1e-7)
+
+
+def test_reward_sees_current_policy_or_reference(tmp_path, tokenizer):
+    from rlt.data.formats import resolve_format
+    from rlt.data.text import teacher_prompt
+
+    fmt = resolve_format("bespoke_stratos")
+    prompt = teacher_prompt(tokenizer, "What is 2+3?", "5", fmt)
+    items = [RewardInput(prompt, "Add 2 and 3.\n\n<|end_of_explanation|>", "What is 2+3?", "5")]
+
+    def teacher_kl(trainer):
+        return trainer.teacher_reward(trainer.teacher_model(), items).components["thought_kl/mean"].item()
+
+    for use_ref in (False, True):
+        trainer, _ = make_trainer(tmp_path / str(use_ref), f"use_reference_teacher_model={str(use_ref).lower()}")
+        assert (trainer.teacher_model() is trainer.ref_model) == use_ref
+        before = teacher_kl(trainer)
+        with torch.no_grad():
+            trainer.model.lm_head.weight.add_(0.5 * torch.randn_like(trainer.model.lm_head.weight))
+        after = teacher_kl(trainer)
+        assert (abs(after - before) > 1e-3) == (not use_ref), (use_ref, before, after)
+
+
+def test_training_changes_policy_not_student(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "max_steps=2", "save_strategy=no")
+    student = {k: v.clone() for k, v in trainer.teacher_reward.student.state_dict().items()}
+    policy = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.train()
+    assert all(torch.equal(v, trainer.teacher_reward.student.state_dict()[k]) for k, v in student.items())
+    assert not all(p.requires_grad for p in trainer.teacher_reward.student.parameters())
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, policy[k])]
+    assert len(changed) > 5
+    logs = [h for h in trainer.state.log_history if "teacher_reward/r_ss" in h]
+    assert len(logs) == 2 and all("time/reward" in h and "time/generation" in h for h in logs)
