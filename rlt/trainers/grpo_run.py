@@ -96,11 +96,21 @@ def build_teacher_grpo_trainer(cfg: dict, num_processes: int | None = None):
     logger.info("teacher GRPO: %d prompts, %d generations each, gradient_accumulation_steps=%d, "
                 "steps_per_generation=%s", len(dataset), args.num_generations, args.gradient_accumulation_steps,
                 args.steps_per_generation)
+    pool = sync = None
+    if rlt_cfg.get("vllm_host"):
+        from rlt.generation.client import VLLMServerPool
+        from rlt.generation.weight_sync import make_weight_sync
+
+        pool = VLLMServerPool(rlt_cfg["vllm_host"], rlt_cfg["vllm_port"], rlt_cfg["vllm_num_servers"],
+                              rlt_cfg.get("vllm_log_dir"), connect_timeout=rlt_cfg["vllm_server_timeout"],
+                              request_timeout=rlt_cfg["vllm_request_timeout"])
+        sync = make_weight_sync(rlt_cfg["vllm_weight_sync"], pool, args.output_dir, args.vllm_group_port)
+        logger.info("rollouts from %d vLLM server(s) at %s", len(pool.urls), ", ".join(pool.urls))
     trainer = TeacherGRPOTrainer(
         model=model, student_model=student, teacher_reward=reward, args=args, train_dataset=dataset,
         processing_class=tokenizer, use_reference_teacher_model=rlt_cfg["use_reference_teacher_model"],
         offload_untrained_models=rlt_cfg["offload_untrained_models"], logging_prob=rlt_cfg["logging_prob"],
-        save_completions_probability=rlt_cfg["save_completions_probability"])
+        save_completions_probability=rlt_cfg["save_completions_probability"], rollout_pool=pool, weight_sync=sync)
     return trainer, tokenizer, rlt_cfg
 
 
@@ -108,4 +118,8 @@ def run_teacher_grpo(cfg: dict) -> None:
     from rlt.train import train_and_save
 
     trainer, tokenizer, rlt_cfg = build_teacher_grpo_trainer(cfg)
-    train_and_save(trainer, tokenizer, rlt_cfg, trainer.args.output_dir)
+    try:
+        train_and_save(trainer, tokenizer, rlt_cfg, trainer.args.output_dir)
+    finally:
+        if trainer.weight_sync is not None:
+            trainer.weight_sync.close()

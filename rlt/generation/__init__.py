@@ -1,0 +1,1 @@
+"""vLLM server rollouts: starting servers, generating through them, syncing weights."""
