@@ -99,6 +99,15 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until the kernel has removed every member
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            logger.warning("vLLM server process group %d still has members after SIGKILL", self.proc.pid)
         self._log.close()
 
 
