@@ -18,8 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from rlt.cli import parse_kv
 from rlt.logging_utils import setup_logging
 
 logger = logging.getLogger("rlt.score")
@@ -30,16 +29,7 @@ CLI_DEFAULTS = {"teacher": None, "student": None, "input": None, "output": None,
 
 
 def parse_args(argv: list[str]) -> dict:
-    base = OmegaConf.merge(OmegaConf.create(CLI_DEFAULTS), OmegaConf.load(REWARD_DEFAULTS))
-    OmegaConf.set_struct(base, True)
-    try:
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-    except Exception as e:  # an unknown key names itself in the message
-        raise SystemExit(f"rlt.score: {e}") from None
-    missing = [k for k in ("teacher", "student", "input", "output") if cfg[k] is None]
-    if missing:
-        raise SystemExit(f"rlt.score: missing required argument(s) {', '.join(f'{k}=...' for k in missing)}")
-    return OmegaConf.to_container(cfg)
+    return parse_kv(argv, CLI_DEFAULTS, ("teacher", "student", "input", "output"), "rlt.score", REWARD_DEFAULTS)
 
 
 def read_items(path: str, tokenizer, fmt, skip_bad_rows: bool):

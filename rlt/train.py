@@ -68,6 +68,7 @@ def train_and_save(trainer, tokenizer, rlt_cfg: dict, output_dir: str) -> None:
     if ckpt:
         logger.info("resuming from %s", ckpt)
     trainer.train(resume_from_checkpoint=ckpt)
+    trainer.save_state()  # output_dir/trainer_state.json: the log history rlt.plot reads
     if rlt_cfg.get("save_final_model", True):
         trainer.save_model(output_dir)
         if trainer.accelerator.is_main_process:

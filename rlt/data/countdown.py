@@ -120,7 +120,8 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = 0) -> dict[str, Path]
     paths = {"stratos": out / "stratos.jsonl", "custom": out / "custom.jsonl"}
     with open(paths["stratos"], "w") as f:
         for r in rows:
-            f.write(json.dumps({**to_stratos(r), "answer": r["answer"]}) + "\n")
+            f.write(json.dumps({**to_stratos(r), "answer": r["answer"], "numbers": r["numbers"],
+                                "target": r["target"]}) + "\n")
     with open(paths["custom"], "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

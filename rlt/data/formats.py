@@ -108,6 +108,8 @@ def resolve_format(data_format: str | None, dataset_id_or_path: str | None = Non
     """
     if data_format in (None, "auto"):
         name = DATASET_FORMATS.get(str(dataset_id_or_path), "custom")
+        if str(dataset_id_or_path).startswith("rlt-countdown:"):  # embedded data: Stratos rows
+            name = "bespoke_stratos"
         logger.info("data_format=auto: dataset %r uses the %r format", dataset_id_or_path, name)
     else:
         name = data_format

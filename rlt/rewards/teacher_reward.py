@@ -60,6 +60,19 @@ class RewardResult:
         return {k: float(torch.nanmean(v.float())) for k, v in self.components.items()}
 
 
+def extract_thought(completion: str, fmt: DataFormat) -> tuple[str, str, bool]:
+    """(thought, completion with the end tag appended if missing, whether the end tag was there).
+
+    The thought is padding + the completion up to the first explanation end
+    tag (the RL prompt ends with the start tag + padding).
+    """
+    e1 = fmt.explanation_tags[1]
+    matched = e1 in completion
+    if not matched:
+        completion = completion + e1
+    return fmt.delimiter_padding + completion[:completion.find(e1)], completion, matched
+
+
 class TeacherReward:
     """Scores teacher completions with a frozen student.
 
@@ -84,13 +97,9 @@ class TeacherReward:
         prefix = e0 + self.fmt.delimiter_padding
         if not item.prompt.endswith(prefix):
             raise ValueError(f"the RL prompt must end with {prefix!r}")
-        completion, penalty = item.completion, 0.0
+        thought, completion, matched = extract_thought(item.completion, self.fmt)
+        penalty = 0.0 if matched else float(self.cfg.not_matched_penalty)
         end = completion.find(e1)
-        if end < 0:
-            penalty = float(self.cfg.not_matched_penalty)
-            completion = completion + e1
-            end = completion.find(e1)
-        thought = self.fmt.delimiter_padding + completion[:end]
         teacher = encode_pieces(self.tokenizer, [item.prompt, completion])
         t_origin = len(item.prompt) - len(self.fmt.delimiter_padding)
         t_idx = tokens_within(teacher, t_origin, len(item.prompt) + end)

@@ -1,0 +1,86 @@
+"""Training curves of a run: reward, each reward component, KL to the reference, completion length.
+
+    python -m rlt.plot RUN_DIR [--out RUN_DIR/plots]
+
+Reads the log history in RUN_DIR/trainer_state.json (or the newest
+checkpoint's) and writes one PNG with a labelled panel per metric
+(training_curves.png) plus the values as CSV (training_curves.csv).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+from pathlib import Path
+
+logger = logging.getLogger("rlt.plot")
+METRICS = [("reward", "total reward"), ("teacher_reward/r_ss", "r_SS (solution log-prob term)"),
+           ("teacher_reward/r_kl", "r_KL (KL penalty term)"), ("teacher_reward/match_penalty", "match penalty"),
+           ("teacher_reward/thought_kl/mean", "mean thought KL (teacher - student)"),
+           ("teacher_reward/solution_log_prob/mean", "mean solution log-prob (student)"),
+           ("kl", "KL to reference"), ("completions/mean_length", "completion length (tokens)")]
+
+
+def load_history(run_dir: Path) -> list[dict]:
+    state = run_dir / "trainer_state.json"
+    if not state.exists():
+        ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+        if not ckpts:
+            raise FileNotFoundError(f"{run_dir}: no trainer_state.json and no checkpoint-* directories")
+        state = ckpts[-1] / "trainer_state.json"
+    return [h for h in json.loads(state.read_text())["log_history"] if "step" in h]
+
+
+def plot(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    out = Path(out_dir or run_dir / "plots")
+    out.mkdir(parents=True, exist_ok=True)
+    hist = load_history(run_dir)
+    present = [(k, label) for k, label in METRICS if any(k in h for h in hist)]
+    if not present:
+        raise ValueError(f"{run_dir}: the log history has none of {[k for k, _ in METRICS]}")
+    cols = 2
+    rows = math.ceil(len(present) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 3.2 * rows), squeeze=False)
+    for ax, (key, label) in zip(axes.flat, present):
+        pts = [(h["step"], h[key]) for h in hist if key in h]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3)
+        ax.set_title(label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    fig.suptitle(f"RLT teacher training: {run_dir.name}")
+    fig.tight_layout()
+    png = out / "training_curves.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    with open(out / "training_curves.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step"] + [k for k, _ in present])
+        for h in hist:
+            if any(k in h for k, _ in present):
+                w.writerow([h["step"]] + [h.get(k, "") for k, _ in present])
+    logger.info("wrote %s", png)
+    return png
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    plot(args.run_dir, args.out)
+
+
+if __name__ == "__main__":
+    main()
