@@ -28,7 +28,7 @@ RLT_KEYS = {
     "answer_log_prob_coeff", "kl_penalty_reward_coeff", "normalize_log_prob_fn", "clip_log_prob",
     "normalize_kl_fn", "clip_kl", "reduction_log_prob_fn", "reduction_kl_fn", "use_schulman_kl_estimation",
     "not_matched_penalty", "unbias_teacher_log_probs", "unbias_student_log_probs_temp",
-    "include_teacher_think_entropy", "reward_micro_batch_size", "reward_logit_chunk_size",
+    "include_teacher_think_entropy", "reward_micro_batch_size", "reward_logit_chunk_size", "reward_vocab_chunk_size",
     # vLLM server (rlt/generation)
     "vllm_host", "vllm_port", "vllm_num_servers", "vllm_weight_sync", "vllm_enable_prefix_caching",
     "vllm_server_timeout", "vllm_request_timeout", "vllm_log_dir",

@@ -9,7 +9,8 @@ and student with different seeds; float32 on CPU. Cases: 16 completions of
   (b) the oracle (tests/reward_oracle.py: one sample at a time, full-vocab
       float32 log_softmax, as the reference implementation does),
   (c) the floor: the bare forward passes of both models on rlt's micro-batches
-      with the output layer applied only at the scored positions, no softmax.
+      with the output layer applied only at the scored positions (in rlt's
+      row/vocabulary blocks), no softmax.
 Each measurement runs in its own subprocess; extra peak memory is the peak RSS
 during the measurement minus the RSS after the models were loaded.
 """
@@ -124,8 +125,10 @@ def worker(case_name: str, mode: str, quick: bool) -> dict:
                     cols = torch.tensor([p - 1 for i in batch for p in pos[i]])
                     picked = h[rows, cols]
                     w = model.get_output_embeddings().weight
-                    for s in range(0, picked.shape[0], cfg.reward_logit_chunk_size):
-                        F.linear(picked[s:s + cfg.reward_logit_chunk_size], w)
+                    rc, vc = cfg.reward_logit_chunk_size, cfg.reward_vocab_chunk_size
+                    for s in range(0, picked.shape[0], rc):  # the same blocks as rlt, without any softmax
+                        for v in range(0, w.shape[0], vc):
+                            F.linear(picked[s:s + rc], w[v:v + vc])
         out["seconds"] = time.perf_counter() - t0
     out["peak_extra_gb"] = (mem.peak - base) / 2**30
     out["tokens"] = sum(len(p.student_ids) + len(p.teacher_ids) for p in map(reward.prepare, items))

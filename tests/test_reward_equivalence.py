@@ -65,7 +65,7 @@ CONFIGS = {
                      answer_log_prob_coeff=[1, 0.5, 0.01], reduction_kl_fn=["last_quartile", "min"],
                      kl_penalty_reward_coeff=[2, 0.1], include_teacher_think_entropy=False,
                      unbias_student_log_probs_temp=None, unbias_teacher_log_probs=False,
-                     reward_micro_batch_size=3, reward_logit_chunk_size=7),
+                     reward_micro_batch_size=3, reward_logit_chunk_size=7, reward_vocab_chunk_size=100),
 }
 
 

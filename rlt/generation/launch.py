@@ -41,8 +41,6 @@ def plan_servers(cfg: dict, num_vllm: int, gpus: list[str] | None):
     from rlt.models import resolve_model_path
 
     model = resolve_model_path(cfg["model_name_or_path"])  # builds rlt-tiny:N; fails early on a missing path
-    if not Path(model).exists() and "/" in model and Path(model.split("/")[0]).is_dir():
-        raise FileNotFoundError(f"model_name_or_path={cfg['model_name_or_path']} does not exist")
     host = cfg["vllm_host"] or "127.0.0.1"
     log_dir = Path(cfg["vllm_log_dir"] or Path(cfg["output_dir"]) / "vllm_logs")
     nccl = resolve_sync_mode(cfg["vllm_weight_sync"]) == "nccl"

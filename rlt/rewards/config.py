@@ -30,7 +30,8 @@ class RewardConfig:
     unbias_student_log_probs_temp: float | None = 0.7
     include_teacher_think_entropy: bool = True
     reward_micro_batch_size: int = 4
-    reward_logit_chunk_size: int = 256
+    reward_logit_chunk_size: int = 1024
+    reward_vocab_chunk_size: int = 4096
 
     def __post_init__(self):
         self.reduction_log_prob_fn = [str(r).lower() for r in _as_list(self.reduction_log_prob_fn)]
@@ -51,7 +52,7 @@ class RewardConfig:
         t = self.unbias_student_log_probs_temp
         if t is not None and t <= 0:
             raise ConfigError(f"unbias_student_log_probs_temp={t} must be > 0 (or null for 1)")
-        for key in ("reward_micro_batch_size", "reward_logit_chunk_size"):
+        for key in ("reward_micro_batch_size", "reward_logit_chunk_size", "reward_vocab_chunk_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1")
 

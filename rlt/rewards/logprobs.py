@@ -32,18 +32,38 @@ def _body(model):
 
 
 def chunked_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     temperature: float, chunk_size: int) -> torch.Tensor:
-    """log softmax(h W^T / temperature)[label] row by row. hidden [N, H], labels [N] -> [N] float32."""
+                     temperature: float, chunk_size: int, vocab_chunk_size: int = 4096) -> torch.Tensor:
+    """log softmax(h W^T / temperature)[label] row by row. hidden [N, H], labels [N] -> [N] float32.
+
+    Rows go ``chunk_size`` at a time; within a row chunk the vocabulary goes
+    ``vocab_chunk_size`` columns at a time with a running max and sum (online
+    logsumexp), so the largest temporary is [chunk_size, vocab_chunk_size] and
+    stays cache-friendly.
+    """
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    vocab = weight.shape[0]
+    fold = temperature != 1.0 and hidden.dtype == torch.float32
+    if fold:  # (h W^T + b) / t == (h / t) W^T + b / t: one small scaling instead of one per block
+        hidden = hidden / temperature
+        bias = None if bias is None else bias / temperature
     for s in range(0, hidden.shape[0], chunk_size):
-        logits = F.linear(hidden[s:s + chunk_size], weight, bias).float()
-        if temperature != 1.0:
-            logits.div_(temperature)
-        picked = logits.gather(-1, labels[s:s + chunk_size, None]).squeeze(-1)
-        # logsumexp in place: one [chunk, vocab] buffer in all
-        top = logits.amax(dim=-1, keepdim=True)
-        lse = logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
-        out[s:s + chunk_size] = picked - lse
+        h, lab = hidden[s:s + chunk_size], labels[s:s + chunk_size]
+        run_max = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=h.device)
+        run_sum = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        picked = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        for v in range(0, vocab, vocab_chunk_size):
+            block = F.linear(h, weight[v:v + vocab_chunk_size], None if bias is None else bias[v:v + vocab_chunk_size])
+            block = block.float()
+            if temperature != 1.0 and not fold:  # low-precision models: scale after the upcast
+                block.div_(temperature)
+            here = (lab >= v) & (lab < v + block.shape[1])
+            if here.any():
+                rows = here.nonzero().squeeze(-1)
+                picked[rows] = block[rows, lab[rows] - v]
+            new_max = torch.maximum(run_max, block.amax(dim=-1))
+            run_sum = run_sum * torch.exp(run_max - new_max) + block.sub_(new_max[:, None]).exp_().sum(-1)
+            run_max = new_max
+        out[s:s + chunk_size] = picked - (run_sum.log() + run_max)
     return out
 
 
@@ -55,7 +75,8 @@ def length_grouped_batches(lengths: list[int], micro_batch_size: int) -> list[li
 
 @torch.no_grad()
 def token_logprobs(model, sequences: list[list[int]], positions: list[list[int]], temperature: float = 1.0,
-                   micro_batch_size: int = 4, chunk_size: int = 1024, pad_token_id: int = 0) -> list[torch.Tensor]:
+                   micro_batch_size: int = 4, chunk_size: int = 1024, pad_token_id: int = 0,
+                   vocab_chunk_size: int = 4096) -> list[torch.Tensor]:
     """For each sequence, log p(seq[i] | seq[:i]) at each index i in positions (i >= 1).
 
     sequences: N lists of token ids; positions: N lists of indices -> N float32
@@ -83,7 +104,8 @@ def token_logprobs(model, sequences: list[list[int]], positions: list[list[int]]
             labels = ids[rows, cols + 1].to(device)
             picked = hidden[rows.to(device), cols.to(device)]
             with _gathered(head.weight):
-                lp = chunked_logprobs(picked, labels, head.weight, getattr(head, "bias", None), temperature, chunk_size)
+                lp = chunked_logprobs(picked, labels, head.weight, getattr(head, "bias", None), temperature, chunk_size,
+                                      vocab_chunk_size)
             for r, i in enumerate(batch):
                 n = len(positions[i])
                 start = sum(len(positions[j]) for j in batch[:r])

@@ -123,10 +123,11 @@ class TeacherReward:
         cfg = self.cfg
         mb, chunk = cfg.reward_micro_batch_size, cfg.reward_logit_chunk_size
         s_pos = [p.solution_pos + p.thought_pos_student for p in preps]
+        vchunk = cfg.reward_vocab_chunk_size
         s_lp = token_logprobs(self.student, [p.student_ids for p in preps], s_pos, cfg.student_temperature,
-                              mb, chunk, self.pad_id)
+                              mb, chunk, self.pad_id, vchunk)
         t_lp = token_logprobs(teacher_model, [p.teacher_ids for p in preps], [p.thought_pos_teacher for p in preps],
-                              self.teacher_temperature, mb, chunk, self.pad_id)
+                              self.teacher_temperature, mb, chunk, self.pad_id, vchunk)
         sol_lp, sol_mask = _pad([lp[:len(p.solution_pos)] for lp, p in zip(s_lp, preps)])
         st_lp, th_mask = _pad([lp[len(p.solution_pos):] for lp, p in zip(s_lp, preps)])
         tt_lp, _ = _pad(t_lp)

@@ -33,6 +33,9 @@ def validate_grpo(rlt_cfg: dict, kw: dict, num_processes: int) -> None:
     if not rlt_cfg.get("student_model"):
         raise ConfigError("student_model is required for the teacher reward (a path or hub id); it is never "
                           "replaced by the reference model")
+    if rlt_cfg.get("vllm_host") and kw.get("use_vllm"):
+        raise ConfigError("use_vllm=true (trl's colocated engine) and vllm_host (rlt's servers) exclude each other; "
+                          "set use_vllm=false for server rollouts")
     if rlt_cfg.get("use_reference_teacher_model") and not kw.get("beta"):
         raise ConfigError("use_reference_teacher_model=true needs a reference model: set beta > 0")
     RewardConfig.from_dict(rlt_cfg)  # coefficient / reduction shapes
