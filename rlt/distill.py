@@ -23,25 +23,16 @@ import sys
 from pathlib import Path
 
 from rlt.cli import parse_kv
+from rlt.rewards.config import REWARD_CFG_YAML
 from rlt.logging_utils import setup_logging
 
 logger = logging.getLogger("rlt.distill")
-REWARD_DEFAULTS = Path(__file__).resolve().parents[1] / "cfgs" / "trainer_cfg" / "reward_cfg" / "teacher_reward.yaml"
 DEFAULTS = {"teacher": None, "dataset": None, "output": None, "student": None, "num_explanations": 4,
             "select": "all", "missing_end_tag": "drop", "temperature": 0.7, "top_p": 1.0, "max_tokens": 16384,
             "max_prompt_length": 16384, "vllm_host": None, "vllm_port": 8765, "vllm_num_servers": 1,
             "data_format": "auto", "split": "train", "max_samples": None, "drop_bad_rows": False,
             "student_system_prompt": None, "teacher_system_prompt": None, "dtype": "auto", "seed": 0,
             "chunk_size": 16, "scoring_dtype": "float32"}
-
-
-def stratos_row(question: str, thought: str, solution: str, system: str, fmt, **extra) -> dict:
-    """A Stratos-format row whose student text is what the reward scores for this thought."""
-    from rlt.data.text import student_answer
-
-    return {"system": system, "conversations": [{"from": "user", "value": question},
-                                                 {"from": "assistant", "value": student_answer(thought, solution, fmt)}],
-            **extra}
 
 
 def done_indices(progress: Path) -> set[int]:
@@ -57,7 +48,7 @@ def done_indices(progress: Path) -> set[int]:
 
 def select_rows(examples, completions, fmt, args, scorer=None, teacher_prompts=None) -> tuple[list[dict], dict]:
     """Rows to write for a chunk of questions, and counts (no_end_tag, dropped_questions)."""
-    from rlt.data.text import student_system
+    from rlt.data.text import stratos_row, student_system
     from rlt.rewards.teacher_reward import RewardInput, extract_thought
 
     rows, counts = [], {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0}
@@ -90,7 +81,7 @@ def select_rows(examples, completions, fmt, args, scorer=None, teacher_prompts=N
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
     distill(parse_kv(sys.argv[1:] if argv is None else argv, DEFAULTS, ("teacher", "dataset", "output"),
-                     "rlt.distill", REWARD_DEFAULTS))
+                     "rlt.distill", REWARD_CFG_YAML))
 
 
 def distill(args: dict, engine=None) -> dict:

@@ -19,17 +19,17 @@ import sys
 from pathlib import Path
 
 from rlt.cli import parse_kv
+from rlt.rewards.config import REWARD_CFG_YAML
 from rlt.logging_utils import setup_logging
 
 logger = logging.getLogger("rlt.score")
-REWARD_DEFAULTS = Path(__file__).resolve().parents[1] / "cfgs" / "trainer_cfg" / "reward_cfg" / "teacher_reward.yaml"
 CLI_DEFAULTS = {"teacher": None, "student": None, "input": None, "output": None, "teacher_temperature": 0.7,
                 "skip_bad_rows": False, "dtype": "float32", "data_format": "bespoke_stratos",
                 "student_system_prompt": None, "teacher_system_prompt": None, "batch_size": 64}
 
 
 def parse_args(argv: list[str]) -> dict:
-    return parse_kv(argv, CLI_DEFAULTS, ("teacher", "student", "input", "output"), "rlt.score", REWARD_DEFAULTS)
+    return parse_kv(argv, CLI_DEFAULTS, ("teacher", "student", "input", "output"), "rlt.score", REWARD_CFG_YAML)
 
 
 def read_items(path: str, tokenizer, fmt, skip_bad_rows: bool):

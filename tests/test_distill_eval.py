@@ -9,7 +9,8 @@ from rlt.data.examples import parse_stratos_row
 from rlt.data.formats import resolve_format
 from rlt.data.loading import load_examples
 from rlt.data.text import render_student_text, teacher_prompt
-from rlt.distill import DEFAULTS, REWARD_DEFAULTS, distill, select_rows
+from rlt.distill import DEFAULTS, distill, select_rows
+from rlt.rewards.config import REWARD_CFG_YAML
 from rlt.rewards.config import RewardConfig
 from rlt.rewards.teacher_reward import RewardInput, TeacherReward
 
@@ -76,7 +77,7 @@ def test_resume_skips_finished_questions(tmp_path, tokenizer, tiny_path):
 
     base = {"teacher": tiny_path, "dataset": "rlt-countdown:6:3", "output": str(tmp_path / "d.jsonl"),
             "num_explanations": 2, "chunk_size": 2}
-    args = parse_kv([f"{k}={v}" for k, v in base.items()], DEFAULTS, (), "test", REWARD_DEFAULTS)
+    args = parse_kv([f"{k}={v}" for k, v in base.items()], DEFAULTS, (), "test", REWARD_CFG_YAML)
     engine = FakeEngine(tokenizer)
     distill({**args, "max_samples": 3}, engine=engine)
     assert engine.prompts == 3
@@ -94,7 +95,7 @@ def test_resume_skips_finished_questions(tmp_path, tokenizer, tiny_path):
 
 def test_best_of_k_needs_a_student(tmp_path):
     args = parse_kv(["teacher=x", "dataset=y", f"output={tmp_path}/o.jsonl", "select=best_of_k"], DEFAULTS, (),
-                    "t", REWARD_DEFAULTS)
+                    "t", REWARD_CFG_YAML)
     with pytest.raises(SystemExit, match="give student=PATH"):
         distill(args)
 

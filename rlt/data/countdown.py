@@ -19,7 +19,7 @@ from fractions import Fraction
 from pathlib import Path
 
 from rlt.data.formats import DEFAULT_STUDENT_SYSTEM_PROMPT, FORMATS
-from rlt.data.text import student_answer
+from rlt.data.text import stratos_row
 
 logger = logging.getLogger(__name__)
 OPS = ("+", "-", "*", "/")
@@ -105,11 +105,9 @@ def generate_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def to_stratos(row: dict, system: str = DEFAULT_STUDENT_SYSTEM_PROMPT) -> dict:
-    fmt = FORMATS["bespoke_stratos"]
-    return {"system": system, "conversations": [
-        {"from": "user", "value": row["question"]},
-        {"from": "assistant", "value": student_answer(row["reasoning_trace"], row["solution"], fmt)},
-    ]}
+    """The row as Stratos data (system + conversations) with its answer, numbers and target."""
+    return stratos_row(row["question"], row["reasoning_trace"], row["solution"], system, FORMATS["bespoke_stratos"],
+                       answer=row["answer"], numbers=row["numbers"], target=row["target"])
 
 
 def write_dataset(out_dir: str | Path, n: int, seed: int = 0) -> dict[str, Path]:
@@ -120,8 +118,7 @@ def write_dataset(out_dir: str | Path, n: int, seed: int = 0) -> dict[str, Path]
     paths = {"stratos": out / "stratos.jsonl", "custom": out / "custom.jsonl"}
     with open(paths["stratos"], "w") as f:
         for r in rows:
-            f.write(json.dumps({**to_stratos(r), "answer": r["answer"], "numbers": r["numbers"],
-                                "target": r["target"]}) + "\n")
+            f.write(json.dumps(to_stratos(r)) + "\n")
     with open(paths["custom"], "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -28,22 +28,23 @@ DEFAULT_TEACHER_SYSTEM_PROMPT = (
 )
 
 
+_TAG_TEMPLATES = {"bespoke": ("<|begin_of_{}|>", "<|end_of_{}|>"), "r1": ("<{}>", "</{}>")}
+
+
+def tag_pair(name: str, style: str) -> tuple[str, str]:
+    """(opening, closing) tag for ``name``: bespoke <|begin_of_X|> / <|end_of_X|>, r1 <X> / </X>."""
+    if style not in _TAG_TEMPLATES:
+        raise ValueError(f"unknown tag style {style!r}; expected one of {TAG_STYLES}")
+    start, end = _TAG_TEMPLATES[style]
+    return start.format(name), end.format(name)
+
+
 def start_tag(name: str, style: str) -> str:
-    """Opening tag for ``name`` in ``style`` ("bespoke": <|begin_of_X|>, "r1": <X>)."""
-    if style == "bespoke":
-        return f"<|begin_of_{name}|>"
-    if style == "r1":
-        return f"<{name}>"
-    raise ValueError(f"unknown tag style {style!r}; expected one of {TAG_STYLES}")
+    return tag_pair(name, style)[0]
 
 
 def end_tag(name: str, style: str) -> str:
-    """Closing tag for ``name`` in ``style`` ("bespoke": <|end_of_X|>, "r1": </X>)."""
-    if style == "bespoke":
-        return f"<|end_of_{name}|>"
-    if style == "r1":
-        return f"</{name}>"
-    raise ValueError(f"unknown tag style {style!r}; expected one of {TAG_STYLES}")
+    return tag_pair(name, style)[1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +74,7 @@ class DataFormat:
             raise ValueError(f"data format {self.name!r}: row_schema must be 'stratos' or 'custom', got {self.row_schema!r}")
 
     def tags(self, name: str) -> tuple[str, str]:
-        return start_tag(name, self.tag_style), end_tag(name, self.tag_style)
+        return tag_pair(name, self.tag_style)
 
     @property
     def think_tags(self) -> tuple[str, str]:

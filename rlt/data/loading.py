@@ -25,8 +25,7 @@ def load_rows(dataset_id_or_path: str, split: str = "train"):
         from rlt.data.countdown import generate_rows, to_stratos
 
         rows = generate_rows(int(m.group(1)), seed=int(m.group(2)))
-        return datasets.Dataset.from_list([{**to_stratos(r), "answer": r["answer"], "numbers": r["numbers"],
-                                            "target": r["target"]} for r in rows])
+        return datasets.Dataset.from_list([to_stratos(r) for r in rows])
     path = Path(dataset_id_or_path)
     if path.is_file():
         builder = _FILE_BUILDERS.get(path.suffix)

@@ -97,3 +97,10 @@ def student_text_with_spans(tokenizer, question: str, thought: str, solution: st
     t0 = head + len(fmt.think_prefix) + len(fmt.think_tags[0])
     s0 = t0 + len(thought) + len(fmt.think_tags[1]) + len(fmt.think_solution_delimiter) + len(fmt.solution_tags[0])
     return text, (t0, t0 + len(thought)), (s0, s0 + len(solution))
+
+
+def stratos_row(question: str, thought: str, solution: str, system: str, fmt: DataFormat, **extra) -> dict:
+    """A Stratos-format row (system + conversations); its student text is render_student_text of the same parts."""
+    return {"system": system, "conversations": [{"from": "user", "value": question},
+                                                 {"from": "assistant", "value": student_answer(thought, solution, fmt)}],
+            **extra}

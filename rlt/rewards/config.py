@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from rlt.config import ConfigError
 from rlt.rewards.ops import NORMALIZERS, REDUCTIONS
+
+
+# The reward settings' defaults, for the command-line tools (runs compose them through Hydra).
+REWARD_CFG_YAML = Path(__file__).resolve().parents[2] / "cfgs" / "trainer_cfg" / "reward_cfg" / "teacher_reward.yaml"
 
 
 def _as_list(x) -> list:
