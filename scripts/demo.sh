@@ -19,11 +19,11 @@ stage() { echo; echo "[demo] $(( $(date +%s) - T0 ))s | $*"; }
 
 stage "1/6 teacher SFT warm-up (2 CPU processes, DeepSpeed ZeRO-3)"
 ./launch.sh 2 cfgs/run_cfg/tiny_teacher_sft.yaml "output_dir=$D/pre_rl_model" "dataset_id_or_path=$TRAIN" \
-  max_steps=30 > "$D/1_teacher_sft.log" 2>&1
+  max_steps=150 > "$D/1_teacher_sft.log" 2>&1
 
 stage "2/6 teacher RL: 1 vLLM server + 2 training processes"
 ./launch_with_server.sh 1 2 cfgs/run_cfg/tiny_teacher_rlt.yaml "model_name_or_path=$D/pre_rl_model" \
-  "output_dir=$D/rlt_teacher" "dataset_id_or_path=$TRAIN" max_steps=8 save_strategy=no > "$D/2_teacher_rl.log" 2>&1
+  "output_dir=$D/rlt_teacher" "dataset_id_or_path=$TRAIN" max_steps=8 max_completion_length=160 save_strategy=no > "$D/2_teacher_rl.log" 2>&1
 python -m rlt.plot "$D/rlt_teacher" --out "$D/plots" >> "$D/2_teacher_rl.log" 2>&1
 
 stage "3/6 distillation: 4 explanations per question, best of 4 by the teacher reward"
@@ -32,9 +32,9 @@ python -m rlt.distill "teacher=$D/rlt_teacher" student=rlt-tiny:1 "dataset=$TRAI
   dtype=float32 > "$D/3_distill.log" 2>&1
 
 stage "4/6 student SFT on the distilled traces and, as the baseline, on the original traces"
-./launch.sh 2 cfgs/run_cfg/tiny_student_sft.yaml "output_dir=$D/student_rlt" "dataset_id_or_path=$D/distilled.jsonl" \
+./launch.sh 2 cfgs/run_cfg/tiny_student_sft.yaml "output_dir=$D/student_rlt" "dataset_id_or_path=$D/distilled.jsonl" max_steps=60 \
   > "$D/4_student_rlt.log" 2>&1
-./launch.sh 2 cfgs/run_cfg/tiny_student_sft.yaml "output_dir=$D/student_base" "dataset_id_or_path=$TRAIN" \
+./launch.sh 2 cfgs/run_cfg/tiny_student_sft.yaml "output_dir=$D/student_base" "dataset_id_or_path=$TRAIN" max_steps=60 \
   > "$D/4_student_base.log" 2>&1
 
 stage "5/6 evaluation on held-out Countdown questions"
