@@ -6,7 +6,7 @@ import torch
 
 from rlt.config import ConfigError
 from rlt.rewards.config import RewardConfig
-from rlt.rewards.ops import kl_estimate, left_align, masked_reduce, normalize, reduce_all, weighted_scores
+from rlt.rewards.ops import kl_estimate, masked_reduce, normalize, reduce_all, weighted_scores
 from rlt.rewards.teacher_reward import combine
 
 X = torch.tensor([[1.0, 4.0, 2.0, 8.0], [3.0, -1.0, 0.0, 0.0], [5.0, 5.0, 5.0, 5.0]])
@@ -48,11 +48,6 @@ def test_kl_estimators():
 def test_weighted_scores_replace_nan():
     scores = torch.tensor([[2.0, float("nan")], [float("nan"), float("nan")]])
     assert weighted_scores(scores, torch.tensor([1.0, 0.5]), nan_fill=-1.0).tolist() == [1.5, -1.5]
-
-
-def test_left_align():
-    v, m = left_align(torch.tensor([[0.0, 7.0, 8.0], [9.0, 0.0, 0.0]]), torch.tensor([[0, 1, 1], [1, 0, 0]]))
-    assert v.tolist() == [[7.0, 8.0], [9.0, 0.0]] and m.tolist() == [[True, True], [True, False]]
 
 
 def toy(cfg, match=0.0, sol_mask=(1, 1, 1)):

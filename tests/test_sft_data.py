@@ -41,3 +41,16 @@ def test_long_rows_dropped_with_count(tokenizer, caplog):
     with caplog.at_level("WARNING"):
         ds = build_sft_dataset(tokenizer, exs, fmt, max_length=400)
     assert len(ds) == 4 and "dropped 1 of 5" in caplog.text
+
+
+def test_student_labels_cover_the_whole_assistant_turn(tokenizer):
+    from rlt.trainers.sft import tokenize_student_example
+
+    fmt = resolve_format("bespoke_stratos")
+    ex = Example("What is 2+3?", "\n\n\\boxed{5}\n\n", "\n\nAdd 2 and 3.\n\n", "S")
+    row = tokenize_student_example(tokenizer, ex, fmt)
+    first = next(i for i, l in enumerate(row["labels"]) if l != IGNORE_INDEX)
+    assert tokenizer.decode(row["input_ids"][:first]).endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(row["input_ids"][first:]) == (
+        "<|begin_of_thought|>\n\nAdd 2 and 3.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n\\boxed{5}\n\n"
+        "<|end_of_solution|><|im_end|>")

@@ -21,3 +21,12 @@ def test_zero3_two_process_sft_trains_and_saves(tmp_path, tiny_path):
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("<|im_start|>user\nhi<|im_end|>", return_tensors="pt").input_ids
     assert torch.isfinite(after(ids).logits).all()
+
+
+def test_student_sft_through_launch(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "student"
+    proc = run_cmd(["./launch.sh", "2", "cfgs/run_cfg/tiny_student_sft.yaml", f"output_dir={out}", "max_steps=2"])
+    assert "student SFT on 64 examples" in proc.stdout + proc.stderr
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

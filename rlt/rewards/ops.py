@@ -74,17 +74,3 @@ def kl_estimate(teacher_lp: torch.Tensor, student_lp: torch.Tensor, schulman: bo
     if schulman:
         kl = kl - 1.0 + torch.exp(-kl)
     return kl
-
-
-def left_align(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack the masked entries of each row to the left.
-
-    values, mask: [B, L] -> (packed [B, T], packed_mask [B, T]) with T = max row count.
-    """
-    mask = mask.bool()
-    counts = mask.sum(-1)
-    t = int(counts.max()) if counts.numel() else 0
-    packed = values.new_zeros(values.shape[0], t)
-    packed_mask = torch.arange(t, device=values.device)[None, :] < counts[:, None]
-    packed[packed_mask] = values[mask]
-    return packed, packed_mask

@@ -12,29 +12,28 @@ import logging
 
 from rlt.data.examples import Example
 from rlt.data.formats import DataFormat
-from rlt.data.text import teacher_prompt_and_completion
+from rlt.data.text import render_student_prompt, student_answer, teacher_prompt_and_completion
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 
 
-def tokenize_teacher_example(tokenizer, ex: Example, fmt: DataFormat) -> dict[str, list[int]]:
-    """input_ids and labels (-100 before the first explanation token)."""
-    prompt, completion = teacher_prompt_and_completion(tokenizer, ex, fmt)
+def _prompt_completion(tokenizer, prompt: str, completion: str) -> dict[str, list[int]]:
+    """tokens(prompt) + tokens(completion), labels -100 on the prompt."""
     p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     c = tokenizer(completion, add_special_tokens=False)["input_ids"]
     return {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
+
+
+def tokenize_teacher_example(tokenizer, ex: Example, fmt: DataFormat) -> dict[str, list[int]]:
+    """input_ids and labels (-100 before the first explanation token)."""
+    return _prompt_completion(tokenizer, *teacher_prompt_and_completion(tokenizer, ex, fmt))
 
 
 def tokenize_student_example(tokenizer, ex: Example, fmt: DataFormat) -> dict[str, list[int]]:
     """Student SFT: loss on the whole assistant turn (think prefix through end of turn)."""
-    from rlt.data.text import render_student_prompt, student_answer
-
     prompt = render_student_prompt(tokenizer, ex.question, ex.system, fmt)
-    completion = student_answer(ex.thought, ex.solution, fmt) + (tokenizer.eos_token or "")
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return {"input_ids": p + c, "labels": [IGNORE_INDEX] * len(p) + c}
+    return _prompt_completion(tokenizer, prompt, student_answer(ex.thought, ex.solution, fmt) + (tokenizer.eos_token or ""))
 
 
 def build_sft_dataset(tokenizer, examples: list[Example], fmt: DataFormat, max_length: int | None,
