@@ -101,6 +101,9 @@ def test_server_killed_mid_run_stops_everything_within_60s(tmp_path):
     assert re.search(r"vLLM server http://127\.0\.0\.1:\d+ \(log: \S+server_0\.log\)", log), log[-3000:]
     assert gone(server_pgid) and gone(trainer_pgid)
     assert processes_mentioning(str(out)) == []
+    from rlt.generation.weight_sync import shm_sync_dir
+
+    assert not shm_sync_dir(str(out)).exists()  # the crashed run's weight copies are removed too
 
 
 @pytest.fixture

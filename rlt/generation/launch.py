@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -123,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         for s in servers:
             s.stop()
         logger.info("stopped %d vLLM server(s)", len(servers))
+        from rlt.generation.weight_sync import shm_sync_dir
+
+        shutil.rmtree(shm_sync_dir(cfg["output_dir"]), ignore_errors=True)  # left behind if training crashed
         for s, h in old.items():
             signal.signal(s, h)
 

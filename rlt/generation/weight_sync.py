@@ -10,10 +10,10 @@ nccl: trl's VLLMClient broadcasts the weights over NCCL (CUDA only; the
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -32,11 +32,16 @@ def resolve_sync_mode(mode: str) -> str:
     return mode
 
 
+def shm_sync_dir(output_dir: str) -> Path:
+    """The run's directory in /dev/shm, named after its output_dir (so the launcher can remove it after a crash)."""
+    return Path("/dev/shm") / f"rlt-sync-{hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]}"
+
+
 def sync_root(output_dir: str, model_bytes: int) -> Path:
-    """/dev/shm/rlt-sync-<id> when /dev/shm has room for two copies, else <output_dir>/weight_sync."""
+    """/dev/shm/rlt-sync-<hash of output_dir> when /dev/shm has room for two copies, else <output_dir>/weight_sync."""
     shm = Path("/dev/shm")
     if shm.is_dir() and shutil.disk_usage(shm).free > 2.2 * model_bytes:
-        return shm / f"rlt-sync-{uuid.uuid4().hex[:8]}"
+        return shm_sync_dir(output_dir)
     return Path(output_dir) / "weight_sync"
 
 
