@@ -48,6 +48,15 @@ class ConfigError(ValueError):
     """A config value that cannot work; the message says which key to change."""
 
 
+DIST_ENV_PREFIXES = ("ACCELERATE_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def non_distributed_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of the environment without the variables of a distributed launch, for helper
+    processes (a tiny-model build, a vLLM server) started from inside one."""
+    return {k: v for k, v in (os.environ if env is None else env).items() if not k.startswith(DIST_ENV_PREFIXES)}
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

@@ -116,16 +116,14 @@ def distill(args: dict, engine=None) -> dict:
     prompts = {i: teacher_prompt(tok, ex.question, ex.solution, fmt) for i, ex in todo}
     scorer = None
     if args["select"] == "best_of_k" and todo:
-        from rlt.models import load_causal_lm, same_tokenizer
         from rlt.rewards.config import RewardConfig
-        from rlt.rewards.teacher_reward import TeacherReward
+        from rlt.rewards.teacher_reward import load_scorer
 
-        if not same_tokenizer(tok, load_tokenizer(args["student"])):
-            raise SystemExit("rlt.distill: teacher and student tokenizers differ; the reward needs one tokenizer")
-        t_model = load_causal_lm(teacher, args["scoring_dtype"]).eval()
-        reward = TeacherReward(load_causal_lm(args["student"], args["scoring_dtype"]).eval(), tok, fmt,
-                               RewardConfig.from_dict(args), args["temperature"])
-        scorer = lambda items: reward(t_model, items)  # noqa: E731
+        try:
+            scorer = load_scorer(teacher, args["student"], tok, fmt, RewardConfig.from_dict(args), args["temperature"],
+                                 args["scoring_dtype"])
+        except ValueError as e:
+            raise SystemExit(f"rlt.distill: {e}") from None
     totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
     if todo and engine is None:
         engine = make_engine(teacher, args["vllm_host"], args["vllm_port"], args["vllm_num_servers"],

@@ -43,10 +43,10 @@ def resolve_model_path(name_or_path: str) -> str:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
         # A clean subprocess: inside a DeepSpeed ZeRO-3 launch, a model built
         # in-process would be partitioned and saved empty.
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("ACCELERATE_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_"))}
+        from rlt.config import non_distributed_env
+
         subprocess.run([sys.executable, "-m", "rlt.testing.tiny_model", str(tmp), "--seed", m.group(1)],
-                       env=env, check=True, stdout=subprocess.DEVNULL)
+                       env=non_distributed_env(), check=True, stdout=subprocess.DEVNULL)
         try:
             tmp.rename(target)
         except OSError:  # another process finished first: same deterministic content

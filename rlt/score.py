@@ -69,23 +69,23 @@ def main(argv: list[str] | None = None) -> None:
     from tqdm import tqdm
 
     from rlt.data.formats import resolve_format
-    from rlt.models import load_causal_lm, load_tokenizer, same_tokenizer
+    from rlt.models import load_tokenizer
     from rlt.rewards.config import RewardConfig
-    from rlt.rewards.teacher_reward import TeacherReward
+    from rlt.rewards.teacher_reward import load_scorer
 
     fmt = resolve_format(args["data_format"], student_system_prompt=args["student_system_prompt"],
                          teacher_system_prompt=args["teacher_system_prompt"])
     tokenizer = load_tokenizer(args["teacher"])
-    if not same_tokenizer(tokenizer, load_tokenizer(args["student"])):
-        raise SystemExit("rlt.score: teacher and student tokenizers differ; the reward needs one shared tokenizer")
     rows = read_items(args["input"], tokenizer, fmt, args["skip_bad_rows"])
-    teacher = load_causal_lm(args["teacher"], args["dtype"]).eval()
-    student = load_causal_lm(args["student"], args["dtype"]).eval()
-    reward = TeacherReward(student, tokenizer, fmt, RewardConfig.from_dict(args), args["teacher_temperature"])
+    try:
+        score = load_scorer(args["teacher"], args["student"], tokenizer, fmt, RewardConfig.from_dict(args),
+                            args["teacher_temperature"], args["dtype"])
+    except ValueError as e:
+        raise SystemExit(f"rlt.score: {e}") from None
     scored = []
     for s in tqdm(range(0, len(rows), args["batch_size"]), desc="scoring", unit="batch"):
         chunk = rows[s:s + args["batch_size"]]
-        res = reward(teacher, [item for _, item in chunk])
+        res = score([item for _, item in chunk])
         for k, (row, _) in enumerate(chunk):
             comps = {n: (None if v[k] != v[k] else float(v[k])) for n, v in res.components.items()}  # NaN -> null
             scored.append({**row, "reward": float(res.rewards[k]), "reward_components": comps})

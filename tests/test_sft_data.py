@@ -6,11 +6,15 @@ from rlt.data.text import render_teacher_text, teacher_prompt_and_completion
 from rlt.trainers.sft import IGNORE_INDEX, build_sft_dataset, tokenize_teacher_example
 
 
+def first_loss_token(row) -> int:
+    return next(i for i, label in enumerate(row["labels"]) if label != IGNORE_INDEX)
+
+
 def test_first_unmasked_token_is_first_explanation_token(tokenizer):
     fmt = resolve_format("bespoke_stratos")
     ex = Example("What is 2+3?", "\n\n\\boxed{5}\n\n", "\n\nAdd 2 and 3.\n\n<|x", "s")
     row = tokenize_teacher_example(tokenizer, ex, fmt)
-    first = next(i for i, l in enumerate(row["labels"]) if l != IGNORE_INDEX)
+    first = first_loss_token(row)
     # everything before is the prompt, which ends with the explanation tag + padding
     assert tokenizer.decode(row["input_ids"][:first]).endswith("<|begin_of_explanation|>\n\n")
     assert tokenizer.decode(row["input_ids"][first:first + 1]) == "A"
@@ -49,7 +53,7 @@ def test_student_labels_cover_the_whole_assistant_turn(tokenizer):
     fmt = resolve_format("bespoke_stratos")
     ex = Example("What is 2+3?", "\n\n\\boxed{5}\n\n", "\n\nAdd 2 and 3.\n\n", "S")
     row = tokenize_student_example(tokenizer, ex, fmt)
-    first = next(i for i, l in enumerate(row["labels"]) if l != IGNORE_INDEX)
+    first = first_loss_token(row)
     assert tokenizer.decode(row["input_ids"][:first]).endswith("<|im_start|>assistant\n")
     assert tokenizer.decode(row["input_ids"][first:]) == (
         "<|begin_of_thought|>\n\nAdd 2 and 3.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\n\\boxed{5}\n\n"

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import requests
 
+from rlt.config import non_distributed_env
+
 logger = logging.getLogger(__name__)
 
 
@@ -52,9 +54,7 @@ class ServerSpec:
         return cmd
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
-        for k in [k for k in env if k.startswith(("ACCELERATE_", "MASTER_")) or k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")]:
-            env.pop(k)
+        env = dict(non_distributed_env(), VLLM_SERVER_DEV_MODE="1")
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
         else:

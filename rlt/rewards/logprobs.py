@@ -106,10 +106,10 @@ def token_logprobs(model, sequences: list[list[int]], positions: list[list[int]]
             with _gathered(head.weight):
                 lp = chunked_logprobs(picked, labels, head.weight, getattr(head, "bias", None), temperature, chunk_size,
                                       vocab_chunk_size)
-            for r, i in enumerate(batch):
-                n = len(positions[i])
-                start = sum(len(positions[j]) for j in batch[:r])
-                out[i] = lp[start:start + n].cpu()
+            start = 0
+            for i in batch:
+                out[i] = lp[start:start + len(positions[i])].cpu()
+                start += len(positions[i])
         return out
     finally:
         model.train(was_training)

@@ -93,13 +93,12 @@ class TeacherReward:
 
     # ----------------------------------------------------------------- text side
     def prepare(self, item: RewardInput) -> _Prepared:
-        e0, e1 = self.fmt.explanation_tags
-        prefix = e0 + self.fmt.delimiter_padding
+        prefix = self.fmt.explanation_tags[0] + self.fmt.delimiter_padding
         if not item.prompt.endswith(prefix):
             raise ValueError(f"the RL prompt must end with {prefix!r}")
         thought, completion, matched = extract_thought(item.completion, self.fmt)
         penalty = 0.0 if matched else float(self.cfg.not_matched_penalty)
-        end = completion.find(e1)
+        end = len(thought) - len(self.fmt.delimiter_padding)  # the thought's end within the completion
         teacher = encode_pieces(self.tokenizer, [item.prompt, completion])
         t_origin = len(item.prompt) - len(self.fmt.delimiter_padding)
         t_idx = tokens_within(teacher, t_origin, len(item.prompt) + end)
@@ -182,6 +181,21 @@ def combine(cfg: RewardConfig, sol_lp, sol_mask, st_lp, tt_lp, th_mask, match) -
         "thought_tokens": th_mask.sum(-1).float(), "solution_tokens": sol_mask.sum(-1).float(),
     })
     return comp
+
+
+def load_scorer(teacher: str, student: str, tokenizer, fmt: DataFormat, config: RewardConfig,
+                teacher_temperature: float, dtype: str = "float32"):
+    """``items -> RewardResult`` for offline use: teacher and student loaded from paths, frozen.
+
+    Refuses a student whose tokenizer differs from ``tokenizer`` (the reward uses one tokenizer).
+    """
+    from rlt.models import load_causal_lm, load_tokenizer, same_tokenizer
+
+    if not same_tokenizer(tokenizer, load_tokenizer(student)):
+        raise ValueError(f"teacher and student ({student}) tokenizers differ; the reward needs one shared tokenizer")
+    teacher_model = load_causal_lm(teacher, dtype).eval()
+    reward = TeacherReward(load_causal_lm(student, dtype).eval(), tokenizer, fmt, config, teacher_temperature)
+    return lambda items: reward(teacher_model, items)
 
 
 def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
