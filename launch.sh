@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Train with accelerate + DeepSpeed on one node.
-#   ./launch.sh NUM_PROCESSES RUN_CFG [hydra overrides...] [offload|zero1]
-# RUN_CFG: cfgs/run_cfg/X.yaml or X. Default ZeRO-3; `zero1` for ZeRO-1;
+#   ./launch.sh NUM_PROCESSES RECIPE [hydra overrides...] [offload|zero1]
+# RECIPE: a name in cfgs/run_cfg (X) or any .yaml file. Default ZeRO-3; `zero1` for ZeRO-1;
 # `offload` for ZeRO-3 with CPU offload. Without CUDA the same DeepSpeed path
-# runs on CPU processes (gloo) with mixed precision off. Exit code = trainer's.
+# runs on CPU processes (gloo) with mixed precision off. The settings and the
+# data are checked in one process before any rank starts (a bad key or row is
+# one line on stderr, exit code 2). Exit code = trainer's.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 if [ $# -lt 2 ]; then
-  echo "usage: $0 NUM_PROCESSES RUN_CFG [key=value ...] [offload|zero1]" >&2
+  echo "usage: $0 NUM_PROCESSES RECIPE [key=value ...] [offload|zero1]" >&2
   exit 2
 fi
 NPROC="$1"; RUN="$2"; shift 2
-RUN_NAME="$(basename "$RUN" .yaml)"
-[ -f "$ROOT/cfgs/run_cfg/$RUN_NAME.yaml" ] || { echo "launch.sh: no run config $ROOT/cfgs/run_cfg/$RUN_NAME.yaml" >&2; exit 2; }
+case "$NPROC" in ''|*[!0-9]*|0) echo "launch.sh: NUM_PROCESSES must be a positive integer, got '$NPROC'" >&2; exit 2 ;; esac
 
 DS=zero3; OVERRIDES=()
 for a in "$@"; do
@@ -26,16 +27,24 @@ done
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PATH="$ROOT/.venv/bin:$PATH"; fi
 PY=python
 PORT="$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
-EXTRA=()
+# Precision is the run config's bf16/fp16 (the trainer fills the DeepSpeed json's "auto"); accelerate's
+# own setting stays "no" and on the command line: from its config file it is refused next to a DeepSpeed json.
+EXTRA=(--mixed_precision no)
 if [ "$($PY -c 'import torch; print(int(torch.cuda.is_available()))')" = 0 ]; then
-  EXTRA+=(--mixed_precision no)
   export RLT_CPU=1
 fi
-echo "[launch] $NPROC process(es), run_cfg=$RUN_NAME, deepspeed=$DS, port=$PORT"
+# DeepSpeed compiles its ops once per environment, not in a cache shared by every checkout.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$($PY -c 'import sys; print(sys.prefix)')/torch_extensions}"
+if [ -n "${RLT_CPU:-}" ] && ! compgen -G "$TORCH_EXTENSIONS_DIR/deepspeed_shm_comm/*.so" >/dev/null; then
+  echo "[launch] first run in this environment: DeepSpeed compiles its CPU communication op into $TORCH_EXTENSIONS_DIR (once, about 2 minutes on 2 cores)"
+fi
+$PY -m rlt.train "$RUN" "${OVERRIDES[@]}" --check --processes "$NPROC" || exit $?
+echo "[launch] $NPROC process(es), recipe=$RUN, deepspeed=$DS, port=$PORT"
 set +e
+# The rendezvous of a single-node run listens on loopback only.
 $PY -m accelerate.commands.launch --config_file "$ROOT/cfgs/accelerate/deepspeed.yaml" \
   --deepspeed_config_file "$ROOT/cfgs/deepspeed/$DS.json" \
-  --num_processes "$NPROC" --main_process_port "$PORT" "${EXTRA[@]}" \
-  -m rlt.train "run_cfg@_global_=$RUN_NAME" "${OVERRIDES[@]}"
+  --num_processes "$NPROC" --main_process_ip 127.0.0.1 --main_process_port "$PORT" "${EXTRA[@]}" \
+  -m rlt.train "$RUN" "${OVERRIDES[@]}"
 rc=$?
 exit $rc

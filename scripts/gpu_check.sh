@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# GPU acceptance run: the whole training machinery on random-weight models built
+# here (no hub), on any CUDA machine; about 15 minutes on one H100, never more
+# than its budget (20 minutes; later stages are skipped and say so).
+#   scripts/gpu_check.sh               on CUDA
+#   scripts/gpu_check.sh --cpu-smoke   the same stages at tiny shapes on CPU (checks the script itself)
+# Stages: install what is missing; build the models; teacher SFT via ./launch.sh 1
+# with zero3, zero1, offload; teacher RL via ./launch.sh 1 (in-process
+# generation) at tiny and 0.5B shape, bf16; the reward benchmark at 7B shape in
+# bf16 and at 0.5B shape in fp32 (max |rlt - oracle| <= 1e-5); one RL step at 7B
+# width with offload and 4k-token completions; ./launch_with_server.sh 1 1 with
+# nccl and filesystem weight sync when vllm imports and >= 2 GPUs are visible.
+# Writes results/gpu_check/summary.json, summary.md (the table) and logs/.
+# Exit code 0 when no stage failed (skipped stages do not fail the run).
+#
+# Python: $RLT_PYTHON, else .venv/bin/python, else python3: the first with a
+# torch (with CUDA, unless --cpu-smoke). Nothing is downloaded for torch: pip is
+# pinned to the torch already there, and what else is missing goes into
+# results/gpu_check/site (on PYTHONPATH; the image's site-packages are not
+# touched), from $RLT_WHEELS (a folder of wheels, no index) when set, else from
+# pip's configured index. The project is used in place.
+# Other settings: RLT_GPU_CHECK_OUT (results dir), RLT_GPU_CHECK_BUDGET (seconds,
+# default 1200 on GPU), RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model,
+# default 8: a full-depth 7.6B policy with Adam states does not fit one 80 GB
+# card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs).
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+MODE=gpu
+case "${1:-}" in
+  "") ;;
+  --cpu-smoke) MODE=cpu-smoke ;;
+  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  *) echo "gpu_check.sh: unknown argument '$1' (accepted: --cpu-smoke, --help)" >&2; exit 2 ;;
+esac
+OUT="${RLT_GPU_CHECK_OUT:-$ROOT/results/gpu_check}"
+SITE="$OUT/site"
+HELPER="$ROOT/scripts/gpu_check_helper.py"
+STAGES="$OUT/stages.jsonl"
+if [ "$MODE" = gpu ]; then BUDGET="${RLT_GPU_CHECK_BUDGET:-1200}"; else BUDGET="${RLT_GPU_CHECK_BUDGET:-5400}"; fi
+LAYERS_7B="${RLT_GPU_CHECK_7B_LAYERS:-8}"
+say() { echo "[gpu_check] $(( $(date +%s) - T0 ))s | $*"; }
+T0=$(date +%s)
+
+# ---- interpreter: the first candidate with torch (and CUDA on GPU)
+want_cuda=0; [ "$MODE" = gpu ] && want_cuda=1
+if [ -n "${RLT_PYTHON:-}" ]; then CANDIDATES=("$RLT_PYTHON"); else CANDIDATES=("$ROOT/.venv/bin/python" python3); fi
+PY=""
+for cand in "${CANDIDATES[@]}"; do
+  ok="$("$cand" -c 'import torch; print(int(torch.cuda.is_available()))' 2>/dev/null)" || continue
+  if [ "$want_cuda" = 0 ] || [ "$ok" = 1 ]; then PY="$(command -v "$cand")"; break; fi
+done
+if [ -z "$PY" ]; then
+  if [ "$MODE" = gpu ]; then
+    echo "gpu_check.sh: no Python with a CUDA torch among ${CANDIDATES[*]}: set RLT_PYTHON to one (on a CPU machine use --cpu-smoke)" >&2
+  else
+    echo "gpu_check.sh: no Python with torch among ${CANDIDATES[*]}: run scripts/setup_env.sh or set RLT_PYTHON" >&2
+  fi
+  exit 2
+fi
+
+# ---- private work dir; `python` for launch.sh is this interpreter
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/rlt-gpu-check.XXXXXX")"
+mkdir -p "$WORK/bin" "$OUT/logs" "$SITE"
+rm -f "$STAGES" "$OUT"/logs/* "$OUT"/bench_*.json "$OUT/summary.json" "$OUT/summary.md"
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" > "$WORK/bin/python"
+chmod +x "$WORK/bin/python"
+export PATH="$WORK/bin:$PATH"
+VIRTUAL_ENV="$("$PY" -c 'import sys; print(sys.prefix)')"  # launch.sh then keeps this interpreter
+export VIRTUAL_ENV
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 RLT_CACHE_DIR="$WORK/cache"
+# DeepSpeed's JIT ops (CPU Adam for offload; on CPU also its communication op) go to a folder this script
+# owns: writable on any image, and a build cut short by a timeout leaves a lock that would block later builds.
+export TORCH_EXTENSIONS_DIR="$OUT/torch_extensions"
+mkdir -p "$TORCH_EXTENSIONS_DIR"; rm -f "$TORCH_EXTENSIONS_DIR"/*/lock
+
+SAMPLER="" STAGE_PID=""
+cleanup() {
+  [ -n "$STAGE_PID" ] && kill -TERM "$STAGE_PID" 2>/dev/null && wait "$STAGE_PID" 2>/dev/null
+  [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null && wait "$SAMPLER" 2>/dev/null
+  reap
+  if [ "${RLT_GPU_CHECK_KEEP:-0}" = 1 ]; then echo "[gpu_check] work dir kept: $WORK"; else rm -rf "$WORK"; fi
+}
+trap cleanup EXIT
+trap 'echo "[gpu_check] interrupted" >&2; exit 130' INT TERM
+
+if [ "$MODE" = gpu ] && command -v nvidia-smi >/dev/null 2>&1; then
+  sampler() { exec nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500; }
+else
+  sampler() { exec "$PY" "$HELPER" sample-host-memory; }
+fi
+# after a timeout or an interrupt: anything still running with this run's work dir in its command line
+reap() {
+  local p; for p in $(pgrep -f -- "$WORK/" 2>/dev/null); do kill -TERM "$p" 2>/dev/null; done
+  rm -f "$TORCH_EXTENSIONS_DIR"/*/lock
+}
+
+# stage NAME LIMIT_S WHAT CMD...: run CMD under `timeout` within the budget, sample memory, record the
+# result. Extra `record` options for this stage go in the array REC (cleared afterwards).
+REC=()
+stage() {
+  local name="$1" limit="$2" what="$3"; shift 3
+  local left=$(( BUDGET - ($(date +%s) - T0) ))
+  if [ "$left" -lt 30 ]; then
+    skip "$name" "$what" "not run: the ${BUDGET}s budget is spent"; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  local log="$OUT/logs/$name.log" mem="$OUT/logs/$name.mem" start rc
+  say "$name: $what (limit ${limit}s, log $log)"
+  sampler > "$mem" 2>/dev/null &
+  SAMPLER=$!
+  start=$(date +%s.%N)
+  timeout --kill-after=30 "$limit" "$@" > "$log" 2>&1 &
+  STAGE_PID=$!
+  wait "$STAGE_PID"; rc=$?
+  STAGE_PID=""
+  kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null; SAMPLER=""
+  local status=pass reason=""
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status=timeout; reason="stopped at its ${limit}s limit"; reap
+  elif [ "$rc" != 0 ]; then status=fail; reason="exit code $rc, see logs/$name.log"; fi
+  "$PY" "$HELPER" record --stages "$STAGES" --stages-dir "$OUT" --name "$name" --what "$what" --status "$status" \
+    --seconds "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{print b - a}')" --rc "$rc" --log "$log" \
+    --mem "$mem" ${reason:+--reason "$reason"} ${REC[@]+"${REC[@]}"}
+  REC=()
+}
+skip() {  # skip NAME WHAT REASON
+  REC=()
+  "$PY" "$HELPER" record --stages "$STAGES" --name "$1" --what "$2" --status skip --reason "$3"
+}
+
+# ---- shapes and lengths per mode (stage names stay the same in both modes)
+SMOKE=""
+if [ "$MODE" = gpu ]; then
+  PREC=(bf16=true); STEPS=2
+  MID_SHAPE=0.5b; MID_RUN=(train_batch_size=32 per_device_train_batch_size=8 num_generations=8 max_completion_length=512
+                           gradient_checkpointing=true reward_micro_batch_size=8)
+  BIG_SHAPE=7b; BIG_LAYERS=$LAYERS_7B; BIG_TOKENS=4096
+  BENCH_DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16); BENCH_MID=(--shape 0.5b --dtype float32)
+  L_INSTALL=240 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
+else
+  PREC=(bf16=false); STEPS=1
+  MID_SHAPE=tiny; MID_RUN=(max_completion_length=32 reward_micro_batch_size=8)
+  BIG_SHAPE=tiny; BIG_LAYERS=1; BIG_TOKENS=64
+  BENCH_DEV=cpu; BENCH_BIG=(--shape tiny --dtype bfloat16 --quick); BENCH_MID=(--shape tiny --dtype float32 --quick)
+  L_INSTALL=300 L_MODELS=600 L_SFT=900 L_RL=900 L_RL_MID=900 L_BENCH=900 L_BIG=900 L_VLLM=900
+  SMOKE=" [cpu-smoke: tiny shapes]"
+fi
+M="$WORK/models"
+RL_CFG=cfgs/run_cfg/tiny_teacher_rlt.yaml
+SFT_CFG=cfgs/run_cfg/tiny_teacher_sft.yaml
+NO_SAVE=(save_strategy=no save_final_model=false logging_prob=0 save_completions_probability=0)
+
+say "mode $MODE, python $PY, results in $OUT, budget ${BUDGET}s"
+stage install "$L_INSTALL" "missing packages into results/gpu_check/site (never torch)" \
+  "$PY" "$HELPER" install --site "$SITE" ${RLT_WHEELS:+--wheels "$RLT_WHEELS"}
+"$PY" "$HELPER" environment > "$OUT/environment.json" 2>> "$OUT/logs/install.log" || echo "{}" > "$OUT/environment.json"
+GPUS="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("gpus", 0))' "$OUT/environment.json" 2>/dev/null || echo 0)"
+
+stage models "$L_MODELS" "random models: $MID_SHAPE teacher + student, $BIG_SHAPE widths with $BIG_LAYERS layer(s)" \
+  bash -c 'set -e; "$0" -m rlt.testing.tiny_model "$1/mid_teacher" --seed 0 --shape "$2" --dtype bfloat16
+           "$0" -m rlt.testing.tiny_model "$1/mid_student" --seed 1 --shape "$2" --dtype bfloat16
+           "$0" "$3" build-model "$1/big" --seed 2 --shape "$4" --layers "$5" --dtype bfloat16' \
+  "$PY" "$M" "$MID_SHAPE" "$HELPER" "$BIG_SHAPE" "$BIG_LAYERS"
+
+for ds in zero3 zero1 offload; do
+  flag=(); [ "$ds" = zero3 ] || flag=("$ds")
+  stage "sft_$ds" "$L_SFT" "teacher SFT, tiny, ./launch.sh 1 ($ds), ${PREC[*]}" \
+    ./launch.sh 1 "$SFT_CFG" "output_dir=$WORK/sft_$ds" "max_steps=$STEPS" "${PREC[@]}" ${flag[@]+"${flag[@]}"}
+done
+
+REC=(--rl)
+stage rl_tiny "$L_RL" "teacher RL, tiny, ./launch.sh 1, in-process generation, ${PREC[*]}" \
+  ./launch.sh 1 "$RL_CFG" "output_dir=$WORK/rl_tiny" "max_steps=$STEPS" "${PREC[@]}" "${NO_SAVE[@]}"
+REC=(--rl)
+stage rl_0.5b "$L_RL_MID" "teacher RL, 0.5B shape, ZeRO-3, in-process generation, ${PREC[*]}$SMOKE" \
+  ./launch.sh 1 "$RL_CFG" "output_dir=$WORK/rl_mid" "model_name_or_path=$M/mid_teacher" \
+  "student_model=$M/mid_student" "max_steps=$STEPS" "${PREC[@]}" "${MID_RUN[@]}" "${NO_SAVE[@]}"
+
+REC=(--bench "$OUT/bench_7b_bf16.json")
+stage bench_reward_7b_bf16 "$L_BENCH" "reward at 7B shape, bf16: rlt vs per-sample oracle vs floor$SMOKE" \
+  "$PY" scripts/bench_reward.py --device "$BENCH_DEV" "${BENCH_BIG[@]}" --out "$OUT/bench_7b_bf16.json"
+REC=(--bench "$OUT/bench_0.5b_fp32.json" --max-abs-diff 1e-5)
+stage bench_reward_0.5b_fp32 "$L_BENCH" "reward at 0.5B shape, fp32: max |rlt - oracle| <= 1e-5$SMOKE" \
+  "$PY" scripts/bench_reward.py --device "$BENCH_DEV" "${BENCH_MID[@]}" --out "$OUT/bench_0.5b_fp32.json"
+
+REC=(--rl)
+stage rl_7b_offload_step "$L_BIG" "one RL step, 7B widths with $BIG_LAYERS layer(s), offload, $BIG_TOKENS-token completions$SMOKE" \
+  ./launch.sh 1 "$RL_CFG" "output_dir=$WORK/rl_big" "model_name_or_path=$M/big" "student_model=$M/big" max_steps=1 \
+  "${PREC[@]}" gradient_checkpointing=true train_batch_size=2 per_device_train_batch_size=1 num_generations=2 \
+  "max_completion_length=$BIG_TOKENS" reward_micro_batch_size=2 offload_untrained_models=true "${NO_SAVE[@]}" offload
+
+why=""
+"$PY" -c 'import vllm' >/dev/null 2>&1 || why="vllm is not importable in $PY"
+if [ "$GPUS" -lt 2 ]; then why="${why:+$why; }$GPUS GPU(s) visible, the server stages need >= 2 (server + trainer)"; fi
+for sync in nccl filesystem; do
+  what="./launch_with_server.sh 1 1, tiny, vllm_weight_sync=$sync"
+  if [ -n "$why" ]; then skip "vllm_server_$sync" "$what" "$why"; continue; fi
+  REC=(--rl)
+  stage "vllm_server_$sync" "$L_VLLM" "$what" \
+    ./launch_with_server.sh 1 1 "$RL_CFG" "output_dir=$WORK/vllm_$sync" "max_steps=$STEPS" "${PREC[@]}" \
+    "vllm_weight_sync=$sync" "${NO_SAVE[@]}"
+done
+
+"$PY" "$HELPER" summary --stages "$STAGES" --env "$OUT/environment.json" --out "$OUT" --mode "$MODE" \
+  --budget "$BUDGET" --total "$(( $(date +%s) - T0 ))"
+"$PY" -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["passed"] else 1)' "$OUT/summary.json"

@@ -1,0 +1,136 @@
+"""scripts/setup_env.sh: which interpreter a new venv gets, and that it agrees with pyproject's requires-python.
+
+Each case runs `setup_env.sh --print-python` with a PATH that holds only
+stand-in interpreters (shell scripts printing a version, as `python -c` would)
+and `dirname`, so the machine's own Pythons are out of sight.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "setup_env.sh"
+BASH = shutil.which("bash")
+
+
+def fake_python(bindir: Path, name: str, version: str | None) -> Path:
+    """An executable `name` that reports `version` (MAJOR.MINOR); None: fails like an inactive pyenv shim."""
+    path = bindir / name
+    body = f"echo {version}" if version else f"echo 'pyenv: {name}: command not found' >&2; exit 127"
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(0o755)
+    return path
+
+
+def print_python(tmp_path: Path, pythons: dict[str, str | None], rlt_python: str | None = None):
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    os.symlink(shutil.which("dirname"), bindir / "dirname")
+    for name, version in pythons.items():
+        fake_python(bindir, name, version)
+    env = {"PATH": str(bindir), "HOME": str(tmp_path)}
+    if rlt_python is not None:
+        env["RLT_PYTHON"] = rlt_python
+    return subprocess.run([BASH, str(SCRIPT), "--print-python"], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_rlt_python_wins(tmp_path):
+    chosen = fake_python(tmp_path, "my-python", "3.13")
+    proc = print_python(tmp_path, {"python3.11": "3.11", "python3.12": "3.12"}, rlt_python=str(chosen))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(chosen)
+
+
+def test_python311_preferred_when_present(tmp_path):
+    proc = print_python(tmp_path, {"python3.13": "3.13", "python3.12": "3.12", "python3.11": "3.11", "python3": "3.12"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "bin" / "python3.11")
+
+
+def test_python312_when_311_absent(tmp_path):
+    proc = print_python(tmp_path, {"python3.12": "3.12", "python3.13": "3.13", "python3": "3.10"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "bin" / "python3.12")
+
+
+def test_a_python311_that_does_not_run_is_skipped(tmp_path):
+    # as on a machine whose pyenv has 3.11 active but a python3.12 shim for an inactive version
+    proc = print_python(tmp_path, {"python3.11": None, "python3.12": "3.12"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "bin" / "python3.12")
+
+
+def test_plain_python3_when_it_is_supported(tmp_path):
+    proc = print_python(tmp_path, {"python3.10": "3.10", "python3": "3.13"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "bin" / "python3")
+
+
+def test_only_python310_gives_one_line_and_exit_2(tmp_path):
+    proc = print_python(tmp_path, {"python3.10": "3.10", "python3": "3.10"})
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "RLT_PYTHON" in lines[0] and "3.11" in lines[0], proc.stderr
+
+
+def test_unsupported_rlt_python_gives_one_line_and_exit_2(tmp_path):
+    old = fake_python(tmp_path, "old-python", "3.10")
+    proc = print_python(tmp_path, {"python3.11": "3.11"}, rlt_python=str(old))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "RLT_PYTHON" in lines[0] and "3.10" in lines[0], proc.stderr
+
+
+def test_unknown_argument_is_refused(tmp_path):
+    proc = subprocess.run([BASH, str(SCRIPT), "--nope"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--print-python" in proc.stderr
+
+
+@pytest.mark.parametrize("version", ["3.10", "3.11", "3.12", "3.13", "3.14"])
+def test_setup_env_and_requires_python_agree(tmp_path, version):
+    """setup_env.sh accepts exactly the versions pyproject's requires-python admits."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        pytest.skip("tomllib needs Python 3.11")
+    from packaging.specifiers import SpecifierSet
+
+    spec = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    proc = print_python(tmp_path, {"python3": version})
+    assert (proc.returncode == 0) == (f"{version}.0" in spec), (version, str(spec), proc.stderr)
+
+
+def load_gpu_check_helper():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check_helper", ROOT / "scripts" / "gpu_check_helper.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_gpu_check_installs_missing_wheels_and_never_torch(tmp_path):
+    helper = load_gpu_check_helper()
+    for name in ("torch-2.13.0+cu130-cp312-cp312-manylinux_2_28_x86_64.whl",
+                 "nvidia_cudnn_cu13-9.20.0.48-py3-none-manylinux_2_27_x86_64.whl",
+                 "triton-3.7.0-cp312-cp312-manylinux_2_28_x86_64.whl",
+                 "trl-1.16.0-py3-none-any.whl", "transformers-5.19.0-py3-none-any.whl",
+                 "hydra_core-1.3.8-py3-none-any.whl"):
+        (tmp_path / name).write_bytes(b"")
+    installed = {"transformers": "5.17.0", "hydra-core": "1.3.8", "torch": "2.11.0+cu130"}.get
+    chosen = [p.name for p in helper.wheels_to_install(tmp_path, installed=installed)]
+    assert chosen == ["transformers-5.19.0-py3-none-any.whl", "trl-1.16.0-py3-none-any.whl"]
+
+
+def test_gpu_check_requirements_leave_out_torch():
+    helper = load_gpu_check_helper()
+    reqs = helper.project_requirements()
+    names = {helper.canon(r.split("=")[0].split(">")[0].split("<")[0]) for r in reqs}
+    assert "torch" not in names and {"trl", "transformers", "deepspeed", "hydra-core"} <= names
