@@ -1,18 +1,47 @@
 """Selected-token log-probabilities without [batch, seq, vocab] float32 tensors.
 
-The model body runs once per padded micro-batch; the output layer is applied
-only at the positions that are scored, in chunks of rows, and each chunk's
-log-prob is logit[label] - logsumexp(logits) in float32 (temperature applied
-first). Under DeepSpeed ZeRO-3 the output-layer weight is gathered once per
-micro-batch, so every rank issues the same collectives as long as it scores
-the same number of micro-batches.
+Two independent choices, each ``auto`` by device:
+
+* **Body layout** (``packing``): ``packed`` concatenates several sequences into
+  one row with ``position_ids`` restarting at 0 per sequence and no attention
+  mask (no padding at all); packs are filled first-fit-decreasing up to
+  ``token_budget`` tokens (a longer sequence is alone in its pack). Attention
+  stays inside each sequence: flash-attention models use their own varlen path
+  (transformers reads ``cu_seq_lens_*`` / ``position_ids``); any other model is
+  switched for the call to :func:`varlen_attention` (torch's FlashAttention
+  ``varlen_attn`` on CUDA in half precision, one causal SDPA per sequence
+  otherwise), so no [T, T] mask is built. ``padded`` is the former layout:
+  right-padded rows grouped by length, at most ``micro_batch_size`` rows and
+  ``token_budget`` padded tokens per micro-batch. ``auto``: packed on CUDA and
+  on CPU (measured faster there too; see README "Teacher reward").
+* **Output layer** (``backend``): the head is applied only at the scored
+  positions. ``online`` (CPU): ``chunk_size`` rows x ``vocab_chunk_size``
+  columns at a time, a running logsumexp in float32 (cache-sized blocks).
+  ``rowchunk`` (CUDA): per row chunk one GEMM over the whole vocabulary with
+  float32 output (float32 accumulation, no bf16 rounding of the logits), then
+  an in-place float32 logsumexp; the [rows, vocab] block is capped at
+  ``ROWCHUNK_BLOCK_BYTES``. ``auto``: rowchunk on CUDA, online elsewhere.
+
+Under DeepSpeed ZeRO-3 every forward and every gather of the output-layer
+weight is a collective, so all ranks must run the same number of them: the
+number of micro-batches is all-reduced (max) and ranks with fewer run dummy
+one-token forwards (:func:`lockstep_max`, :func:`with_dummies`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+PACKING = ("auto", "packed", "padded")
+BACKENDS = ("auto", "online", "rowchunk")
+ROWCHUNK_BLOCK_BYTES = 256 * 2**20   # largest float32 [rows, vocab] block of the rowchunk backend
+VARLEN_ATTENTION = "rlt_varlen"      # name registered in transformers' AttentionInterface
 
 
 def _gathered(param):
@@ -24,21 +53,24 @@ def _gathered(param):
     return contextlib.nullcontext()
 
 
-def _body(model):
+def model_body(model):
     body = getattr(model, "base_model", None)
     if body is None or body is model:
         raise TypeError(f"{type(model).__name__}: cannot find the transformer body (base_model)")
     return body
 
 
-def chunked_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                     temperature: float, chunk_size: int, vocab_chunk_size: int = 4096) -> torch.Tensor:
+# ----------------------------------------------------------------------------- output layer
+def online_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    temperature: float, chunk_size: int, vocab_chunk_size: int = 4096) -> torch.Tensor:
     """log softmax(h W^T / temperature)[label] row by row. hidden [N, H], labels [N] -> [N] float32.
 
-    Rows go ``chunk_size`` at a time; within a row chunk the vocabulary goes
-    ``vocab_chunk_size`` columns at a time with a running max and sum (online
-    logsumexp), so the largest temporary is [chunk_size, vocab_chunk_size] and
-    stays cache-friendly.
+    Rows go ``chunk_size`` at a time (the weight is streamed once per row
+    chunk); within a row chunk the vocabulary goes ``vocab_chunk_size`` columns
+    at a time: each [rows, columns] float32 block's logsumexp comes from one
+    fused row-wise ``log_softmax`` (lse = z[:, 0] - log_softmax(z)[:, 0]) and is
+    merged into a running logsumexp, so the largest temporaries are two
+    [chunk_size, vocab_chunk_size] blocks (the CPU path).
     """
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     vocab = weight.shape[0]
@@ -48,8 +80,7 @@ def chunked_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.T
         bias = None if bias is None else bias / temperature
     for s in range(0, hidden.shape[0], chunk_size):
         h, lab = hidden[s:s + chunk_size], labels[s:s + chunk_size]
-        run_max = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=h.device)
-        run_sum = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float32, device=h.device)
         picked = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         for v in range(0, vocab, vocab_chunk_size):
             block = F.linear(h, weight[v:v + vocab_chunk_size], None if bias is None else bias[v:v + vocab_chunk_size])
@@ -60,56 +91,333 @@ def chunked_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.T
             if here.any():
                 rows = here.nonzero().squeeze(-1)
                 picked[rows] = block[rows, lab[rows] - v]
-            new_max = torch.maximum(run_max, block.amax(dim=-1))
-            run_sum = run_sum * torch.exp(run_max - new_max) + block.sub_(new_max[:, None]).exp_().sum(-1)
-            run_max = new_max
-        out[s:s + chunk_size] = picked - (run_sum.log() + run_max)
+            lse = torch.logaddexp(lse, block[:, 0] - torch.log_softmax(block, dim=-1)[:, 0])
+        out[s:s + chunk_size] = picked - lse
     return out
 
 
-def length_grouped_batches(lengths: list[int], micro_batch_size: int) -> list[list[int]]:
-    """Indices grouped into micro-batches of similar length (longest first)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[s:s + micro_batch_size] for s in range(0, len(order), micro_batch_size)]
+chunked_logprobs = online_logprobs  # former name
+
+
+@functools.lru_cache(maxsize=None)
+def _mm_float32_out(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` inputs on ``device``."""
+    try:
+        a = torch.ones(2, 8, dtype=dtype, device=device)
+        b = torch.ones(3, 8, dtype=dtype, device=device)
+        return bool(torch.mm(a, b.t(), out_dtype=torch.float32).dtype == torch.float32)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def logits_float32(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """h W^T + b in float32. hidden [R, H], weight [V, H] -> [R, V] float32.
+
+    Half-precision inputs: float32 GEMM output (float32 accumulation kept, no
+    rounding of the logits to the model's dtype) where torch offers it (CUDA),
+    else the model-dtype GEMM upcast.
+    """
+    if hidden.dtype == torch.float32:
+        return F.linear(hidden, weight, bias)
+    if _mm_float32_out(hidden.device, hidden.dtype):
+        z = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+        return z if bias is None else z.add_(bias.float())
+    return F.linear(hidden, weight, bias).float()
+
+
+def rowchunk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      temperature: float, chunk_size: int, block_bytes: int = ROWCHUNK_BLOCK_BYTES) -> torch.Tensor:
+    """log softmax(h W^T / temperature)[label]. hidden [N, H], labels [N] -> [N] float32.
+
+    Per chunk of R = min(chunk_size, block_bytes / (4 V)) rows: one GEMM over
+    the whole vocabulary into a float32 [R, V] block, then
+    lp = (z[label] - max) / t - log sum exp((z - max) / t), computed in place
+    (the block is the only [R, V] temporary; no Python loop over the vocabulary).
+    """
+    vocab = weight.shape[0]
+    rows = max(1, min(chunk_size, block_bytes // (4 * vocab)))
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    inv_t = 1.0 / temperature
+    for s in range(0, hidden.shape[0], rows):
+        z = logits_float32(hidden[s:s + rows], weight, bias)                  # [R, V] float32
+        picked = z.gather(1, labels[s:s + rows, None]).squeeze(1)
+        top = z.amax(dim=1)
+        z.sub_(top[:, None])
+        if temperature != 1.0:
+            z.mul_(inv_t)
+        out[s:s + rows] = (picked - top) * inv_t - z.exp_().sum(dim=1).log()
+    return out
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``rowchunk`` on CUDA, ``online`` elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"reward_logprob_backend={backend!r}: choose from {list(BACKENDS)}")
+    if backend == "auto":
+        return "rowchunk" if device.type == "cuda" else "online"
+    return backend
+
+
+def output_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    temperature: float, backend: str, chunk_size: int = 1024,
+                    vocab_chunk_size: int = 4096) -> torch.Tensor:
+    """Selected-token log-probs with the chosen backend. hidden [N, H], labels [N] -> [N] float32."""
+    backend = resolve_backend(backend, hidden.device)
+    if backend == "rowchunk":
+        return rowchunk_logprobs(hidden, labels, weight, bias, temperature, chunk_size)
+    return online_logprobs(hidden, labels, weight, bias, temperature, chunk_size, vocab_chunk_size)
+
+
+# ----------------------------------------------------------------------------- micro-batch plans
+def pack_plan(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Sequence indices packed into rows of at most ``token_budget`` tokens.
+
+    First-fit decreasing: longest first (ties by index), each into the first
+    pack with room; a sequence longer than the budget gets a pack of its own.
+    Deterministic; every index appears exactly once.
+    """
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for p, free in enumerate(room):
+            if lengths[i] <= free:
+                packs[p].append(i)
+                room[p] -= lengths[i]
+                break
+        else:
+            packs.append([i])
+            room.append(token_budget - lengths[i])
+    return packs
+
+
+def padded_plan(lengths: list[int], token_budget: int, max_rows: int) -> list[list[int]]:
+    """Right-padded micro-batches: longest first, at most ``max_rows`` rows and
+    rows x longest <= ``token_budget`` padded tokens (a longer sequence alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        b = batches[-1] if batches else None
+        if b is not None and len(b) < max_rows and (len(b) + 1) * lengths[b[0]] <= token_budget:
+            b.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def with_dummies(plan: list[list[int]], count: int) -> list[list[int]]:
+    """``plan`` followed by empty micro-batches (dummy forwards) up to ``count`` entries."""
+    if count < len(plan):
+        raise ValueError(f"the synchronised count {count} is below this rank's {len(plan)} micro-batches")
+    return plan + [[] for _ in range(count - len(plan))]
+
+
+def resolve_packing(packing: str, device: torch.device) -> str:
+    """``auto`` -> ``packed`` (on CUDA: no padding, varlen attention; on CPU it measured faster too)."""
+    if packing not in PACKING:
+        raise ValueError(f"reward_packing={packing!r}: choose from {list(PACKING)}")
+    return "packed" if packing == "auto" else packing
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 lockstep
+def needs_lockstep(*models) -> bool:
+    """True when forwards are collectives: torch.distributed with several ranks and a
+    ZeRO-3 partitioned parameter in one of ``models``."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if torch.distributed.get_world_size() < 2:
+        return False
+    return any(hasattr(p, "ds_id") for m in models if m is not None for p in m.parameters())
+
+
+def lockstep_max(values: list[int], device: torch.device, enabled: bool) -> list[int]:
+    """Element-wise max of ``values`` over all ranks (``values`` itself when not enabled)."""
+    if not enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [int(x) for x in t.tolist()]
+
+
+# ----------------------------------------------------------------------------- varlen attention
+@functools.lru_cache(maxsize=None)
+def _torch_varlen_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's FlashAttention varlen kernel runs here (CUDA, fp16/bf16, a supported card)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+
+        q = torch.zeros(4, 2, 64, dtype=dtype, device=device)
+        cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
+        varlen_attn(q, q[:, :1], q[:, :1], cu, cu, 3, 3, window_size=(-1, 0), enable_gqa=True)
+        return True
+    except Exception as e:  # noqa: BLE001  (an unsupported card or build: fall back, say why once)
+        logger.warning("torch varlen_attn unavailable on %s/%s (%s); packed attention runs one SDPA per sequence",
+                       device, dtype, e)
+        return False
+
+
+def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+                      scaling: float | None) -> torch.Tensor:
+    """Causal attention inside each segment, one SDPA per segment (any device/dtype).
+
+    query [1, Hq, T, D], key/value [1, Hkv, T, D], bounds [0, e_1, ..., T] -> [1, T, Hq, D].
+    """
+    rep = query.shape[1] // key.shape[1]
+    if rep > 1:  # kv head j serves query heads j*rep .. j*rep+rep-1 (as transformers' repeat_kv)
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                           scale=scaling) for s, e in zip(bounds[:-1], bounds[1:]) if e > s]
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                     dropout: float = 0.0, scaling: float | None = None, sliding_window=None,
+                     cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None, **kwargs):
+    """transformers attention function for one packed row (registered as ``rlt_varlen``).
+
+    query [1, Hq, T, D], key/value [1, Hkv, T, D]; ``cu_seq_lens_q`` [S+1] int32
+    segment bounds -> ([1, T, Hq, D], None). Causal within each segment only.
+    """
+    if attention_mask is not None or cu_seq_lens_q is None or query.shape[0] != 1:
+        raise ValueError("rlt_varlen attention takes one packed row with cu_seq_lens_q and no attention mask")
+    if sliding_window is not None and (max_length_q or query.shape[2]) > sliding_window:
+        raise NotImplementedError("rlt_varlen attention has no sliding window")
+    if _torch_varlen_ok(query.device, query.dtype):
+        from torch.nn.attention.varlen import varlen_attn
+
+        q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))   # [T, H, D]
+        cu = cu_seq_lens_q.to(torch.int32)
+        m = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
+        out = varlen_attn(q, k, v, cu, cu, m, m, scale=scaling, window_size=(-1, 0),
+                          enable_gqa=q.shape[1] != k.shape[1])
+        return out.unsqueeze(0), None
+    return segment_attention(query, key, value, cu_seq_lens_q.tolist(), scaling), None
+
+
+def _register_varlen_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, varlen_attention)
+
+
+@contextlib.contextmanager
+def packed_attention(model):
+    """Within the context the model attends inside packed segments without a [T, T] mask.
+
+    Flash-attention implementations (transformers' varlen path) are kept; any
+    other implementation is switched to ``rlt_varlen`` and restored afterwards.
+    """
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    if "flash" in impl:
+        yield impl
+        return
+    _register_varlen_attention()
+    config._attn_implementation = VARLEN_ATTENTION
+    try:
+        yield VARLEN_ATTENTION
+    finally:
+        config._attn_implementation = impl
+
+
+# ----------------------------------------------------------------------------- forwards
+def _hidden(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def packed_inputs(sequences: list[list[int]], pack: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """One packed row: ids [1, T], position_ids [1, T] (restarting at 0 per sequence), bounds [0, ..., T]."""
+    ids = [t for i in pack for t in sequences[i]]
+    pos = [p for i in pack for p in range(len(sequences[i]))]
+    bounds = [0]
+    for i in pack:
+        bounds.append(bounds[-1] + len(sequences[i]))
+    return torch.tensor([ids], dtype=torch.long), torch.tensor([pos], dtype=torch.long), bounds
+
+
+def _dummy_forward(body, head, device, packed: bool) -> None:
+    """A one-token forward and an output-layer gather: the collectives of one micro-batch."""
+    one = torch.zeros((1, 1), dtype=torch.long, device=device)
+    if packed:
+        cu = torch.tensor([0, 1], dtype=torch.int32, device=device)
+        body(input_ids=one, position_ids=torch.zeros_like(one), use_cache=False, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+             max_length_q=1, max_length_k=1)
+    else:
+        body(input_ids=one, attention_mask=torch.ones_like(one), use_cache=False)
+    with _gathered(head.weight):
+        pass
 
 
 @torch.no_grad()
 def token_logprobs(model, sequences: list[list[int]], positions: list[list[int]], temperature: float = 1.0,
                    micro_batch_size: int = 4, chunk_size: int = 1024, pad_token_id: int = 0,
-                   vocab_chunk_size: int = 4096) -> list[torch.Tensor]:
+                   vocab_chunk_size: int = 4096, *, token_budget: int = 4096, packing: str = "auto",
+                   backend: str = "auto", lockstep: bool | None = None) -> list[torch.Tensor]:
     """For each sequence, log p(seq[i] | seq[:i]) at each index i in positions (i >= 1).
 
     sequences: N lists of token ids; positions: N lists of indices -> N float32
-    tensors, each [len(positions[n])]. Right-padded micro-batches, grouped by length.
+    CPU tensors, each [len(positions[n])]. ``packing``/``backend``: see the module
+    docstring; ``lockstep`` (default: :func:`needs_lockstep`) all-reduces the
+    number of micro-batches so ZeRO-3 ranks run the same number of forwards.
     """
-    if any(p < 1 for pos in positions for p in pos):
-        raise ValueError("position 0 has no prefix to condition on")
+    if any(p < 1 or p >= len(s) for s, pos in zip(sequences, positions) for p in pos):
+        raise ValueError("positions must lie in [1, len(sequence)): position 0 has no prefix to condition on")
+    if token_budget < 1 or micro_batch_size < 1:
+        raise ValueError("token_budget and micro_batch_size must be >= 1")
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        head = model.get_output_embeddings()
-        out: list[torch.Tensor | None] = [None] * len(sequences)
-        for batch in length_grouped_batches([len(s) for s in sequences], micro_batch_size):
-            width = max(len(sequences[i]) for i in batch)
-            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for r, i in enumerate(batch):
-                ids[r, :len(sequences[i])] = torch.tensor(sequences[i])
-                attn[r, :len(sequences[i])] = 1
-            hidden = _body(model)(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False)
-            hidden = hidden.last_hidden_state if hasattr(hidden, "last_hidden_state") else hidden[0]
-            rows = torch.tensor([r for r, i in enumerate(batch) for _ in positions[i]], dtype=torch.long)
-            cols = torch.tensor([p - 1 for i in batch for p in positions[i]], dtype=torch.long)
-            labels = ids[rows, cols + 1].to(device)
-            picked = hidden[rows.to(device), cols.to(device)]
-            with _gathered(head.weight):
-                lp = chunked_logprobs(picked, labels, head.weight, getattr(head, "bias", None), temperature, chunk_size,
-                                      vocab_chunk_size)
-            start = 0
-            for i in batch:
-                out[i] = lp[start:start + len(positions[i])].cpu()
-                start += len(positions[i])
+        packing = resolve_packing(packing, device)
+        backend = resolve_backend(backend, device)
+        lockstep = needs_lockstep(model) if lockstep is None else lockstep
+        body, head = model_body(model), model.get_output_embeddings()
+        lengths = [len(s) for s in sequences]
+        plan = (pack_plan(lengths, token_budget) if packing == "packed"
+                else padded_plan(lengths, token_budget, micro_batch_size))
+        plan = with_dummies(plan, lockstep_max([len(plan)], device, lockstep)[0])
+        pieces: list[torch.Tensor] = []   # per micro-batch, on the device; one copy to the CPU at the end
+        order: list[int] = []             # sequence of each piece
+        ctx = packed_attention(model) if packing == "packed" else contextlib.nullcontext()
+        with ctx:
+            for batch in plan:
+                if not batch:
+                    _dummy_forward(body, head, device, packing == "packed")
+                    continue
+                if packing == "packed":
+                    ids, pos, bounds = packed_inputs(sequences, batch)
+                    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+                    longest = max(lengths[i] for i in batch)
+                    hidden = _hidden(body(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False,
+                                          cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                                          max_length_k=longest))[0]
+                    flat = [b + p - 1 for b, i in zip(bounds, batch) for p in positions[i]]
+                    rows = torch.tensor(flat, dtype=torch.long)
+                    labels = ids[0, rows + 1]
+                else:
+                    width = max(lengths[i] for i in batch)
+                    ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+                    attn = torch.zeros((len(batch), width), dtype=torch.long)
+                    for r, i in enumerate(batch):
+                        ids[r, :lengths[i]] = torch.tensor(sequences[i])
+                        attn[r, :lengths[i]] = 1
+                    hidden = _hidden(body(input_ids=ids.to(device), attention_mask=attn.to(device),
+                                          use_cache=False)).flatten(0, 1)
+                    rows = torch.tensor([r * width + p - 1 for r, i in enumerate(batch) for p in positions[i]],
+                                        dtype=torch.long)
+                    labels = ids.flatten()[rows + 1]
+                picked = hidden[rows.to(device)]
+                with _gathered(head.weight):
+                    pieces.append(output_logprobs(picked, labels.to(device), head.weight, getattr(head, "bias", None),
+                                                  temperature, backend, chunk_size, vocab_chunk_size))
+                order.extend(batch)
+        flat_lp = torch.cat(pieces).cpu() if pieces else torch.zeros(0)
+        out: list[torch.Tensor] = [torch.zeros(0)] * len(sequences)
+        start = 0
+        for i in order:
+            out[i] = flat_lp[start:start + len(positions[i])]
+            start += len(positions[i])
         return out
     finally:
         model.train(was_training)

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
+import threading
+import time
 
 import torch
 
 from rlt.data.formats import DataFormat
 from rlt.data.text import student_text_with_spans
 from rlt.rewards.config import RewardConfig
-from rlt.rewards.logprobs import token_logprobs
+from rlt.rewards.logprobs import lockstep_max, needs_lockstep, token_logprobs
 from rlt.rewards.ops import REDUCTIONS, kl_estimate, normalize, reduce_all, weighted_scores
 from rlt.rewards.spans import align_spans, encode_pieces, tokens_within
 
@@ -54,6 +57,7 @@ class _Prepared:
 class RewardResult:
     rewards: torch.Tensor                 # [N]
     components: dict[str, torch.Tensor]   # name -> [N]
+    timing: dict[str, float] = dataclasses.field(default_factory=dict)  # seconds: student, teacher, prepare, prepare_wait
 
     def metrics(self) -> dict[str, float]:
         """Batch means (NaN-aware) of every component."""
@@ -112,28 +116,142 @@ class TeacherReward:
         return _Prepared(teacher.ids, student.ids, sol, ps, pt, penalty, misaligned, thought, text)
 
     # ---------------------------------------------------------------- tensor side
+    # Prepare (tokenize + align) the next round in a background thread while the
+    # current one is scored: None -> when the student is on CUDA (on a 2-core CPU
+    # the thread only competes with the matmuls). Results do not depend on it.
+    overlap: bool | None = None
+    # A scoring round holds about this many token budgets of sequences (per model).
+    round_budgets: int = 4
+
     @torch.no_grad()
     def __call__(self, teacher_model, items: list[RewardInput]) -> RewardResult:
-        preps = [self.prepare(it) for it in items]
-        return self.score_prepared(teacher_model, preps)
+        prefix = self.fmt.explanation_tags[0] + self.fmt.delimiter_padding
+        for k, item in enumerate(items):  # fail before any forward (a rank failing mid-way would stall ZeRO-3 peers)
+            if not item.prompt.endswith(prefix):
+                raise ValueError(f"item {k}: the RL prompt must end with {prefix!r}")
+        overlap = self.overlap
+        if overlap is None:
+            overlap = next(self.student.parameters()).device.type == "cuda"
+        with _PreparedStream(self.prepare, items, ahead=overlap) as stream:
+            return self._score(teacher_model, stream)
 
     @torch.no_grad()
     def score_prepared(self, teacher_model, preps: list[_Prepared]) -> RewardResult:
+        with _PreparedStream(lambda p: p, preps, ahead=False) as stream:
+            return self._score(teacher_model, stream)
+
+    def _rounds(self, stream):
+        """Consecutive prepared items in rounds of about ``round_budgets`` token budgets (longer model's tokens)."""
+        limit = self.round_budgets * self.cfg.reward_token_budget
+        cur, tokens = [], 0
+        for p in stream:
+            cur.append(p)
+            tokens += max(len(p.student_ids), len(p.teacher_ids))
+            if tokens >= limit:
+                yield cur
+                cur, tokens = [], 0
+        if cur:
+            yield cur
+
+    def _score(self, teacher_model, stream: "_PreparedStream") -> RewardResult:
+        """Score round by round: student then teacher log-probs of each round's packs.
+
+        Under ZeRO-3 (``needs_lockstep``) ranks agree each round on whether anyone
+        still has items, and token_logprobs agrees on the number of forwards.
+        """
         cfg = self.cfg
-        mb, chunk = cfg.reward_micro_batch_size, cfg.reward_logit_chunk_size
-        s_pos = [p.solution_pos + p.thought_pos_student for p in preps]
-        vchunk = cfg.reward_vocab_chunk_size
-        s_lp = token_logprobs(self.student, [p.student_ids for p in preps], s_pos, cfg.student_temperature,
-                              mb, chunk, self.pad_id, vchunk)
-        t_lp = token_logprobs(teacher_model, [p.teacher_ids for p in preps], [p.thought_pos_teacher for p in preps],
-                              self.teacher_temperature, mb, chunk, self.pad_id, vchunk)
+        lock = needs_lockstep(self.student, teacher_model)
+        device = next(self.student.parameters()).device
+        kw = dict(micro_batch_size=cfg.reward_micro_batch_size, chunk_size=cfg.reward_logit_chunk_size,
+                  pad_token_id=self.pad_id, vocab_chunk_size=cfg.reward_vocab_chunk_size,
+                  token_budget=cfg.reward_token_budget, packing=cfg.reward_packing,
+                  backend=cfg.reward_logprob_backend, lockstep=lock)
+        preps: list[_Prepared] = []
+        s_lp: list[torch.Tensor] = []
+        t_lp: list[torch.Tensor] = []
+        timing = {"student": 0.0, "teacher": 0.0}
+        rounds = self._rounds(stream)
+        while True:
+            batch = next(rounds, [])
+            if not lockstep_max([int(bool(batch))], device, lock)[0]:
+                break
+            t0 = time.perf_counter()
+            s_lp += token_logprobs(self.student, [p.student_ids for p in batch],
+                                   [p.solution_pos + p.thought_pos_student for p in batch], cfg.student_temperature, **kw)
+            t1 = time.perf_counter()
+            t_lp += token_logprobs(teacher_model, [p.teacher_ids for p in batch],
+                                   [p.thought_pos_teacher for p in batch], self.teacher_temperature, **kw)
+            timing["student"] += t1 - t0
+            timing["teacher"] += time.perf_counter() - t1
+            preps += batch
+        timing["prepare"], timing["prepare_wait"] = stream.prepare_s, stream.wait_s
         sol_lp, sol_mask = _pad([lp[:len(p.solution_pos)] for lp, p in zip(s_lp, preps)])
         st_lp, th_mask = _pad([lp[len(p.solution_pos):] for lp, p in zip(s_lp, preps)])
         tt_lp, _ = _pad(t_lp)
         match = torch.tensor([p.match_penalty for p in preps])
         comp = combine(self.cfg, sol_lp, sol_mask, st_lp, tt_lp, th_mask, match)
         comp["misaligned_thought_tokens"] = torch.tensor([float(p.misaligned) for p in preps])
-        return RewardResult(comp["reward"], comp)
+        return RewardResult(comp["reward"], comp, timing)
+
+
+class _PreparedStream:
+    """``fn(item)`` for each item, in order, as an iterator.
+
+    ``ahead``: a daemon thread computes them while the consumer works (the fast
+    tokenizer releases the GIL); its exceptions are re-raised in the consumer at
+    the failing item. ``prepare_s``: time spent in ``fn``; ``wait_s``: consumer
+    time blocked on it. Use as a context manager (stops the thread on exit).
+    """
+
+    def __init__(self, fn, items, ahead: bool):
+        self.fn, self.items, self.ahead = fn, list(items), ahead
+        self.prepare_s = self.wait_s = 0.0
+        self._stop = threading.Event()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = None
+
+    def _timed(self, item):
+        t0 = time.perf_counter()
+        try:
+            return self.fn(item)
+        finally:
+            self.prepare_s += time.perf_counter() - t0
+
+    def _work(self):
+        for item in self.items:
+            if self._stop.is_set():
+                return
+            try:
+                self._queue.put((True, self._timed(item)))
+            except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+                self._queue.put((False, e))
+                return
+
+    def __enter__(self):
+        if self.ahead and self.items:
+            self._thread = threading.Thread(target=self._work, name="rlt-reward-prepare", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __iter__(self):
+        for item in self.items:
+            if self._thread is None:
+                t0 = time.perf_counter()
+                out = self._timed(item)
+                self.wait_s += time.perf_counter() - t0
+                yield out
+                continue
+            t0 = time.perf_counter()
+            ok, out = self._queue.get()
+            self.wait_s += time.perf_counter() - t0
+            if not ok:
+                raise out
+            yield out
 
 
 def combine(cfg: RewardConfig, sol_lp, sol_mask, st_lp, tt_lp, th_mask, match) -> dict[str, torch.Tensor]:
@@ -184,7 +302,7 @@ def combine(cfg: RewardConfig, sol_lp, sol_mask, st_lp, tt_lp, th_mask, match) -
 
 
 def load_scorer(teacher: str, student: str, tokenizer, fmt: DataFormat, config: RewardConfig,
-                teacher_temperature: float, dtype: str = "float32"):
+                teacher_temperature: float, dtype: str = "auto"):
     """``items -> RewardResult`` for offline use: teacher and student loaded from paths, frozen.
 
     Refuses a student whose tokenizer differs from ``tokenizer`` (the reward uses one tokenizer).
@@ -192,7 +310,9 @@ def load_scorer(teacher: str, student: str, tokenizer, fmt: DataFormat, config: 
     from rlt.models import load_causal_lm, load_tokenizer, same_tokenizer
 
     if not same_tokenizer(tokenizer, load_tokenizer(student)):
-        raise ValueError(f"teacher and student ({student}) tokenizers differ; the reward needs one shared tokenizer")
+        from rlt.errors import ConfigError
+
+        raise ConfigError(f"teacher and student ({student}) tokenizers differ; the reward needs one shared tokenizer")
     teacher_model = load_causal_lm(teacher, dtype).eval()
     reward = TeacherReward(load_causal_lm(student, dtype).eval(), tokenizer, fmt, config, teacher_temperature)
     return lambda items: reward(teacher_model, items)
