@@ -1,47 +1,56 @@
 #!/usr/bin/env bash
-# Set everything up (idempotent), then run the whole RLT pipeline on tiny
-# random Qwen2 models and embedded Countdown data, on CPU:
-#   teacher SFT warm-up -> teacher RL with a vLLM server -> distillation (best-of-k)
-#   -> student SFT on distilled vs original traces -> evaluation -> report.
+# Set everything up (idempotent), then run the whole RLT pipeline with the real launchers on tiny Qwen2 models
+# built locally and the embedded running-sum task (rlt/data/arithmetic.py), on CPU:
+#   student SFT on the raw traces (the frozen reward student, and the baseline)
+#   -> teacher SFT warm-up -> teacher RL with a vLLM server, rewarded by that trained student
+#   -> distillation (best-of-4 by the teacher reward) -> student SFT on the distilled explanations
+#   -> evaluation of both students -> report.
 #   scripts/demo.sh [DEMO_DIR]   (default results/demo)
-# The models are tiny and random: the numbers show the pipeline runs, not RLT's gains.
+# A shortened pipeline (minutes of training): it shows every stage running with a reward student that carries
+# signal, not RLT's gains; scripts/experiment.sh is the experiment.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/setup_env.sh
-export PATH="$ROOT/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false
 D="${1:-results/demo}"
 mkdir -p "$D"
-TRAIN=rlt-countdown:64:0      # embedded Countdown questions with traces (training)
-TEST=rlt-countdown:32:99      # held-out Countdown questions (evaluation)
-T0=$(date +%s)
-stage() { echo; echo "[demo] $(( $(date +%s) - T0 ))s | $*"; }
+STAGE_TAG=demo
+STAGE_T0=$(date +%s)
+source scripts/stage_lib.sh
 
-stage "1/6 teacher SFT warm-up (2 CPU processes, DeepSpeed ZeRO-3)"
-./launch.sh 2 cfgs/run_cfg/tiny_teacher_sft.yaml "output_dir=$D/pre_rl_model" "dataset_id_or_path=$TRAIN" \
-  max_steps=150 > "$D/1_teacher_sft.log" 2>&1
+run_stage "0/7 set up .venv (pip output in the log; nothing to do when it is up to date)" "$D/0_setup.log" \
+  bash scripts/setup_env.sh
+export PATH="$ROOT/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false
 
-stage "2/6 teacher RL: 1 vLLM server + 2 training processes"
-./launch_with_server.sh 1 2 cfgs/run_cfg/tiny_teacher_rlt.yaml "model_name_or_path=$D/pre_rl_model" \
-  "output_dir=$D/rlt_teacher" "dataset_id_or_path=$TRAIN" max_steps=8 max_completion_length=160 save_strategy=no > "$D/2_teacher_rl.log" 2>&1
-python -m rlt.plot "$D/rlt_teacher" --out "$D/plots" >> "$D/2_teacher_rl.log" 2>&1
+TRAIN=rlt-arith:train:256:0     # embedded running-sum questions with raw traces (training)
+TEST=rlt-arith:test:64:0        # held-out questions (the split is fixed by a hash of the question)
+SFT=(max_length=512 learning_rate=2e-3 train_batch_size=8 per_device_train_batch_size=4 max_steps=160)
 
-stage "3/6 distillation: 4 explanations per question, best of 4 by the teacher reward"
-python -m rlt.distill "teacher=$D/rlt_teacher" student=rlt-tiny:1 "dataset=$TRAIN" "output=$D/distilled.jsonl" \
-  num_explanations=4 select=best_of_k missing_end_tag=penalise max_tokens=160 max_prompt_length=1024 \
-  dtype=float32 > "$D/3_distill.log" 2>&1
+run_stage "1/7 student SFT on the raw traces: the frozen reward student and the baseline (2 CPU processes, DeepSpeed ZeRO-3)" \
+  "$D/1_student_raw.log" \
+  ./launch.sh 2 cfgs/run_cfg/tiny_student_sft.yaml "output_dir=$D/student_raw" "dataset_id_or_path=$TRAIN" "${SFT[@]}"
 
-stage "4/6 student SFT on the distilled traces and, as the baseline, on the original traces"
-./launch.sh 2 cfgs/run_cfg/tiny_student_sft.yaml "output_dir=$D/student_rlt" "dataset_id_or_path=$D/distilled.jsonl" max_steps=60 \
-  > "$D/4_student_rlt.log" 2>&1
-./launch.sh 2 cfgs/run_cfg/tiny_student_sft.yaml "output_dir=$D/student_base" "dataset_id_or_path=$TRAIN" max_steps=60 \
-  > "$D/4_student_base.log" 2>&1
+run_stage "2/7 teacher SFT warm-up on the same traces (2 CPU processes, DeepSpeed ZeRO-3)" "$D/2_teacher_sft.log" \
+  ./launch.sh 2 cfgs/run_cfg/tiny_teacher_sft.yaml "output_dir=$D/pre_rl_model" "dataset_id_or_path=$TRAIN" "${SFT[@]}"
 
-stage "5/6 evaluation on held-out Countdown questions"
-for s in student_rlt student_base; do
-  python -m rlt.eval "model=$D/$s" "dataset=$TEST" "output_dir=$D/eval_$s" max_tokens=160 dtype=float32 \
-    > "$D/5_eval_$s.log" 2>&1
-done
+run_stage "3/7 teacher RL: 1 vLLM server + 2 training processes, reward scored by the trained student" \
+  "$D/3_teacher_rl.log" \
+  ./launch_with_server.sh 1 2 cfgs/run_cfg/tiny_teacher_rlt.yaml "model_name_or_path=$D/pre_rl_model" \
+  "student_model=$D/student_raw" "output_dir=$D/rlt_teacher" "dataset_id_or_path=$TRAIN" max_steps=20 \
+  max_completion_length=96 learning_rate=5e-5 save_strategy=no
+python -m rlt.plot "$D/rlt_teacher" --out "$D/plots" >> "$D/3_teacher_rl.log" 2>&1
 
-stage "6/6 report"
-python -m rlt.report "$D" --seconds $(( $(date +%s) - T0 ))
+run_stage "4/7 distillation: 4 explanations per training question, best of 4 by the teacher reward" \
+  "$D/4_distill.log" \
+  python -m rlt.distill "teacher=$D/rlt_teacher" "student=$D/student_raw" "dataset=$TRAIN" "output=$D/distilled.jsonl" \
+  num_explanations=4 select=best_of_k missing_end_tag=penalise max_tokens=96 max_prompt_length=512 dtype=float32
+
+run_stage "5/7 student SFT on the distilled explanations (same steps as stage 1)" "$D/5_student_rlt.log" \
+  ./launch.sh 2 cfgs/run_cfg/tiny_student_sft.yaml "output_dir=$D/student_rlt" "dataset_id_or_path=$D/distilled.jsonl" \
+  "${SFT[@]}"
+
+run_stage "6/7 evaluation of both students on held-out questions" "$D/6_eval.log" \
+  bash -c "set -e; for s in student_rlt student_raw; do python -m rlt.eval model=$D/\$s dataset=$TEST \
+    output_dir=$D/eval_\$s max_tokens=96 max_prompt_length=512 dtype=float32; done"
+
+echo "[demo] $(stage_elapsed) | 7/7 report"
+python -m rlt.report "$D" --seconds $(( $(date +%s) - STAGE_T0 ))

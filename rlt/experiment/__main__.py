@@ -1,0 +1,204 @@
+"""The micro-scale RLT experiment (scripts/experiment.sh drives it).
+
+    python -m rlt.experiment run [--quick] [--device cpu|cuda] [--out DIR] [--workers 2] [--threads 1] [--restart]
+    python -m rlt.experiment curves [--out DIR] [--shapes h128-l2,h128-l4,h256-l4] [--steps 400,250,150]
+    python -m rlt.experiment report [--quick] [--out DIR]      # rebuild report.md / summary.json of a finished run
+
+``run`` resumes a run in the same directory: a job listed in DIR/jobs.json is reused while its settings (and
+those of every job it depends on) are unchanged, so changing one stage reruns only it and what follows;
+``--restart`` discards everything. ``DIR/curves`` (the learning-curve study) is kept and embedded in the report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+logger = logging.getLogger("rlt.experiment")
+
+
+class LoadMonitor:
+    """Samples the 1-minute load average every ``every`` seconds while the run lasts."""
+
+    def __init__(self, every: float = 20.0):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, args=(every,), daemon=True)
+
+    def _loop(self, every):
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(every)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def summary(self) -> dict:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"mean": sum(s) / len(s), "max": max(s), "samples": len(s), "cpus": os.cpu_count()}
+
+
+def _model_description(out: Path, shape: str) -> dict:
+    cfg_path = out / "models" / "init_s0" / "config.json"
+    if not cfg_path.exists():
+        return {"shape": shape, "description": shape}
+    cfg = json.loads(cfg_path.read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(out / "models" / "init_s0" / "model.safetensors"), "pt") as f:
+        params = sum(f.get_tensor(k).numel() for k in f.keys())
+    desc = (f"Qwen2ForCausalLM, {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, "
+            f"{cfg['num_attention_heads']} heads of 64, MLP {cfg['intermediate_size']}, vocabulary "
+            f"{cfg['vocab_size']}: {params / 1e6:.2f}M parameters (teacher and students alike)")
+    return {"shape": shape, "params": params, "description": desc}
+
+
+def cmd_run(args) -> int:
+    from rlt.experiment.jobs import JobFailed, run_jobs
+    from rlt.experiment.pipeline import PRESETS, plan
+
+    name = "quick" if args.quick else "default"
+    preset = PRESETS[name]
+    out = Path(args.out or ("results/experiment_quick" if args.quick else "results/experiment"))
+    state_file = out / "jobs.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() and not args.restart else {}
+    if args.restart:
+        logger.info("--restart: discarding the earlier jobs in %s", out)
+        for sub in ("models", "distill", "eval", "analysis", "logs", "plots"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = plan(out, preset, args.device)
+    logger.info("RLT experiment (%s): %d jobs on %d worker process(es) x %d thread(s), device %s -> %s", name,
+                len(jobs), args.workers, args.threads, args.device, out)
+    t0 = time.perf_counter()
+    seconds0 = state.get("seconds", 0.0)
+
+    def save(results):
+        state_file.write_text(json.dumps({"results": results, "seconds": seconds0 + time.perf_counter() - t0},
+                                         indent=2))
+
+    with LoadMonitor() as load:
+        try:
+            results = run_jobs(jobs, args.workers, args.threads, state.get("results", {}), on_done=save)
+        except JobFailed as e:
+            logger.error("%s", e)
+            return 1
+    seconds = seconds0 + time.perf_counter() - t0
+    if results != state.get("results"):
+        save(results)
+    meta = {"minutes": seconds / 60, "load": load.summary(), "device": _device_words(args.device),
+            "models": _model_description(out, preset.shape),
+            "jobs": {k: round(v.get("job_seconds", 0)) for k, v in results.items()}}
+    (out / "run_meta.json").write_text(json.dumps(meta, indent=2))
+    return _write(out, name, preset, meta)
+
+
+def _device_words(device: str) -> str:
+    if device == "cuda":
+        import torch
+
+        return f"CUDA ({torch.cuda.get_device_name(0)})"
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _write(out: Path, name: str, preset, meta: dict) -> int:
+    from rlt.experiment import report
+
+    summary = report.summarize(out, name, preset, meta)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    path = report.write_report(out, summary, preset)
+    a = summary
+    logger.info("reward first %d steps %.3f +- %.3f, last %.3f +- %.3f, rise z %.2f", a["reward_window"],
+                a["reward_first10_mean"], a["reward_first10_se"], a["reward_last10_mean"], a["reward_last10_se"],
+                a["reward_rise_z"])
+    for v in ("raw", "rlt", "warmup"):
+        logger.info("test accuracy, students on %-6s: %.3f +- %.3f (95%% CI over seeds %s)", v, a[f"acc_{v}"]["mean"],
+                    a[f"acc_{v}"]["ci95"], a["seeds"])
+    logger.info("reward/gain correlation r = %.3f; %.1f minutes", a["reward_gain_correlation"]["pearson_r"],
+                a["minutes"])
+    logger.info("report: %s  summary: %s", path, out / "summary.json")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from rlt.experiment.pipeline import PRESETS
+
+    name = "quick" if args.quick else "default"
+    out = Path(args.out or ("results/experiment_quick" if args.quick else "results/experiment"))
+    meta = json.loads((out / "run_meta.json").read_text())
+    return _write(out, name, PRESETS[name], meta)
+
+
+def cmd_curves(args) -> int:
+    from rlt.experiment import report
+    from rlt.experiment.jobs import run_jobs
+    from rlt.experiment.pipeline import curve_plan
+
+    out = Path(args.out)
+    shapes = args.shapes.split(",")
+    steps = [int(s) for s in args.steps.split(",")]
+    if len(steps) == 1:
+        steps *= len(shapes)
+    jobs = []
+    for shape, n in zip(shapes, steps):
+        jobs += curve_plan(out, shapes=(shape,), steps=n, eval_every=max(10, n // 8), n_train=args.n_train)
+    state_file = out / "jobs.json"
+    done = json.loads(state_file.read_text()) if state_file.exists() else {}
+    with LoadMonitor() as load:
+        done = run_jobs(jobs, args.workers, args.threads, done,
+                        on_done=lambda r: state_file.write_text(json.dumps(r, indent=2)))
+    res = report.write_curves_report(out)
+    md = out / "curves.md"
+    md.write_text(md.read_text() + f"\nLoad average while the study ran: mean {load.summary()['mean']:.2f}, max "
+                  f"{load.summary()['max']:.2f} on {os.cpu_count()} cores; {args.workers} worker processes x "
+                  f"{args.threads} thread.\n")
+    logger.info("learning curves: %s (%d runs)", out / "curves.png", len(res["curves"]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m rlt.experiment", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the experiment")
+    r.add_argument("--quick", action="store_true", help="the CI-sized pipeline check (minutes, not a result)")
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    r.add_argument("--out", default=None, help="default results/experiment (results/experiment_quick with --quick)")
+    r.add_argument("--workers", type=int, default=2, help="worker processes running independent stages at once")
+    r.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    r.add_argument("--restart", action="store_true", help="discard finished jobs of an earlier run in --out")
+    c = sub.add_parser("curves", help="the learning-curve study (validation split)")
+    c.add_argument("--out", default="results/experiment/curves")
+    c.add_argument("--shapes", default="h128-l2,h128-l4,h256-l4")
+    c.add_argument("--steps", default="400,250,150", help="optimizer steps per shape (one value: all shapes)")
+    c.add_argument("--n-train", type=int, default=2000, help="training questions")
+    c.add_argument("--workers", type=int, default=2)
+    c.add_argument("--threads", type=int, default=1)
+    p = sub.add_parser("report", help="rebuild report.md and summary.json of a finished run")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rlt.experiment.runner import setup_experiment_logging
+
+    setup_experiment_logging()
+    try:
+        return {"run": cmd_run, "curves": cmd_curves, "report": cmd_report}[args.cmd](args)
+    except KeyboardInterrupt:
+        logger.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Running the experiment's stages as jobs on a small pool of worker processes.
+
+On a 2-core CPU two single-threaded processes get far more done than one process with two threads (tiny
+models are bound by per-op overhead, and a thread that loses its core stalls the other at every barrier),
+so independent stages (a student of one seed while the teacher trains, two students at once, ...) run side
+by side. Each worker imports torch/transformers/trl once and runs many jobs; each job writes everything it
+prints into its own log file and reports its result (a JSON-able dict) back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+logger = logging.getLogger("rlt.experiment")
+
+
+@dataclasses.dataclass
+class Job:
+    name: str
+    fn: str                       # a function of rlt.experiment.stages
+    kwargs: dict
+    log: str                      # the job's log file
+    deps: tuple[str, ...] = ()    # jobs that must finish first
+    title: str = ""               # what the console line says
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    from rlt.procs import set_parent_death_signal
+
+    set_parent_death_signal(parent)  # a worker never outlives the run (even after a SIGKILL of it)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    torch.set_num_threads(threads)
+    from rlt.experiment.runner import setup_experiment_logging
+
+    setup_experiment_logging()
+
+
+def _run(fn: str, kwargs: dict, log: str) -> dict:
+    from rlt.experiment import stages
+    from rlt.experiment.runner import StageLog
+
+    t0 = time.perf_counter()
+    with StageLog(Path(log)):
+        try:
+            out = getattr(stages, fn)(**kwargs)
+        except BaseException:
+            logging.getLogger("rlt.experiment.jobs").error("job failed:\n%s", traceback.format_exc())
+            raise
+    return {**(out or {}), "job_seconds": time.perf_counter() - t0}
+
+
+def fingerprint(job: Job) -> str:
+    """A hash of what the job does (function and arguments): a finished job is reused only while it matches."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps([job.fn, job.kwargs], sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def reusable(jobs: list[Job], results: dict) -> dict:
+    """The earlier results still valid: same fingerprint, and every dependency valid too."""
+    fp = {j.name: fingerprint(j) for j in jobs}
+    ok = {n: r for n, r in results.items() if n in fp and r.get("fingerprint") == fp[n]}
+    changed = True
+    while changed:
+        changed = False
+        for j in jobs:
+            if j.name in ok and any(d not in ok for d in j.deps):
+                del ok[j.name]
+                changed = True
+    return ok
+
+
+def run_jobs(jobs: list[Job], workers: int, threads: int, results: dict | None = None, on_done=None) -> dict[str, dict]:
+    """Run ``jobs`` respecting their deps on ``workers`` processes; {name: result}. ``results``: results of an
+    earlier run; those still valid (:func:`reusable`) are kept, the rest rerun. ``on_done(results)`` is called
+    after every finished job (to save progress). A failing job stops the run (the others are cancelled) with its
+    log named."""
+    results = reusable(jobs, dict(results or {}))
+    fps = {j.name: fingerprint(j) for j in jobs}
+    pending = [j for j in jobs if j.name not in results]
+    names = {j.name for j in jobs}
+    for j in pending:
+        missing = [d for d in j.deps if d not in names]
+        if missing:
+            raise ValueError(f"job {j.name}: unknown dependencies {missing}")
+    if results:
+        logger.info("%d of %d jobs already done (same settings); %d to run", len(results), len(jobs), len(pending))
+    t_start = time.perf_counter()
+    if not pending:
+        return results
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                             initargs=(threads, os.getpid())) as pool:
+        running = {}
+        while pending or running:
+            ready = [j for j in pending if all(d in results for d in j.deps)]
+            while ready and len(running) < workers:
+                j = ready.pop(0)
+                pending.remove(j)
+                logger.info("start %s (log: %s)", j.title or j.name, j.log)
+                running[pool.submit(_run, j.fn, j.kwargs, j.log)] = (j, time.perf_counter())
+            if not running:
+                raise ValueError(f"jobs {[j.name for j in pending]} can never start (circular dependencies)")
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                j, t0 = running.pop(fut)
+                try:
+                    results[j.name] = {**fut.result(), "fingerprint": fps[j.name]}
+                except Exception as e:
+                    for other in running:
+                        other.cancel()
+                    raise JobFailed(f"{j.title or j.name} failed ({type(e).__name__}: {e}); see {j.log}") from None
+                logger.info("done  %s in %.0fs (%.1f min into this run)", j.title or j.name, time.perf_counter() - t0,
+                            (time.perf_counter() - t_start) / 60)
+                if on_done is not None:
+                    on_done(results)
+    return results

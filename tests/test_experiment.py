@@ -1,0 +1,184 @@
+"""The micro-scale RLT experiment: its statistics against hand-computed numbers, the embedded running-sum task,
+the run's plan, and (slow) scripts/experiment.sh --quick end to end."""
+import json
+import math
+import re
+
+import pytest
+
+from rlt.data import arithmetic
+from rlt.experiment import stats
+
+# ----------------------------------------------------------------------------------------- statistics
+
+
+def test_mean_se_and_t_interval_by_hand():
+    # values 0.5, 0.6, 0.7: mean 0.6, sd 0.1, se 0.1 / sqrt(3) = 0.0577350; t(0.975, df 2) = 4.302653
+    m, se = stats.mean_se([0.5, 0.6, 0.7])
+    assert m == pytest.approx(0.6) and se == pytest.approx(0.1 / math.sqrt(3))
+    ci = stats.mean_ci95([0.5, 0.6, 0.7])
+    assert ci["mean"] == pytest.approx(0.6) and ci["ci95"] == pytest.approx(4.302653 * 0.0577350, rel=1e-5)
+    assert ci["ci95"] == pytest.approx(0.248414, abs=1e-6)
+    one = stats.mean_ci95([0.4])
+    assert one["mean"] == 0.4 and math.isnan(one["ci95"])
+
+
+@pytest.mark.parametrize("df, want", [(1, 12.706205), (2, 4.302653), (3, 3.182446), (10, 2.228139), (30, 2.042272)])
+def test_t_quantile_matches_tables(df, want):
+    assert stats.t_quantile(0.975, df) == pytest.approx(want, abs=2e-6)
+    assert stats.t_quantile(0.025, df) == pytest.approx(-want, abs=2e-6)
+
+
+def test_rise_z_by_hand():
+    # first window 1, 2, 3 (mean 2, se 1/sqrt(3)); last 4, 5, 6 (mean 5, same se):
+    # z = 3 / sqrt(2/3) = 3.674235
+    r = stats.rise_z([1, 2, 3], [4, 5, 6])
+    assert (r["first_mean"], r["last_mean"]) == (2, 5)
+    assert r["first_se"] == pytest.approx(1 / math.sqrt(3)) and r["z"] == pytest.approx(3.674235, abs=1e-6)
+    assert stats.rise_z([3, 2, 1], [1, 2, 3])["z"] == 0
+    assert math.isnan(stats.rise_z([1], [2])["z"])  # no standard error from one step
+
+
+def test_pearson_with_fisher_interval_by_hand():
+    # x = 1..5, y = 2 1 4 3 5: sxy = 8, sxx = syy = 10 -> r = 0.8;
+    # Fisher: atanh(0.8) = 1.098612, +- 1.959964 / sqrt(2) = 1.385904 -> tanh(-0.287292), tanh(2.484516)
+    p = stats.pearson([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
+    assert p["r"] == pytest.approx(0.8) and p["n"] == 5
+    assert p["ci95"][0] == pytest.approx(math.tanh(-0.287292), abs=1e-5)
+    assert p["ci95"][1] == pytest.approx(math.tanh(2.484516), abs=1e-5)
+    assert stats.pearson([1, 2, 3], [3, 2, 1])["r"] == pytest.approx(-1.0)
+    assert math.isnan(stats.pearson([1, 2, 3], [5, 5, 5])["r"])  # a constant side has no correlation
+
+
+def test_spearman_uses_average_ranks():
+    assert stats.ranks([10, 20, 20, 30]) == [1, 2.5, 2.5, 4]
+    # ranks x: 1 2 3, y: 1 3 2 -> Pearson of the ranks = 0.5
+    assert stats.spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    assert stats.spearman([1, 2, 3, 4], [1, 4, 9, 16]) == pytest.approx(1.0)  # monotone, not linear
+
+
+def test_demo_report_windows_by_hand():
+    from rlt.report import mean_se, reward_windows
+
+    assert mean_se([1.0, 2.0, 3.0]) == (2.0, pytest.approx(1 / math.sqrt(3)))
+    text = reward_windows([1, 2, 3, 9, 4, 5, 6], window=3)
+    assert "first 3 steps 2.0000 ± 0.5774, last 3 steps 5.0000 ± 0.5774" in text and "z of the change 3.67" in text
+
+
+# ----------------------------------------------------------------------------------------- the task
+
+
+def test_splits_are_disjoint_whatever_the_seed():
+    qs = {split: {r["question"] for seed in (0, 1) for r in arithmetic.generate_rows(split, 150, seed)}
+          for split in arithmetic.SPLITS}
+    assert not qs["train"] & qs["validation"] and not qs["train"] & qs["test"] and not qs["validation"] & qs["test"]
+    rows = arithmetic.generate_rows("test", 50, 0)
+    assert len({r["question"] for r in rows}) == 50  # distinct within a split
+    assert all(arithmetic.split_of(r["operands"]) == "test" for r in rows)
+
+
+def test_traces_are_correct_and_fold_as_configured():
+    rows = arithmetic.generate_rows("train", 400, 3)
+    folded = 0
+    for r in rows:
+        steps = arithmetic.parse_steps(r["reasoning_trace"])
+        assert steps and all(sum(ops) == res for ops, res in steps)
+        assert steps[-1][1] == sum(r["operands"]) == int(r["answer"])
+        assert f"\\boxed{{{r['answer']}}}" in r["solution"]
+        assert r["reasoning_trace"].startswith("\n\n") and r["reasoning_trace"].endswith("\n\n")
+        folded += arithmetic.trace_stats(r["reasoning_trace"])["folded_steps"] > 0
+    # P(a trace folds) = 1 - 0.65^(n-2) (n - 2 step boundaries), averaged over n = 4..7 terms: 0.752
+    assert 0.68 < folded / len(rows) < 0.83
+    full = arithmetic.generate_rows("train", 100, 3, arithmetic.ArithTask(trace="full"))
+    assert all(arithmetic.trace_stats(r["reasoning_trace"])["folded_steps"] == 0 for r in full)
+    assert [r["question"] for r in full] == [r["question"] for r in rows[:100]]  # same questions, other traces
+
+
+def test_trace_text_and_stats_by_hand():
+    text = arithmetic.trace_text([3, 7, 5, 9, 2], [1, 2, 1])
+    assert text == "\n\n3 + 7 = 10\n\n10 + 5 + 9 = 24\n\n24 + 2 = 26\n\nSo the sum is 26.\n\n"
+    assert arithmetic.trace_stats(text) == {"parsed": True, "steps": 3, "folded_steps": 1, "wrong_steps": 0}
+    assert arithmetic.trace_stats("\n\n3 + 7 = 11\n\n") == {"parsed": True, "steps": 1, "folded_steps": 0,
+                                                           "wrong_steps": 1}
+    assert arithmetic.trace_stats("\n\nthree plus seven\n\n")["parsed"] is False
+
+
+def test_dataset_ids_load_and_reject_bad_ones():
+    from rlt.data.loading import load_rows
+    from rlt.errors import ConfigError
+
+    ds = load_rows("rlt-arith:validation:12:4:trace-full+max_terms-5")
+    assert len(ds) == 12 and set(ds.column_names) >= {"system", "conversations", "answer", "operands"}
+    assert all(len(o) <= 5 for o in ds["operands"])
+    for bad in ("rlt-arith:dev:10:0", "rlt-arith:train:10:0:trace-long", "rlt-arith:train:10:0:colour-red"):
+        with pytest.raises(ConfigError):
+            load_rows(bad)
+
+
+def test_rows_render_through_the_pipeline_formats(tokenizer):
+    from rlt.data.loading import load_examples
+    from rlt.data.formats import resolve_format
+    from rlt.trainers.sft import build_sft_dataset
+
+    fmt = resolve_format("bespoke_stratos", teacher_system_prompt=arithmetic.TEACHER_SYSTEM_PROMPT)
+    exs = load_examples("rlt-arith:train:8:0", fmt)
+    assert exs[0].system == arithmetic.STUDENT_SYSTEM_PROMPT
+    ds = build_sft_dataset(tokenizer, exs, fmt, max_length=512, student=True)
+    assert len(ds) == 8 and max(len(r) for r in ds["input_ids"]) < 200  # short prompts: cheap to train
+
+
+# ----------------------------------------------------------------------------------------- the plan
+
+
+def test_plan_is_a_consistent_graph_with_equal_budgets(tmp_path):
+    from rlt.experiment.pipeline import PRESETS, VARIANTS, plan
+
+    for name, p in PRESETS.items():
+        jobs = plan(tmp_path / name, p, "cpu")
+        names = [j.name for j in jobs]
+        assert len(names) == len(set(names))
+        seen = set()
+        for j in jobs:  # priority order never puts a job before what it needs
+            assert all(d in names for d in j.deps), j.name
+            seen.add(j.name)
+        by = {j.name: j for j in jobs}
+        students = [by[f"student_{v}_s{s}"] for v in VARIANTS for s in p.seeds]
+        assert {j.kwargs["token_budget"] for j in students} == {p.student_tokens}
+        assert by["teacher_warmup"].kwargs["token_budget"] == p.student_tokens
+        reward_student = by["teacher_rl"].kwargs["overrides"]
+        assert f"student_model={tmp_path / name / 'models' / 'student_raw_s0'}" in reward_student
+        evals = [j for j in jobs if j.fn == "evaluate"]
+        assert len(evals) == 3 * len(p.seeds) and all(":test:" in j.kwargs["data"] for j in evals)
+        trained_on = [o for j in jobs if j.fn in ("sft", "grpo") for o in j.kwargs["overrides"]
+                      if o.startswith("dataset_id_or_path=")]
+        assert not any(":test:" in o or ":validation:" in o for o in trained_on)  # nothing trains on held-out data
+        assert names.index("teacher_rl") < names.index("student_raw_s1")  # the critical path first
+
+
+# ----------------------------------------------------------------------------------------- end to end
+
+SUMMARY_KEYS = {"task", "seeds", "reward_first10_mean", "reward_last10_mean", "reward_rise_z", "acc_raw", "acc_rlt",
+                "acc_warmup", "reward_gain_correlation", "minutes"}
+
+
+@pytest.mark.slow
+def test_experiment_quick_end_to_end(tmp_path):
+    """scripts/experiment.sh --quick: every stage runs and the report and summary have every key (CI's check of
+    the experiment pipeline; the numbers of a quick run mean nothing)."""
+    from conftest import run_cmd
+
+    out = tmp_path / "exp"
+    proc = run_cmd(["bash", "scripts/experiment.sh", "--quick", "--out", str(out)], timeout=900)
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    for key in ("acc_raw", "acc_rlt", "acc_warmup"):
+        assert set(summary[key]) == {"mean", "ci95"} and 0 <= summary[key]["mean"] <= 1
+    assert summary["seeds"] == [0, 1] and summary["minutes"] < 10
+    report = (out / "report.md").read_text()
+    for png in re.findall(r"\]\((plots/[^)]+\.png)\)", report):
+        assert (out / png).exists(), png
+    assert "plots/reward_components.png" in report and "mean ± standard error" in report
+    assert "[experiment]" in proc.stdout and "log:" in proc.stdout  # stage lines name their logs
+    # a rerun resumes: nothing left to do
+    again = run_cmd(["bash", "scripts/experiment.sh", "--quick", "--out", str(out)], timeout=600)
+    assert "already done" in again.stdout and "start " not in again.stdout
