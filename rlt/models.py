@@ -6,6 +6,7 @@ other value is a local path or a hub id passed to transformers unchanged.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -13,13 +14,37 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import field
 from pathlib import Path
 
 import torch
 
+from rlt.errors import ConfigError
+
 logger = logging.getLogger(__name__)
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The model a run trains, generates with or evaluates."""
+
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "checkpoint directory, hub id, or rlt-tiny:SEED (a tiny random Qwen2 built locally)"})
+    dtype: str = field(default="auto", metadata={"help": f"weights' dtype: one of {list(DTYPES)} (auto: the checkpoint's)"})
+    attn_implementation: str | None = field(default=None, metadata={
+        "help": "attention kernel passed to transformers (sdpa, eager, flash_attention_2, ...; null: its default)"})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r}: choose one of {list(DTYPES)}")
+
+    def require_model(self) -> str:
+        if not self.model_name_or_path:
+            raise ConfigError("model_name_or_path is required (a checkpoint directory, hub id or rlt-tiny:SEED)")
+        return self.model_name_or_path
 TINY_RE = re.compile(r"^rlt-tiny:(\d+)$")
-TINY_VERSION = "v2"  # bump when the tiny builder changes
+TINY_VERSION = "v3"  # bump when the tiny builder changes
 
 
 def cache_dir() -> Path:
@@ -32,10 +57,11 @@ def resolve_model_path(name_or_path: str) -> str:
     if not m:
         p = Path(name_or_path)
         if p.exists():
+            refuse_adapter_dir(p)
             return str(name_or_path)
         hub_like = re.match(r"^[\w.-]+(/[\w.-]+)?$", str(name_or_path)) and not Path(p.parts[0]).is_dir()
         if not hub_like:
-            raise FileNotFoundError(f"model path {name_or_path!r} does not exist (and is not a hub id)")
+            raise ConfigError(f"model path {name_or_path!r} does not exist (and is not a hub id)")
         return str(name_or_path)
     target = cache_dir() / "tiny_models" / f"seed{m.group(1)}-{TINY_VERSION}"
     if not (target / "config.json").exists():
@@ -43,7 +69,7 @@ def resolve_model_path(name_or_path: str) -> str:
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
         # A clean subprocess: inside a DeepSpeed ZeRO-3 launch, a model built
         # in-process would be partitioned and saved empty.
-        from rlt.config import non_distributed_env
+        from rlt.procs import non_distributed_env
 
         subprocess.run([sys.executable, "-m", "rlt.testing.tiny_model", str(tmp), "--seed", m.group(1)],
                        env=non_distributed_env(), check=True, stdout=subprocess.DEVNULL)
@@ -54,12 +80,21 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(target)
 
 
+def refuse_adapter_dir(path: Path) -> None:
+    """A LoRA adapter directory (adapter_config.json, no config.json) is not a model: name the merged one."""
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        merged = path / "merged"
+        hint = (f"use {merged}" if (merged / "config.json").is_file() else
+                "train with save_merged_model=true and use <output_dir>/merged (see docs/lora.md to merge an adapter)")
+        raise ConfigError(f"{path} holds a LoRA adapter, not a full model: {hint}")
+
+
 def torch_dtype(name: str | None) -> torch.dtype | None:
     if name in (None, "auto"):
         return None
     dt = getattr(torch, str(name), None)
     if not isinstance(dt, torch.dtype):
-        raise ValueError(f"dtype={name!r} is not a torch dtype (use bfloat16, float16 or float32)")
+        raise ConfigError(f"dtype={name!r} is not a torch dtype (use bfloat16, float16 or float32)")
     return dt
 
 
@@ -68,14 +103,14 @@ def load_tokenizer(name_or_path: str):
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
     if tok.pad_token is None:
-        raise ValueError(f"tokenizer of {name_or_path} has no pad token; set one in its tokenizer_config.json")
+        raise ConfigError(f"tokenizer of {name_or_path} has no pad token; set one in its tokenizer_config.json")
     return tok
 
 
 def load_causal_lm(name_or_path: str, dtype: str | None = "bfloat16", attn_implementation: str | None = None):
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": torch_dtype(dtype)}
+    kwargs = {"dtype": torch_dtype(dtype) or "auto"}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
@@ -84,3 +119,161 @@ def load_causal_lm(name_or_path: str, dtype: str | None = "bfloat16", attn_imple
 def same_tokenizer(a, b) -> bool:
     """Whether two tokenizers map text to the same ids (vocab and special tokens)."""
     return a.get_vocab() == b.get_vocab() and a.eos_token == b.eos_token and a.pad_token == b.pad_token
+
+
+@dataclasses.dataclass
+class LoraConfig:
+    """LoRA adapters for a trained model (trl's key names)."""
+
+    use_peft: bool = field(default=False, metadata={"help": "train LoRA adapters instead of the full weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (scaling = alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA path"})
+    lora_target_modules: list[str] | None = field(default=None, metadata={
+        "help": "module names to adapt, or [all-linear] (null: peft's default for the architecture)"})
+
+    def __post_init__(self):
+        if self.lora_r < 1 or self.lora_alpha < 1 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_r={self.lora_r}, lora_alpha={self.lora_alpha}, lora_dropout={self.lora_dropout}: "
+                              "need r >= 1, alpha >= 1 and 0 <= dropout < 1")
+
+
+def peft_config(cfg: LoraConfig):
+    """peft's LoraConfig for ``use_peft: true`` (None otherwise)."""
+    if not cfg.use_peft:
+        return None
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        raise ConfigError("use_peft=true needs the peft package (pip install peft)") from None
+    targets = cfg.lora_target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      task_type="CAUSAL_LM")
+
+
+# ----------------------------------------------------------------------------- PEFT models: merged full weights
+def is_peft(model) -> bool:
+    from accelerate.utils import is_peft_model
+
+    return is_peft_model(model)
+
+
+def causal_lm(model):
+    """The causal LM inside a PEFT model (its LoRA layers stay in place and active), or ``model`` itself."""
+    return model.get_base_model() if is_peft(model) else model
+
+
+def checkpoint_name(name: str) -> str:
+    """A parameter name of a (PEFT-wrapped) model as the base checkpoint, and vLLM, name it."""
+    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
+    return name.replace("modules_to_save.default.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+@dataclasses.dataclass
+class _Piece:
+    """One gather of :func:`full_named_weights`: ``params`` are gathered together; ``layer`` (a peft tuner layer)
+    is merged while they are; ``sources`` are the parameters whose values are yielded under ``names``."""
+
+    names: list[str]
+    sources: list[torch.nn.Parameter]
+    params: list[torch.nn.Parameter]
+    layer: object | None = None
+
+
+def _pieces(model) -> list[_Piece]:
+    pieces: list[_Piece] = []
+    if not is_peft(model):
+        return [_Piece([checkpoint_name(n)], [p], [p]) for n, p in model.named_parameters()]
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    done = set()
+    for name, p in model.named_parameters():  # tied parameters come once, as in the checkpoint
+        parts = name.split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in layers), None)
+        if owner is None:
+            if "original_module" not in name:  # modules_to_save keeps its trained copy only
+                pieces.append(_Piece([checkpoint_name(name)], [p], [p]))
+        elif owner not in done:
+            done.add(owner)
+            layer = layers[owner]
+            base = list(layer.get_base_layer().named_parameters())
+            pieces.append(_Piece([checkpoint_name(f"{owner}.{n}") for n, _ in base], [q for _, q in base],
+                                 list(layer.parameters()), layer))
+    return pieces
+
+
+def _gathered(params):
+    """Materialise ZeRO-3 partitioned parameters for reading (every rank must enter; no-op otherwise)."""
+    import contextlib
+
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _merged_copies(layer, sources) -> list[torch.Tensor]:
+    """Copies of ``sources`` (the base layer's weight, bias) with ``layer``'s active adapters merged; the live
+    values are restored bit for bit (unmerge alone is not exact in floating point)."""
+    import warnings
+
+    saved = [p.data.clone() for p in sources]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "already merged"/"already unmerged" notices
+        layer.merge()
+        try:
+            return [p.data.clone() for p in sources]
+        finally:
+            layer.unmerge()
+            for p, s in zip(sources, saved):
+                p.data.copy_(s)
+
+
+def full_named_weights(model):
+    """(name, tensor) for every weight of ``model`` as the base checkpoint (and vLLM) name it, LoRA merged.
+
+    ``model``: an unwrapped model, PEFT or not. Under DeepSpeed ZeRO-3 each parameter is gathered exactly once
+    and every rank must run the iteration to its end (the gathers are collectives); tensors of plain parameters
+    are yielded while gathered, merged ones are fresh copies. Without PEFT it is ``named_parameters`` gathered one
+    at a time. Adapter tensors (``lora_*``) are never yielded.
+
+    Why rlt's and not trl's: trl's iteration is the private ``VLLMGeneration._iter_named_params`` of its
+    single-server client, and under ZeRO-3 it gathers the whole PEFT model at once to merge; this one merges
+    layer by layer (one layer gathered at a time), serves the filesystem sync and the merged save as well, and
+    its names come with :func:`full_weight_metadata` without a gather.
+    """
+    for piece in _pieces(model):
+        with _gathered(piece.params):
+            if piece.layer is None:
+                yield piece.names[0], piece.sources[0].data
+                continue
+            merged = _merged_copies(piece.layer, piece.sources)
+        yield from zip(piece.names, merged)
+
+
+def full_weight_metadata(model) -> list[tuple[str, str, list[int]]]:
+    """(name, dtype, full shape) of each tensor :func:`full_named_weights` yields, in order (no gather)."""
+    return [(n, str(p.dtype).removeprefix("torch."), list(getattr(p, "ds_shape", p.shape)))
+            for piece in _pieces(model) for n, p in zip(piece.names, piece.sources)]
+
+
+def full_state_dict(model, keep: bool) -> dict[str, torch.Tensor] | None:
+    """CPU copies of :func:`full_named_weights` on the ranks with ``keep`` (None on the others; under ZeRO-3
+    every rank must call it)."""
+    state = {}
+    for name, t in full_named_weights(model):
+        if keep:
+            state[name] = t.detach().to("cpu", copy=True)
+    return state if keep else None
+
+
+def save_full_model(model, path, state: dict[str, torch.Tensor], tokenizer=None) -> None:
+    """Write ``state`` (from :func:`full_state_dict`) as a checkpoint of ``model``'s base architecture: a
+    directory AutoModelForCausalLM (and vLLM) load, with the tokenizer when given. Main process only."""
+    causal_lm(model).save_pretrained(path, state_dict=state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
