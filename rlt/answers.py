@@ -1,8 +1,10 @@
 """Extracting and checking final answers.
 
-extract_answer: the solution section (between the solution tags, else the text
-after the thought's end tag, else everything), then the last \\boxed{...}
-(nested braces handled), else the section's last non-empty line.
+extract_answer: the last \\boxed{...} (nested braces handled) of the solution
+section (from the solution start tag to its end tag or the end of the text);
+else, when the section was closed, its last non-empty line; without a solution
+section, the last \\boxed{...} after the thought (or anywhere when no thought was closed). Anything else is no answer
+(None): a run-on thought is never read as an answer.
 check_answer: Countdown rows (numbers + target) evaluate the expression
 exactly; other answers go through math-verify, with a normalised exact match
 when math-verify cannot parse them.
@@ -34,21 +36,31 @@ def last_boxed(text: str) -> str | None:
     return None
 
 
-def solution_section(text: str, fmt: DataFormat) -> str:
+def solution_section(text: str, fmt: DataFormat) -> tuple[str, bool] | None:
+    """(content of the first solution section, whether its end tag was there), or None without one."""
     s0, s1 = fmt.solution_tags
-    m = re.search(re.escape(s0) + r"(.*?)(?:" + re.escape(s1) + r"|$)", text, flags=re.DOTALL)
-    if m:
-        return m.group(1)
-    t1 = fmt.think_tags[1]
-    return text.split(t1, 1)[1] if t1 in text else text
+    start = text.find(s0)
+    if start < 0:
+        return None
+    body = text[start + len(s0):]
+    end = body.find(s1)
+    return (body, False) if end < 0 else (body[:end], True)
 
 
 def extract_answer(text: str, fmt: DataFormat) -> str | None:
     section = solution_section(text, fmt)
-    boxed = last_boxed(section)
+    if section is None:
+        t1 = fmt.think_tags[1]
+        after = text.split(t1, 1)[1] if t1 in text else text
+        boxed = last_boxed(after)
+        return boxed.strip() if boxed is not None and boxed.strip() else None
+    body, closed = section
+    boxed = last_boxed(body)
     if boxed is not None:
-        return boxed.strip()
-    lines = [line.strip() for line in section.strip().splitlines() if line.strip()]
+        return boxed.strip() or None
+    if not closed:
+        return None
+    lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
     return lines[-1] if lines else None
 
 

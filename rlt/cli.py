@@ -1,20 +1,46 @@
-"""key=value command lines for the offline tools (score, distill, eval)."""
+"""What every entry point does with a user error: one line on stderr (main process only), exit code 2."""
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+import contextlib
+import os
+import sys
+from pathlib import Path
+
+from rlt.errors import ConfigError
+
+USER_ERROR_EXIT = 2
 
 
-def parse_kv(argv: list[str], defaults: dict, required: tuple[str, ...], prog: str, extra_yaml=None) -> dict:
-    """Merge ``key=value`` arguments over defaults; unknown keys and missing required ones exit with a message."""
-    base = OmegaConf.create(defaults)
-    if extra_yaml is not None:
-        base = OmegaConf.merge(base, OmegaConf.load(extra_yaml))
-    OmegaConf.set_struct(base, True)
+def is_main_process() -> bool:
+    # Read from the launcher's environment: the error may come before accelerate's state exists.
+    return os.environ.get("RANK", "0") == "0"
+
+
+@contextlib.contextmanager
+def user_errors(prog: str):
+    """Turn a ConfigError (bad key, value, file or row) into one line on stderr and exit code 2."""
     try:
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-    except Exception as e:  # an unknown key names itself in the message
-        raise SystemExit(f"{prog}: {e}") from None
-    missing = [k for k in required if cfg[k] is None]
-    if missing:
-        raise SystemExit(f"{prog}: missing required argument(s) {', '.join(f'{k}=...' for k in missing)}")
-    return OmegaConf.to_container(cfg)
+        yield
+    except ConfigError as e:
+        if is_main_process():
+            msg = " ".join(str(e).split("\n")[0].split())
+            sys.stderr.write(f"{prog}: error: {msg}\n")
+            sys.stderr.flush()
+        raise SystemExit(USER_ERROR_EXIT) from None
+
+
+def check_writable(path: str | Path, what: str = "output_dir") -> None:
+    """Create ``path`` (a directory) if needed and prove a file can be written there."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".rlt-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what}={path}: cannot write there ({e.strerror or e})") from None
+
+
+def check_writable_file(path: str | Path, what: str = "output") -> None:
+    """The directory of a file to be written exists (or is created) and is writable."""
+    check_writable(Path(path).parent if str(Path(path).parent) else ".", what=f"{what}={path}: its directory")

@@ -1,63 +1,237 @@
-"""From a composed Hydra config to trl/transformers arguments, in one place.
+"""From Hydra overrides to typed settings, in one place.
 
-Every top-level key of the composed config is either
-  * an rlt key (``RLT_KEYS``: models, data, reward, server, run bookkeeping),
-  * an upstream or older-transformers name translated by ``RENAMES``, or
-  * a field of the trl config class of the run (``SFTConfig``/``GRPOConfig``).
-Anything else is an error that names the key, so a typo never passes silently.
+Each concern has one dataclass, next to the code that uses it; its fields hold
+every rlt key with its default and one line of help:
+
+    run      rlt.runs.RunConfig, rlt.runs.TeacherRunConfig (RL only)
+    model    rlt.models.ModelConfig, rlt.models.LoraConfig (trained models)
+    data     rlt.data.config.FormatConfig, rlt.data.config.DataConfig
+    reward   rlt.rewards.config.RewardConfig
+    rollout  rlt.generation.config.RolloutConfig
+    tools    ScoreConfig / DistillConfig / EvalConfig in their entry points
+
+The defaults of each concern are registered with Hydra's ConfigStore as
+``rlt/<concern>`` and merged first, so the YAML recipes under cfgs/ only set
+values and every key can be overridden as ``key=value``. After composition
+the flat config is split: each key goes to the one concern that declares it
+(values are type-checked against its dataclass), to the trl config class of
+the run (SFTConfig / GRPOConfig), or is an error naming the key.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import typing
+from pathlib import Path
 from typing import Any
 
-# Keys rlt consumes itself; they never reach the trl config.
-RLT_KEYS = {
-    # run bookkeeping
-    "trainer", "results_dir", "resume_from", "save_final_model", "train_batch_size",
-    # model
-    "model_name_or_path", "dtype", "attn_implementation", "student_model",
-    "offload_untrained_models", "use_reference_teacher_model",
-    # data
-    "dataset_id_or_path", "dataset_split", "data_format", "student_system_prompt", "teacher_system_prompt",
-    "drop_bad_rows", "max_samples", "max_prompt_length",
-    # RL logging
-    "logging_prob", "save_completions_probability",
-    # reward (rlt/rewards/config.py)
-    "answer_log_prob_coeff", "kl_penalty_reward_coeff", "normalize_log_prob_fn", "clip_log_prob",
-    "normalize_kl_fn", "clip_kl", "reduction_log_prob_fn", "reduction_kl_fn", "use_schulman_kl_estimation",
-    "not_matched_penalty", "unbias_teacher_log_probs", "unbias_student_log_probs_temp",
-    "include_teacher_think_entropy", "reward_micro_batch_size", "reward_logit_chunk_size", "reward_vocab_chunk_size",
-    # vLLM server (rlt/generation)
-    "vllm_host", "vllm_port", "vllm_num_servers", "vllm_weight_sync", "vllm_enable_prefix_caching",
-    "vllm_server_timeout", "vllm_request_timeout", "vllm_log_dir",
-}
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-# Older / upstream names -> trl 1.16 / transformers 5.x names.
+from rlt.data.config import DataConfig, FormatConfig
+from rlt.errors import ConfigError
+from rlt.generation.config import RolloutConfig
+from rlt.models import LoraConfig, ModelConfig
+from rlt.rewards.config import RewardConfig
+from rlt.runs import RunConfig, TeacherRunConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "cfgs")
+
+# Older, upstream and short names -> the names rlt uses (the one translation table).
 RENAMES = {
     "max_seq_length": "max_length",
     "evaluation_strategy": "eval_strategy",
     "torch_dtype": "dtype",
     "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio
     "generation_aggregation_steps": "steps_per_generation",
+    # short names of the offline tools' command lines
+    "teacher": "model_name_or_path",
+    "model": "model_name_or_path",
+    "student": "student_model",
+    "dataset": "dataset_id_or_path",
+    "split": "dataset_split",
+    "max_tokens": "max_completion_length",
+}
+
+CONCERNS: dict[str, type] = {
+    "run": RunConfig, "teacher_run": TeacherRunConfig, "model": ModelConfig, "lora": LoraConfig, "format": FormatConfig,
+    "data": DataConfig, "reward": RewardConfig, "rollout": RolloutConfig,
+}
+TRAIN_CONCERNS = {
+    "sft": ("run", "model", "lora", "format", "data"),
+    "student_sft": ("run", "model", "lora", "format", "data"),
+    "teacher_grpo": ("run", "teacher_run", "model", "lora", "format", "data", "reward", "rollout"),
 }
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message says which key to change."""
+def field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
 
 
-DIST_ENV_PREFIXES = ("ACCELERATE_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+def defaults_of(cls: type) -> dict[str, Any]:
+    """The dataclass's defaults as plain values (lists, not tuples)."""
+    return OmegaConf.to_container(OmegaConf.structured(cls))
 
 
-def non_distributed_env(env: dict[str, str] | None = None) -> dict[str, str]:
-    """A copy of the environment without the variables of a distributed launch, for helper
-    processes (a tiny-model build, a vLLM server) started from inside one."""
-    return {k: v for k, v in (os.environ if env is None else env).items() if not k.startswith(DIST_ENV_PREFIXES)}
+def _register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    for name, cls in CONCERNS.items():
+        cs.store(group="rlt", name=name, node=defaults_of(cls))
 
 
-def world_size() -> int:
+_register()
+
+
+# ----------------------------------------------------------------------------------------- typed split
+def translate(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Apply RENAMES; a key given under both names is an error."""
+    out = dict(cfg)
+    for old, new in RENAMES.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"both {old!r} and {new!r} are set; keep only {new!r}")
+            out[new] = out.pop(old)
+    return out
+
+
+def typed(cls: type, values: dict[str, Any]):
+    """An instance of the dataclass ``cls`` from ``values`` (missing keys take the defaults).
+
+    Types are checked against the field annotations; the dataclass's own checks run too.
+    """
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), values)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "?"
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"{key}={values.get(key)!r}: {first}") from None
+
+
+def split(cfg: dict[str, Any], concerns: tuple[type, ...], trl_cls: type | None = None):
+    """({concern class: instance}, trl kwargs) from a flat composed config; unknown keys are an error."""
+    cfg = translate({k: v for k, v in cfg.items() if k != "hydra"})
+    owner: dict[str, type] = {}
+    for c in concerns:
+        for name in field_names(c):
+            if name in owner:
+                raise AssertionError(f"{name!r} is declared by both {owner[name].__name__} and {c.__name__}")
+            owner[name] = c
+    trl_fields = set(field_names(trl_cls)) if trl_cls else set()
+    per: dict[type, dict] = {c: {} for c in concerns}
+    kwargs, unknown = {}, []
+    for key, value in cfg.items():
+        if key in owner:
+            per[owner[key]][key] = value
+        elif key in trl_fields:
+            kwargs[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        where = " or fields of " + trl_cls.__name__ if trl_cls else ""
+        raise ConfigError(f"unknown key(s) {sorted(unknown)}: not rlt settings{where}; check the spelling "
+                          "(--help lists every key)")
+    return {c: typed(c, per[c]) for c in concerns}, kwargs
+
+
+# ----------------------------------------------------------------------------------------- training runs
+@dataclasses.dataclass
+class TrainSettings:
+    """Everything a training run is configured with."""
+
+    run: RunConfig
+    model: ModelConfig
+    lora: LoraConfig
+    format: FormatConfig
+    data: DataConfig
+    args: Any                                    # trl SFTConfig / GRPOConfig
+    composed: dict                               # the composed config (saved as rlt_config.yaml)
+    teacher_run: TeacherRunConfig | None = None  # teacher_grpo only
+    reward: RewardConfig | None = None
+    rollout: RolloutConfig | None = None
+
+
+def trl_class(trainer: str | None):
+    if trainer == "teacher_grpo":
+        from trl import GRPOConfig
+
+        return GRPOConfig
+    from trl import SFTConfig
+
+    return SFTConfig
+
+
+def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The resolved config of a recipe with Hydra overrides.
+
+    ``recipe``: a name under cfgs/run_cfg (``teacher_sft``), or a .yaml file anywhere (trl's ``--config``
+    habit); a file outside cfgs/run_cfg is composed exactly like the built-in recipes, under its own name.
+    """
+    import shutil
+    import tempfile
+
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    builtin = Path(CONFIG_DIR, "run_cfg")
+    path = Path(recipe)
+    is_file = path.suffix in (".yaml", ".yml") or len(path.parts) > 1
+    extra = []
+    with tempfile.TemporaryDirectory(prefix="rlt-recipe-") as tmp:
+        if is_file:
+            if not path.is_file():
+                raise ConfigError(f"recipe {recipe}: no such file")
+            name = path.stem
+            if path.resolve().parent != builtin.resolve():
+                # Hydra finds recipes as options of the run_cfg group: give the file a group of its own,
+                # under a name no built-in recipe has, so the file given is the file used.
+                name = f"user__{path.stem}"
+                Path(tmp, "run_cfg").mkdir()
+                shutil.copyfile(path, Path(tmp, "run_cfg", name + ".yaml"))
+                extra = [f"hydra.searchpath=[file://{tmp}]"]
+        else:
+            name = recipe
+            if not Path(builtin, name + ".yaml").is_file():
+                known = sorted(p.stem for p in builtin.glob("*.yaml"))
+                raise ConfigError(f"recipe {recipe!r}: not in cfgs/run_cfg (known: {', '.join(known)}); "
+                                  "or give a .yaml path")
+        try:
+            with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+                cfg = hydra_compose("train", overrides=[*extra, f"run_cfg@_global_={name}", *overrides])
+            out = OmegaConf.to_container(cfg, resolve=True)
+        except Exception as e:  # hydra's errors name the key or the recipe
+            raise ConfigError(hydra_message(e)) from None
+    out.pop("hydra", None)
+    return out
+
+
+def hydra_message(e: Exception) -> str:
+    """One line from a Hydra/OmegaConf error (the useful part is usually the first line, or its cause)."""
+    text = str(e).strip() or repr(e)
+    cause = e.__cause__ or e.__context__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    msg = lines[0] if lines else text
+    if msg.startswith("Could not override") and "'" in msg:
+        key = msg.split("'")[1]
+        if key in _trl_field_names():
+            return f"{key} is a trl setting this recipe does not set: add it as +{key}=VALUE"
+        return f"unknown key {key!r} (--help lists every key)"
+    if cause is not None and str(cause).strip():
+        msg = f"{msg} {str(cause).strip().splitlines()[0]}"
+    return msg
+
+
+def _trl_field_names() -> set[str]:
+    from trl import GRPOConfig, SFTConfig
+
+    return set(field_names(SFTConfig)) | set(field_names(GRPOConfig))
+
+
+def num_processes_from_env() -> int:
+    # The process count is needed before TrainingArguments exists (to derive gradient accumulation), and
+    # reading it must not start the process group, so it comes from the launcher's environment.
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -72,65 +246,130 @@ def gradient_accumulation(train_batch_size: int, per_device_train_batch_size: in
     return train_batch_size // denom
 
 
-def translate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Apply RENAMES; a key given under both names is an error."""
-    out = dict(cfg)
-    for old, new in RENAMES.items():
-        if old in out:
-            if new in out:
-                raise ConfigError(f"both {old!r} and {new!r} are set; keep only {new!r}")
-            out[new] = out.pop(old)
-    return out
+def sized_for(args_cls: type, num_processes: int) -> type:
+    """`args_cls` whose batch arithmetic (trl's checks in __post_init__) counts `num_processes` processes.
+
+    Used when settings are checked outside the launched ranks (``--check --processes N``)."""
+    return type(args_cls.__name__, (args_cls,), {"world_size": property(lambda self: num_processes)})
 
 
-def split_config(cfg: dict[str, Any], args_cls) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(rlt settings, trl-config kwargs) from a flat composed config."""
-    cfg = translate(cfg)
-    fields = {f.name for f in dataclasses.fields(args_cls)}
-    rlt, trl_kwargs, unknown = {}, {}, []
-    for key, value in cfg.items():
-        if key == "hydra":
-            continue
-        if key in RLT_KEYS:
-            rlt[key] = value
-        elif key in fields:
-            trl_kwargs[key] = value
-        else:
-            unknown.append(key)
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(unknown)}: neither rlt settings nor fields of "
-                          f"{args_cls.__name__}; check the spelling or remove them")
-    return rlt, trl_kwargs
+def build_train_settings(cfg: dict, num_processes: int | None = None, **forced) -> TrainSettings:
+    """Typed settings of a composed training config.
 
-
-def build_args(cfg: dict[str, Any], args_cls, num_processes: int | None = None, validate=None, **forced):
-    """rlt settings and an ``args_cls`` instance (SFTConfig / GRPOConfig) for this run.
-
-    gradient_accumulation_steps is derived from train_batch_size when null;
-    without CUDA, bf16/tf32 are switched off (the CPU DeepSpeed path).
-    ``validate(rlt, kwargs, num_processes)`` runs before ``args_cls`` checks anything itself.
+    gradient_accumulation_steps is derived from train_batch_size when null; without CUDA, bf16/tf32 are
+    switched off (the CPU DeepSpeed path). No model or data is touched.
     """
     import torch
 
-    rlt, kw = split_config(cfg, args_cls)
-    n = num_processes or world_size()
-    derived = gradient_accumulation(rlt["train_batch_size"], kw["per_device_train_batch_size"], n)
+    trainer = cfg.get("trainer")
+    if trainer not in TRAIN_CONCERNS:
+        raise ConfigError(f"trainer={trainer!r}: choose one of {list(TRAIN_CONCERNS)} (the trainer_cfg group sets it)")
+    args_cls = trl_class(trainer)
+    names = TRAIN_CONCERNS[trainer]
+    objs, kw = split(cfg, tuple(CONCERNS[n] for n in names), args_cls)
+    parts = {n: objs[CONCERNS[n]] for n in names}
+    run: RunConfig = parts["run"]
+    n = num_processes or num_processes_from_env()
+    per_device = kw.get("per_device_train_batch_size", 8)
+    derived = gradient_accumulation(run.train_batch_size, per_device, n)
     if kw.get("gradient_accumulation_steps") is None:
         kw["gradient_accumulation_steps"] = derived
     elif kw["gradient_accumulation_steps"] != derived:
         raise ConfigError(
             f"gradient_accumulation_steps={kw['gradient_accumulation_steps']} disagrees with train_batch_size="
-            f"{rlt['train_batch_size']} / (per_device_train_batch_size={kw['per_device_train_batch_size']} x "
-            f"processes={n}) = {derived}; set gradient_accumulation_steps=null to derive it")
+            f"{run.train_batch_size} / (per_device_train_batch_size={per_device} x processes={n}) = {derived}; "
+            "set gradient_accumulation_steps=null to derive it")
     if not torch.cuda.is_available():
         kw["bf16"], kw["tf32"] = False, None
-        # Without an accelerator accelerate leaves the backend unset and then
-        # counts a single process; name gloo so every rank is counted.
-        if num_processes is None and world_size() > 1:
+        kw["dataloader_pin_memory"] = False  # nothing to pin for without an accelerator
+        # Without an accelerator accelerate leaves the backend unset and then counts a single process.
+        if num_processes is None and n > 1:
             kw.setdefault("ddp_backend", "gloo")
     if kw.get("report_to") in (None, "none", []):
         kw["report_to"] = "none"
     kw.update(forced)
-    if validate is not None:
-        validate(rlt, kw, n)
-    return rlt, args_cls(**kw)
+    try:
+        if num_processes is None:
+            args = args_cls(**kw)
+        else:  # trl's batch checks in __post_init__ count `num_processes`; the result is a plain args_cls
+            args = sized_for(args_cls, num_processes)(**kw)
+            args.__class__ = args_cls
+    except (ValueError, TypeError) as e:  # trl/transformers name the field in their messages
+        msg = str(e).strip().splitlines()[0]
+        if "generation_batch_size" in msg:
+            msg += (f" (generation_batch_size = per_device_train_batch_size x {n} processes x "
+                    "generation_aggregation_steps; change generation_aggregation_steps or num_generations)")
+        raise ConfigError(msg) from None
+    return TrainSettings(args=args, composed=cfg, **parts)
+
+
+# ----------------------------------------------------------------------------------------- offline tools
+def compose_tool(prog: str, tool_cls: type, concerns: tuple[type, ...], argv: list[str], doc: str = "") -> dict:
+    """{concern class: instance} from ``key=value`` arguments of an offline tool (rlt.score, ...).
+
+    ``--help`` / ``-h`` prints every key with its default and help, then exits 0.
+    """
+    classes = (tool_cls, *concerns)
+    if any(a in ("--help", "-h") for a in argv):
+        sys.stdout.write(help_text(prog, classes, doc))
+        raise SystemExit(0)
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+
+    bad = [a for a in argv if "=" not in a or a.startswith("-")]
+    if bad:
+        raise ConfigError(f"arguments are key=value; got {bad[0]!r} (--help lists every key)")
+    overrides = []
+    for a in argv:
+        key, value = a.split("=", 1)
+        overrides.append(f"{RENAMES.get(key.lstrip('+'), key.lstrip('+'))}={value}")
+    node: dict[str, Any] = {}
+    for c in classes:
+        node.update(defaults_of(c))
+    ConfigStore.instance().store(name=f"tool_{prog}", node=node)
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = OmegaConf.to_container(hydra_compose(f"tool_{prog}", overrides=overrides), resolve=True)
+    except Exception as e:
+        raise ConfigError(hydra_message(e)) from None
+    cfg.pop("hydra", None)
+    objs, _ = split(cfg, classes)
+    return objs
+
+
+def _type_name(tp) -> str:
+    s = str(tp) if not isinstance(tp, type) else tp.__name__
+    return s.replace("typing.", "").replace("NoneType", "None")
+
+
+def help_text(prog: str, classes: tuple[type, ...], doc: str = "", trl_note: str = "", usage: str = "") -> str:
+    """Every key of ``classes`` with type, default and help, grouped by class."""
+    lines = [doc.strip(), ""] if doc else []
+    lines.append(f"usage: {usage or prog + ' key=value ...'}   (lists as key=[a,b]; null for None)")
+    aliases = {}
+    for old, new in RENAMES.items():
+        aliases.setdefault(new, []).append(old)
+    for cls in classes:
+        lines += ["", f"{cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}"]
+        hints = typing.get_type_hints(cls)
+        defaults = defaults_of(cls)
+        for f in dataclasses.fields(cls):
+            alias = f" (also: {', '.join(aliases[f.name])})" if f.name in aliases else ""
+            lines.append(f"  {f.name}={defaults[f.name]!r}  [{_type_name(hints[f.name])}]{alias}")
+            lines.append(f"      {f.metadata.get('help', '')}")
+    if trl_note:
+        lines += ["", trl_note]
+    return "\n".join(lines) + "\n"
+
+
+def train_help() -> str:
+    """--help of rlt.train / launch.sh: the rlt keys of every trainer, then where the trl keys come from."""
+    doc = ("Training: ./launch.sh N RECIPE [key=value ...] [offload|zero1] (or ./launch_with_server.sh V T RECIPE ...)."
+           "\nRECIPE: a name in cfgs/run_cfg (teacher_sft, teacher_rlt, student_sft, tiny_*) or any .yaml path.")
+    note = ("Any field of trl's SFTConfig (sft, student_sft) or GRPOConfig (teacher_grpo) is accepted as well, "
+            "e.g. learning_rate, max_steps, per_device_train_batch_size, max_length, num_generations, temperature, "
+            "max_completion_length, beta; a trl field that the recipe does not set is added with +key=value.\n"
+            f"Older names translated: {', '.join(f'{a}->{b}' for a, b in RENAMES.items())}.")
+    classes = tuple(CONCERNS[n] for n in TRAIN_CONCERNS["teacher_grpo"])
+    return help_text("rlt.train", classes, doc, note,
+                     usage="python -m rlt.train RECIPE [key=value ...] [--check] [--cfg job]")

@@ -2,56 +2,132 @@
 
     python -m rlt.distill teacher=PATH dataset=ID_OR_FILE output=OUT.jsonl \
         [num_explanations=4] [select=all|best_of_k] [student=PATH (best_of_k)] \
-        [missing_end_tag=drop|penalise] [temperature=0.7] [max_tokens=16384] \
+        [missing_end_tag=drop|penalise] [temperature=0.7] [max_completion_length=16384] \
         [vllm_host=HOST vllm_port=8765 vllm_num_servers=1]  (default: vLLM's offline engine)
-        [data_format=auto] [split=train] [max_samples=N] [reward keys, e.g. kl_penalty_reward_coeff=[3,0.03]]
+        [data_format=auto] [dataset_split=train] [max_samples=N] [reward keys, e.g. kl_penalty_reward_coeff=[3,0.03]]
+    python -m rlt.distill --help      # every key with its default
 
 Per question, k explanations are generated from the RL prompt; the thought is
 taken exactly as the reward takes it and the student trace is
 <think>thought</think> + delimiter + <sol>solution</sol>, so every row's
 student text is byte-identical to what the reward scored. Output rows are
-Stratos-format (system + conversations) plus `source_index` and, with
-best_of_k, `reward`. The output is appended question by question: a rerun
-skips questions already written. An output ending in .parquet is written
-from the jsonl progress file at the end.
+Stratos-format (system + conversations) plus `source_index`, `question_rows`
+(the rows written for that question) and, with best_of_k, `reward`.
+
+Crash safety: each question's rows are appended in one write and flushed; on a
+rerun a torn last line is cut off (logged), a question with fewer rows than its
+`question_rows` is removed and redone, and finished questions are skipped. An
+output ending in .parquet is written from the jsonl progress file at the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import sys
+from collections import Counter
+from dataclasses import field
 from pathlib import Path
 
-from rlt.cli import parse_kv
-from rlt.rewards.config import REWARD_CFG_YAML
+from rlt.cli import check_writable_file, user_errors
+from rlt.config import compose_tool
+from rlt.data.config import DataConfig, FormatConfig
+from rlt.errors import ConfigError
+from rlt.generation.config import RolloutConfig
 from rlt.logging_utils import setup_logging
+from rlt.models import ModelConfig
+from rlt.rewards.config import RewardConfig
 
 logger = logging.getLogger("rlt.distill")
-DEFAULTS = {"teacher": None, "dataset": None, "output": None, "student": None, "num_explanations": 4,
-            "select": "all", "missing_end_tag": "drop", "temperature": 0.7, "top_p": 1.0, "max_tokens": 16384,
-            "max_prompt_length": 16384, "vllm_host": None, "vllm_port": 8765, "vllm_num_servers": 1,
-            "data_format": "auto", "split": "train", "max_samples": None, "drop_bad_rows": False,
-            "student_system_prompt": None, "teacher_system_prompt": None, "dtype": "auto", "seed": 0,
-            "chunk_size": 16, "scoring_dtype": "float32"}
 
 
-def done_indices(progress: Path) -> set[int]:
+@dataclasses.dataclass
+class DistillConfig:
+    """How many explanations per question, which to keep, where to write (the teacher is model_name_or_path)."""
+
+    output: str | None = field(default=None, metadata={"help": "output .jsonl (or .parquet) of Stratos rows"})
+    num_explanations: int = field(default=4, metadata={"help": "explanations generated per question (k)"})
+    select: str = field(default="all", metadata={
+        "help": "all: keep every explanation | best_of_k: keep the one the teacher reward scores highest"})
+    missing_end_tag: str = field(default="drop", metadata={
+        "help": "explanations without the end tag: drop | penalise (kept, scored with not_matched_penalty)"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    max_completion_length: int = field(default=16384, metadata={
+        "help": "longest explanation in tokens (clamped to the model's context)"})
+    seed: int = field(default=0, metadata={"help": "engine seed"})
+    chunk_size: int = field(default=16, metadata={"help": "questions per generation call (and per progress write)"})
+
+    def __post_init__(self):
+        if not self.output:
+            raise ConfigError("output=... is required (a .jsonl or .parquet path)")
+        if self.select not in ("all", "best_of_k"):
+            raise ConfigError(f"select={self.select!r}: choose all or best_of_k")
+        if self.missing_end_tag not in ("drop", "penalise"):
+            raise ConfigError(f"missing_end_tag={self.missing_end_tag!r}: choose drop or penalise")
+        for key in ("num_explanations", "max_completion_length", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]")
+
+
+# ----------------------------------------------------------------------------------------- progress file
+def load_progress(progress: Path) -> set[int]:
+    """Finished question indices of a progress file, after repairing it.
+
+    A torn last line (no newline: the writer died mid-write) is cut off; questions with fewer rows than
+    their ``question_rows`` are removed (they are redone). Both are logged. Any other unreadable line is
+    an error naming the file and line.
+    """
     if not progress.exists():
         return set()
-    done = set()
-    with open(progress) as f:
-        for line in f:
-            if line.strip():
-                done.add(json.loads(line)["source_index"])
-    return done
+    data = progress.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        logger.warning("%s: removing a torn last line (%d bytes) left by an interrupted run", progress, len(data) - cut)
+        data = data[:cut]
+    rows = []
+    for lineno, raw in enumerate(data.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            rows.append((int(row["source_index"]), int(row["question_rows"]), raw))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{progress}, line {lineno}: not a row written by rlt.distill ({e}); move the file "
+                              "away or fix that line") from None
+    have = Counter(i for i, _, _ in rows)
+    partial = {i for i, n, _ in rows if have[i] != n}
+    if partial:
+        logger.warning("%s: %d question(s) were written only in part (%s); they are redone", progress, len(partial),
+                       sorted(partial)[:10])
+    keep = b"".join(raw + b"\n" for i, _, raw in rows if i not in partial)
+    if len(keep) != len(data):
+        tmp = progress.with_name(progress.name + ".repair")
+        tmp.write_bytes(keep)
+        os.replace(tmp, progress)
+    return {i for i, _, _ in rows if i not in partial}
 
 
-def select_rows(examples, completions, fmt, args, scorer=None, teacher_prompts=None) -> tuple[list[dict], dict]:
-    """Rows to write for a chunk of questions, and counts (no_end_tag, dropped_questions)."""
+def append_question_rows(f, rows: list[dict]) -> None:
+    """All rows of one question in one write, flushed and synced (so a crash tears at most this write)."""
+    f.write("".join(json.dumps(r) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------- selection
+def select_rows(examples, completions, fmt, cfg: DistillConfig, scorer=None, teacher_prompts=None):
+    """Rows per question for a chunk of questions, and counts.
+
+    Returns ([(question index, [rows])], counts with explanations / no_end_tag / questions_without_rows).
+    """
     from rlt.data.text import stratos_row, student_system
     from rlt.rewards.teacher_reward import RewardInput, extract_thought
 
-    rows, counts = [], {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0}
+    per_question, counts = [], {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0}
     for (idx, ex), texts in zip(examples, completions):
         system = student_system(ex.system, fmt)
         kept = []
@@ -60,98 +136,101 @@ def select_rows(examples, completions, fmt, args, scorer=None, teacher_prompts=N
             thought, _, matched = extract_thought(text, fmt)
             if not matched:
                 counts["no_end_tag"] += 1
-                if args["missing_end_tag"] == "drop":
+                if cfg.missing_end_tag == "drop":
                     continue
             kept.append((text, thought))
         if not kept:
             counts["questions_without_rows"] += 1
             continue
-        if args["select"] == "best_of_k":
+        if cfg.select == "best_of_k":
             items = [RewardInput(teacher_prompts[idx], text, ex.question, ex.solution, system) for text, _ in kept]
             rewards = scorer(items).rewards.tolist()
             best = max(range(len(kept)), key=lambda i: rewards[i])
-            rows.append(stratos_row(ex.question, kept[best][1], ex.solution, system, fmt, source_index=idx,
-                                    reward=rewards[best]))
+            rows = [stratos_row(ex.question, kept[best][1], ex.solution, system, fmt, source_index=idx,
+                                question_rows=1, reward=rewards[best])]
         else:
-            rows.extend(stratos_row(ex.question, thought, ex.solution, system, fmt, source_index=idx)
-                        for _, thought in kept)
-    return rows, counts
+            rows = [stratos_row(ex.question, thought, ex.solution, system, fmt, source_index=idx,
+                                question_rows=len(kept)) for _, thought in kept]
+        per_question.append((idx, rows))
+    return per_question, counts
 
 
 def main(argv: list[str] | None = None) -> None:
+    from rlt.procs import run_supervised
+
     setup_logging()
-    distill(parse_kv(sys.argv[1:] if argv is None else argv, DEFAULTS, ("teacher", "dataset", "output"),
-                     "rlt.distill", REWARD_CFG_YAML))
+    argv = sys.argv[1:] if argv is None else argv
+    with user_errors("rlt.distill"):
+        objs = compose_tool("rlt.distill", DistillConfig,
+                            (ModelConfig, DataConfig, FormatConfig, RewardConfig, RolloutConfig), argv, __doc__)
+        if not objs[RolloutConfig].vllm_host:  # vLLM's offline engine in-process: run it under a guard
+            rc = run_supervised("rlt.distill", argv)
+            if rc is not None:
+                raise SystemExit(rc)
+        distill(objs[DistillConfig], objs[ModelConfig], objs[DataConfig], objs[FormatConfig], objs[RewardConfig],
+                objs[RolloutConfig])
 
 
-def distill(args: dict, engine=None) -> dict:
+def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: FormatConfig, reward: RewardConfig,
+            rollout: RolloutConfig, engine=None) -> dict:
     """Run distillation; ``engine`` (with .generate(prompt_ids, n, max_tokens, temperature, top_p, seed))
     defaults to vLLM (offline, or the servers at vllm_host). Returns the counts of this run."""
-    if args["select"] not in ("all", "best_of_k"):
-        raise SystemExit(f"rlt.distill: select={args['select']!r}: use all or best_of_k")
-    if args["missing_end_tag"] not in ("drop", "penalise"):
-        raise SystemExit(f"rlt.distill: missing_end_tag={args['missing_end_tag']!r}: use drop or penalise")
-    if args["select"] == "best_of_k" and not args["student"]:
-        raise SystemExit("rlt.distill: select=best_of_k scores explanations with the teacher reward: give student=PATH")
+    if cfg.select == "best_of_k" and not reward.student_model:
+        raise ConfigError("select=best_of_k scores explanations with the teacher reward: give student=PATH")
     from tqdm import tqdm
 
-    from rlt.data.formats import resolve_format
-    from rlt.data.loading import load_examples
+    from rlt.data.loading import load_dataset_examples
     from rlt.data.text import teacher_prompt
     from rlt.generation.offline import make_engine
     from rlt.models import load_tokenizer, resolve_model_path
 
-    teacher = resolve_model_path(args["teacher"])
-    fmt = resolve_format(args["data_format"], args["dataset"], student_system_prompt=args["student_system_prompt"],
-                         teacher_system_prompt=args["teacher_system_prompt"])
+    out = Path(cfg.output)
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise ConfigError(f"output={cfg.output}: use a .jsonl or .parquet path")
+    check_writable_file(out)
+    examples, fmt = load_dataset_examples(data, fmt_cfg)
+    teacher = resolve_model_path(model.require_model())
     tok = load_tokenizer(teacher)
-    examples = load_examples(args["dataset"], fmt, args["split"], drop_bad_rows=args["drop_bad_rows"],
-                             max_samples=args["max_samples"])
-    out = Path(args["output"])
     progress = out if out.suffix == ".jsonl" else out.with_suffix(out.suffix + ".progress.jsonl")
-    progress.parent.mkdir(parents=True, exist_ok=True)
-    done = done_indices(progress)
+    done = load_progress(progress)
     todo = [(i, ex) for i, ex in enumerate(examples) if i not in done]
     logger.info("%d questions, %d already written, %d to do", len(examples), len(done), len(todo))
     prompts = {i: teacher_prompt(tok, ex.question, ex.solution, fmt) for i, ex in todo}
     scorer = None
-    if args["select"] == "best_of_k" and todo:
-        from rlt.rewards.config import RewardConfig
+    if cfg.select == "best_of_k" and todo:
         from rlt.rewards.teacher_reward import load_scorer
 
-        try:
-            scorer = load_scorer(teacher, args["student"], tok, fmt, RewardConfig.from_dict(args), args["temperature"],
-                                 args["scoring_dtype"])
-        except ValueError as e:
-            raise SystemExit(f"rlt.distill: {e}") from None
+        scorer = load_scorer(teacher, reward.student_model, tok, fmt, reward, cfg.temperature, model.dtype)
     totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
     if todo and engine is None:
-        engine = make_engine(teacher, args["vllm_host"], args["vllm_port"], args["vllm_num_servers"],
-                             args["max_prompt_length"] + args["max_tokens"], args["seed"], args["dtype"])
-    if todo:
-        step = args["chunk_size"]
-        for s in tqdm(range(0, len(todo), step), desc="distilling", unit="chunk"):
-            chunk = todo[s:s + step]
+        engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
+                             model.dtype)
+    with open(progress, "a") as f:
+        for s in tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo):
+            chunk = todo[s:s + cfg.chunk_size]
             ids = [tok(prompts[i], add_special_tokens=False)["input_ids"] for i, _ in chunk]
-            gen = engine.generate(ids, args["num_explanations"], args["max_tokens"], args["temperature"],
-                                  args["top_p"], seed=args["seed"] + s)
+            gen = engine.generate(ids, cfg.num_explanations, cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                                  seed=cfg.seed + s)
             texts = [[tok.decode(c, skip_special_tokens=True) for c in per_q] for per_q in gen]
-            rows, counts = select_rows(chunk, texts, fmt, args, scorer, prompts)
-            with open(progress, "a") as f:
-                for row in rows:
-                    f.write(json.dumps(row) + "\n")
+            per_question, counts = select_rows(chunk, texts, fmt, cfg, scorer, prompts)
+            for _, rows in per_question:
+                append_question_rows(f, rows)
+                totals["rows"] += len(rows)
             for k, v in counts.items():
                 totals[k] += v
-            totals["rows"] += len(rows)
     logger.info("explanations %d, without end tag %d (%s), questions with no row %d, rows written %d",
-                totals["explanations"], totals["no_end_tag"], args["missing_end_tag"],
+                totals["explanations"], totals["no_end_tag"], cfg.missing_end_tag,
                 totals["questions_without_rows"], totals["rows"])
+    if todo and totals["rows"] == 0:
+        hint = ("every explanation lacked the end tag: raise max_completion_length or set missing_end_tag=penalise"
+                if totals["no_end_tag"] == totals["explanations"] else "no explanation was kept")
+        raise ConfigError(f"0 rows written to {progress}: {hint}")
     if out != progress:
         import datasets
 
         datasets.Dataset.from_json(str(progress)).to_parquet(str(out))
     summary = out.with_suffix(".summary.json")
-    summary.write_text(json.dumps({**totals, "select": args["select"], "num_explanations": args["num_explanations"]},
+    summary.write_text(json.dumps({**totals, "select": cfg.select, "num_explanations": cfg.num_explanations},
                                   indent=2))
     logger.info("distilled dataset: %s", out)
     return totals

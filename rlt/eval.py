@@ -1,54 +1,95 @@
 """Accuracy of a (student) model on a question/answer dataset.
 
     python -m rlt.eval model=PATH dataset=ID_OR_FILE output_dir=DIR [n_samples=1] [temperature=0.0]
-        [max_tokens=16384] [split=train] [max_samples=N] [data_format=bespoke_stratos]
+        [max_completion_length=16384] [dataset_split=train] [max_samples=N] [data_format=auto]
         [vllm_host=HOST vllm_port=8765]   (default: vLLM's offline engine)
+    python -m rlt.eval --help      # every key with its default
 
-Rows need `question` (or `prompt`) and `answer`; Countdown rows also carry
-`numbers` and `target` and are checked by evaluating the expression; Stratos
-rows (system + conversations) take the gold answer from their solution. The
+Rows of any supported format: Stratos rows (system + conversations) take the
+gold answer from the last \\boxed{} of their solution; custom rows from an
+`answer` column, else the last \\boxed{} of their `solution`; Countdown rows
+(`numbers`, `target`) are checked by evaluating the expression exactly. The
 model sees the student system prompt (the row's `system`, else the format's).
-Writes DIR/results.jsonl (one row per question) and DIR/summary.json.
+A prediction is the last \\boxed{} of the output's solution section, else the
+whole solution section when the output closed one; otherwise it is counted as
+no answer. Writes DIR/results.jsonl (one row per question) and DIR/summary.json.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
+from dataclasses import field
 from pathlib import Path
 
-from rlt.cli import parse_kv
+from rlt.cli import check_writable, user_errors
+from rlt.config import compose_tool
+from rlt.data.config import DataConfig, FormatConfig
+from rlt.errors import ConfigError
+from rlt.generation.config import RolloutConfig
 from rlt.logging_utils import setup_logging
+from rlt.models import ModelConfig
 
 logger = logging.getLogger("rlt.eval")
-DEFAULTS = {"model": None, "dataset": None, "output_dir": None, "n_samples": 1, "temperature": 0.0, "top_p": 1.0,
-            "max_tokens": 16384, "max_prompt_length": 4096, "split": "train", "max_samples": None,
-            "data_format": "bespoke_stratos", "student_system_prompt": None, "vllm_host": None, "vllm_port": 8765,
-            "vllm_num_servers": 1, "dtype": "auto", "seed": 0}
 
 
-def eval_rows(dataset: str, split: str, max_samples: int | None, fmt) -> list[dict]:
-    """[{question, answer, system, numbers?, target?}] from a dataset."""
-    from rlt.answers import extract_answer
-    from rlt.data.examples import QUESTION_COLUMNS, RowError, parse_stratos_row
+@dataclasses.dataclass
+class EvalConfig:
+    """How to sample answers and where to write the results (the model is model_name_or_path)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "directory for results.jsonl and summary.json"})
+    n_samples: int = field(default=1, metadata={"help": "answers sampled per question"})
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0: greedy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    max_completion_length: int = field(default=16384, metadata={
+        "help": "longest answer in tokens (clamped to the model's context)"})
+    seed: int = field(default=0, metadata={"help": "engine seed"})
+
+    def __post_init__(self):
+        if not self.output_dir:
+            raise ConfigError("output_dir=... is required")
+        if self.n_samples < 1 or self.max_completion_length < 1:
+            raise ConfigError(f"n_samples={self.n_samples} and max_completion_length={self.max_completion_length} "
+                              "must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]")
+
+
+def eval_rows(data: DataConfig, fmt_cfg: FormatConfig) -> tuple[list[dict], object]:
+    """([{question, answer, system, numbers, target}], format) from a dataset of any supported format."""
+    from rlt.answers import last_boxed
+    from rlt.data.examples import RowError, parse_rows
+    from rlt.data.formats import resolve_format
     from rlt.data.loading import load_rows
 
-    ds = load_rows(dataset, split)
-    if max_samples is not None:
-        ds = ds.select(range(min(max_samples, len(ds))))
-    rows = []
-    for i, r in enumerate(ds):
-        q = next((r[c] for c in QUESTION_COLUMNS if r.get(c)), None)
-        answer, system = r.get("answer"), r.get("system")
-        if "conversations" in r and r["conversations"]:
-            ex = parse_stratos_row(r, fmt)
-            q = ex.question
-            answer = answer or extract_answer(fmt.solution_tags[0] + ex.solution + fmt.solution_tags[1], fmt)
-        if not q or answer is None:
-            raise RowError(f"{dataset}, row {i}: needs a question and an answer")
-        rows.append({"question": q, "answer": str(answer), "system": system, "numbers": r.get("numbers"),
-                     "target": r.get("target")})
-    return rows
+    source = data.require_dataset()
+    ds = load_rows(source, data.dataset_split)
+    if data.max_samples is not None:
+        ds = ds.select(range(min(data.max_samples, len(ds))))
+    fmt = resolve_format(fmt_cfg.data_format, ds.column_names, source=source,
+                         student_system_prompt=fmt_cfg.student_system_prompt)
+    rows, bad = [], []
+    for i, raw in enumerate(ds):
+        try:
+            [ex] = parse_rows([raw], fmt, source=source)
+            answer = raw.get("answer")
+            if answer is None or not str(answer).strip():
+                answer = last_boxed(ex.solution)
+            if answer is None or not str(answer).strip():
+                raise RowError("no gold answer (an 'answer' column, or a \\boxed{} in the solution)")
+        except RowError as e:
+            if not data.drop_bad_rows:
+                raise RowError(f"{source}, row {i}: {str(e).split('row 0: ')[-1]}") from None
+            bad.append(i)
+            continue
+        rows.append({"question": ex.question, "answer": str(answer).strip(), "system": ex.system,
+                     "numbers": raw.get("numbers"), "target": raw.get("target")})
+    if bad:
+        logger.warning("%s: dropped %d row(s) without a question or gold answer (first: %s)", source, len(bad), bad[:10])
+    if not rows:
+        raise RowError(f"{source}: no row to evaluate")
+    return rows, fmt
 
 
 def evaluate(rows: list[dict], generate, tokenizer, fmt, n_samples: int) -> tuple[list[dict], dict]:
@@ -73,34 +114,46 @@ def evaluate(rows: list[dict], generate, tokenizer, fmt, n_samples: int) -> tupl
 
 
 def main(argv: list[str] | None = None) -> None:
+    from rlt.procs import run_supervised
+
     setup_logging()
-    args = parse_kv(sys.argv[1:] if argv is None else argv, DEFAULTS, ("model", "dataset", "output_dir"), "rlt.eval")
-    from rlt.data.formats import resolve_format
+    argv = sys.argv[1:] if argv is None else argv
+    with user_errors("rlt.eval"):
+        objs = compose_tool("rlt.eval", EvalConfig, (ModelConfig, DataConfig, FormatConfig, RolloutConfig), argv,
+                            __doc__)
+        if not objs[RolloutConfig].vllm_host:  # vLLM's offline engine in-process: run it under a guard
+            rc = run_supervised("rlt.eval", argv)
+            if rc is not None:
+                raise SystemExit(rc)
+        run_eval(objs[EvalConfig], objs[ModelConfig], objs[DataConfig], objs[FormatConfig], objs[RolloutConfig])
+
+
+def run_eval(cfg: EvalConfig, model_cfg: ModelConfig, data: DataConfig, fmt_cfg: FormatConfig,
+             rollout: RolloutConfig) -> dict:
     from rlt.generation.offline import make_engine
     from rlt.models import load_tokenizer, resolve_model_path
 
-    model = resolve_model_path(args["model"])
-    fmt = resolve_format(args["data_format"], args["dataset"], student_system_prompt=args["student_system_prompt"])
+    out = Path(cfg.output_dir)
+    check_writable(out, "output_dir")
+    rows, fmt = eval_rows(data, fmt_cfg)
+    model = resolve_model_path(model_cfg.require_model())
     tok = load_tokenizer(model)
-    rows = eval_rows(args["dataset"], args["split"], args["max_samples"], fmt)
-    engine = make_engine(model, args["vllm_host"], args["vllm_port"], args["vllm_num_servers"],
-                         args["max_prompt_length"] + args["max_tokens"], args["seed"], args["dtype"])
+    engine = make_engine(model, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed, model_cfg.dtype)
 
     def generate(prompts, n):
         ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        outs = engine.generate(ids, n, args["max_tokens"], args["temperature"], args["top_p"], seed=args["seed"])
+        outs = engine.generate(ids, n, cfg.max_completion_length, cfg.temperature, cfg.top_p, seed=cfg.seed)
         return [[tok.decode(c, skip_special_tokens=True) for c in per] for per in outs]
 
-    results, summary = evaluate(rows, generate, tok, fmt, args["n_samples"])
-    out = Path(args["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    results, summary = evaluate(rows, generate, tok, fmt, cfg.n_samples)
     with open(out / "results.jsonl", "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
-    summary.update(model=args["model"], dataset=args["dataset"])
+    summary.update(model=model_cfg.model_name_or_path, dataset=data.dataset_id_or_path)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    logger.info("accuracy %.3f over %d questions x %d samples -> %s", summary["accuracy"], summary["questions"],
-                args["n_samples"], out)
+    logger.info("accuracy %.3f over %d questions x %d samples (no answer %.3f) -> %s", summary["accuracy"],
+                summary["questions"], cfg.n_samples, summary["no_answer"], out)
+    return summary
 
 
 if __name__ == "__main__":

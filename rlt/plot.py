@@ -1,4 +1,5 @@
-"""Training curves of a run: reward, each reward component, KL to the reference, completion length.
+"""Training curves of a run: for RL the reward, each reward component, KL to the reference and
+completion length; for SFT (and RL) the loss, learning rate and gradient norm.
 
     python -m rlt.plot RUN_DIR [--out RUN_DIR/plots]
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import math
 from pathlib import Path
@@ -20,17 +20,21 @@ METRICS = [("reward", "total reward"), ("teacher_reward/r_ss", "r_SS (solution l
            ("teacher_reward/r_kl", "r_KL (KL penalty term)"), ("teacher_reward/match_penalty", "match penalty"),
            ("teacher_reward/thought_kl/mean", "mean thought KL (teacher - student)"),
            ("teacher_reward/solution_log_prob/mean", "mean solution log-prob (student)"),
-           ("kl", "KL to reference"), ("completions/mean_length", "completion length (tokens)")]
+           ("kl", "KL to reference"), ("completions/mean_length", "completion length (tokens)"),
+           ("loss", "training loss"), ("learning_rate", "learning rate"), ("grad_norm", "gradient norm")]
 
 
 def load_history(run_dir: Path) -> list[dict]:
+    """The logged steps of a run (trainer_state.json in the run directory, else its newest checkpoint's)."""
+    from transformers import TrainerState
+
     state = run_dir / "trainer_state.json"
     if not state.exists():
         ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
         if not ckpts:
             raise FileNotFoundError(f"{run_dir}: no trainer_state.json and no checkpoint-* directories")
         state = ckpts[-1] / "trainer_state.json"
-    return [h for h in json.loads(state.read_text())["log_history"] if "step" in h]
+    return [h for h in TrainerState.load_from_json(str(state)).log_history if "step" in h]
 
 
 def plot(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -58,7 +62,7 @@ def plot(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
-    fig.suptitle(f"RLT teacher training: {run_dir.name}")
+    fig.suptitle(f"training curves: {run_dir.name}")
     fig.tight_layout()
     png = out / "training_curves.png"
     fig.savefig(png, dpi=110)

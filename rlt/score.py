@@ -1,102 +1,132 @@
 """Offline scorer: the teacher reward for given completions.
 
     python -m rlt.score teacher=PATH student=PATH input=IN.jsonl output=OUT.jsonl \
-        [teacher_temperature=0.7] [skip_bad_rows=false] [dtype=float32] \
-        [data_format=bespoke_stratos] [student_system_prompt=...] [teacher_system_prompt=...] \
-        [any reward key, e.g. kl_penalty_reward_coeff=[0,0]]
+        [teacher_temperature=0.7] [skip_bad_rows=false] [dtype=auto] [any reward key, e.g. kl_penalty_reward_coeff=[0,0]]
+    python -m rlt.score --help      # every key with its default
 
 Input rows: question, solution (content without tags), completion (teacher text
-after the RL prompt), optional system (student system prompt). Output rows:
-the input plus `reward` and `reward_components`. Every row is checked before
-scoring; a bad row stops the run (nothing is written) unless skip_bad_rows=true.
+after the RL prompt), optional system (student system prompt); the RL run's
+stored_completions/*.jsonl are such rows. Output rows: the input plus `reward`
+and `reward_components`. Every row and the output's directory are checked
+before any model loads; a bad row stops the run (nothing is written) unless
+skip_bad_rows=true.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
+from dataclasses import field
 from pathlib import Path
 
-from rlt.cli import parse_kv
-from rlt.rewards.config import REWARD_CFG_YAML
+from rlt.cli import check_writable_file, user_errors
+from rlt.config import compose_tool
+from rlt.data.config import FormatConfig
+from rlt.data.examples import RowError
+from rlt.errors import ConfigError
 from rlt.logging_utils import setup_logging
+from rlt.models import ModelConfig
+from rlt.rewards.config import RewardConfig
 
 logger = logging.getLogger("rlt.score")
-CLI_DEFAULTS = {"teacher": None, "student": None, "input": None, "output": None, "teacher_temperature": 0.7,
-                "skip_bad_rows": False, "dtype": "float32", "data_format": "bespoke_stratos",
-                "student_system_prompt": None, "teacher_system_prompt": None, "batch_size": 64}
 
 
-def parse_args(argv: list[str]) -> dict:
-    return parse_kv(argv, CLI_DEFAULTS, ("teacher", "student", "input", "output"), "rlt.score", REWARD_CFG_YAML)
+@dataclasses.dataclass
+class ScoreConfig:
+    """What to score and where to write it (the teacher is model_name_or_path, the student student_model)."""
+
+    input: str | None = field(default=None, metadata={"help": "JSON-lines rows: question, solution, completion[, system]"})
+    output: str | None = field(default=None, metadata={"help": "JSON-lines output (written at the end, atomically)"})
+    teacher_temperature: float = field(default=0.7, metadata={
+        "help": "temperature the completions were sampled at (teacher log-probs are unbiased with it)"})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "skip bad rows (their lines are logged) instead of stopping"})
+    batch_size: int = field(default=64, metadata={"help": "rows per reward call"})
+
+    def __post_init__(self):
+        for key in ("input", "output"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key}=... is required")
+        if self.teacher_temperature <= 0 or self.batch_size < 1:
+            raise ConfigError(f"teacher_temperature={self.teacher_temperature} must be > 0 and "
+                              f"batch_size={self.batch_size} >= 1")
 
 
 def read_items(path: str, tokenizer, fmt, skip_bad_rows: bool):
-    """(row, RewardInput) pairs; bad rows raise with their line number unless skipped."""
+    """(row, RewardInput) pairs; a bad row raises RowError with its line number unless skipped."""
+    from rlt.data.loading import read_jsonl
     from rlt.data.text import teacher_prompt
     from rlt.rewards.teacher_reward import RewardInput
 
     out, bad = [], []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                missing = [k for k in ("question", "solution", "completion") if not isinstance(row.get(k), str)]
-                if missing:
-                    raise ValueError(f"missing or non-string field(s) {missing}")
-                if not row["question"].strip():
-                    raise ValueError("empty question")
-                item = RewardInput(teacher_prompt(tokenizer, row["question"], row["solution"], fmt), row["completion"],
-                                   row["question"], row["solution"], row.get("system"))
-            except ValueError as e:  # json.JSONDecodeError is a ValueError
-                if not skip_bad_rows:
-                    raise SystemExit(f"rlt.score: {path}, line {lineno}: {e} (skip_bad_rows=true skips such rows; "
-                                     "nothing was written)") from None
-                bad.append(lineno)
-                continue
-            out.append((row, item))
+    if not Path(path).is_file():
+        raise ConfigError(f"input={path}: no such file")
+    for lineno, row in read_jsonl(path, skip_bad=skip_bad_rows, bad=bad):
+        try:
+            missing = [k for k in ("question", "solution", "completion") if not isinstance(row.get(k), str)]
+            if missing:
+                raise ValueError(f"missing or non-text field(s) {missing}")
+            for key in ("question", "solution"):
+                if not row[key].strip():
+                    raise ValueError(f"empty {key}")
+            if row.get("system") is not None and not isinstance(row["system"], str):
+                raise ValueError("'system' must be text")
+            item = RewardInput(teacher_prompt(tokenizer, row["question"], row["solution"], fmt), row["completion"],
+                               row["question"], row["solution"], row.get("system"))
+        except ValueError as e:
+            if not skip_bad_rows:
+                raise RowError(f"{path}, line {lineno}: {e} (skip_bad_rows=true skips such rows)") from None
+            bad.append(lineno)
+            continue
+        out.append((row, item))
     if bad:
-        logger.warning("%s: skipped %d bad row(s) at line(s) %s", path, len(bad), bad[:20])
+        logger.warning("%s: skipped %d bad row(s) at line(s) %s", path, len(bad), sorted(bad)[:20])
+    if not out:
+        raise RowError(f"{path}: no row to score")
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    with user_errors("rlt.score"):
+        objs = compose_tool("rlt.score", ScoreConfig, (ModelConfig, FormatConfig, RewardConfig),
+                            sys.argv[1:] if argv is None else argv, __doc__)
+        score(objs[ScoreConfig], objs[ModelConfig], objs[FormatConfig], objs[RewardConfig])
+
+
+def score(cfg: ScoreConfig, model: ModelConfig, fmt_cfg: FormatConfig, reward: RewardConfig) -> int:
+    """Score every row of cfg.input into cfg.output; returns the number of rows written."""
     from tqdm import tqdm
 
     from rlt.data.formats import resolve_format
     from rlt.models import load_tokenizer
-    from rlt.rewards.config import RewardConfig
     from rlt.rewards.teacher_reward import load_scorer
 
-    fmt = resolve_format(args["data_format"], student_system_prompt=args["student_system_prompt"],
-                         teacher_system_prompt=args["teacher_system_prompt"])
-    tokenizer = load_tokenizer(args["teacher"])
-    rows = read_items(args["input"], tokenizer, fmt, args["skip_bad_rows"])
-    try:
-        score = load_scorer(args["teacher"], args["student"], tokenizer, fmt, RewardConfig.from_dict(args),
-                            args["teacher_temperature"], args["dtype"])
-    except ValueError as e:
-        raise SystemExit(f"rlt.score: {e}") from None
+    if not reward.student_model:
+        raise ConfigError("student=... (student_model) is required: the reward's frozen student")
+    check_writable_file(cfg.output)
+    fmt = resolve_format(fmt_cfg.data_format, student_system_prompt=fmt_cfg.student_system_prompt,
+                         teacher_system_prompt=fmt_cfg.teacher_system_prompt)
+    tokenizer = load_tokenizer(model.require_model())
+    rows = read_items(cfg.input, tokenizer, fmt, cfg.skip_bad_rows)
+    scorer = load_scorer(model.model_name_or_path, reward.student_model, tokenizer, fmt, reward,
+                         cfg.teacher_temperature, model.dtype)
     scored = []
-    for s in tqdm(range(0, len(rows), args["batch_size"]), desc="scoring", unit="batch"):
-        chunk = rows[s:s + args["batch_size"]]
-        res = score([item for _, item in chunk])
+    for s in tqdm(range(0, len(rows), cfg.batch_size), desc="scoring", unit="batch"):
+        chunk = rows[s:s + cfg.batch_size]
+        res = scorer([item for _, item in chunk])
         for k, (row, _) in enumerate(chunk):
             comps = {n: (None if v[k] != v[k] else float(v[k])) for n, v in res.components.items()}  # NaN -> null
             scored.append({**row, "reward": float(res.rewards[k]), "reward_components": comps})
-    out = Path(args["output"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".partial")
+    out = Path(cfg.output)
+    tmp = out.with_name(out.name + ".partial")
     with open(tmp, "w") as f:
         for row in scored:
             f.write(json.dumps(row) + "\n")
     os.replace(tmp, out)
     logger.info("scored %d row(s) -> %s", len(scored), out)
+    return len(scored)
 
 
 if __name__ == "__main__":

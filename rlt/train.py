@@ -1,105 +1,107 @@
-"""Training entry point (Hydra). Normally started through ./launch.sh.
+"""Training entry point. Normally started through ./launch.sh, which runs ``--check`` first.
 
-    python -m rlt.train run_cfg@_global_=teacher_sft [key=value ...]
-    python -m rlt.train run_cfg@_global_=teacher_sft --cfg job   # print the composed config
+    python -m rlt.train RECIPE [key=value ...]          # RECIPE: a name in cfgs/run_cfg or a .yaml path
+    python -m rlt.train RECIPE [key=value ...] --cfg job  # print the composed config
+    python -m rlt.train RECIPE [key=value ...] --check [--processes N]  # validate settings and data, exit
+    python -m rlt.train --help                            # every rlt key with its default
+(``run_cfg@_global_=RECIPE``, Hydra's spelling, is accepted for RECIPE.) Overrides use Hydra's syntax.
 """
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
+import sys
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from rlt.cli import check_writable, user_errors
+from rlt.config import build_train_settings, compose, num_processes_from_env, train_help
+from rlt.errors import ConfigError
 from rlt.logging_utils import setup_logging
 
 logger = logging.getLogger("rlt.train")
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "cfgs")
 
 
-def compose(run_cfg: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """The resolved config of ``run_cfg`` with Hydra overrides, outside @hydra.main."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+def check(cfg: dict, num_processes: int | None = None):
+    """Validate a composed config and its data without loading a model or writing anything but a probe in
+    output_dir. Returns (settings, examples, format)."""
+    from rlt.data.loading import load_dataset_examples
+    from rlt.trainers.grpo_run import validate_grpo
 
-    name = Path(run_cfg).name.removesuffix(".yaml")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hydra_compose("train", overrides=[f"run_cfg@_global_={name}", *overrides])
-    out = OmegaConf.to_container(cfg, resolve=True)
-    out.pop("hydra", None)
-    return out
-
-
-def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
-    """The checkpoint to resume from: ``resume_from`` if set, else the newest in output_dir."""
-    if resume_from:
-        if not Path(resume_from, "trainer_state.json").exists():
-            raise FileNotFoundError(f"resume_from={resume_from}: not a checkpoint (no trainer_state.json)")
-        return resume_from
-    if not Path(output_dir).is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(output_dir)
-
-
-CRASH_ENV = "RLT_INJECT_CRASH_AFTER_STEP"
-
-
-def crash_after_step_callback(step: int):
-    """Fault injection for resume tests: hard-exit right after the checkpoint of ``step`` is written."""
-    from transformers import TrainerCallback
-
-    class _Crash(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step >= step:
-                logger.warning("%s=%d: exiting after the checkpoint of step %d", CRASH_ENV, step, state.global_step)
-                logging.shutdown()
-                os._exit(17)
-
-    return _Crash()
-
-
-def train_and_save(trainer, tokenizer, rlt_cfg: dict, output_dir: str) -> None:
-    """Train (resuming when a checkpoint exists) and save the final model + tokenizer."""
-    if os.environ.get(CRASH_ENV):
-        trainer.add_callback(crash_after_step_callback(int(os.environ[CRASH_ENV])))
-    ckpt = last_checkpoint(output_dir, rlt_cfg.get("resume_from"))
-    if ckpt:
-        logger.info("resuming from %s", ckpt)
-    trainer.train(resume_from_checkpoint=ckpt)
-    trainer.save_state()  # output_dir/trainer_state.json: the log history rlt.plot reads
-    if rlt_cfg.get("save_final_model", True):
-        trainer.save_model(output_dir)
-        if trainer.accelerator.is_main_process:
-            tokenizer.save_pretrained(output_dir)
-        logger.info("final model saved to %s", output_dir)
-
-
-def save_composed_config(cfg: dict, output_dir: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(cfg), Path(output_dir) / "rlt_config.yaml")
+    n = num_processes or num_processes_from_env()
+    # num_processes is given by launchers checking a run before it starts (a plain process); inside a
+    # launched rank it is None and the settings are derived from the launch (gloo on CPU).
+    s = build_train_settings(cfg, num_processes=num_processes)
+    s.model.require_model()
+    if s.run.trainer == "teacher_grpo":
+        validate_grpo(s, n)
+    examples, fmt = load_dataset_examples(s.data, s.format)
+    check_writable(s.args.output_dir)
+    return s, examples, fmt
 
 
 def run(cfg: dict) -> None:
-    kind = cfg.get("trainer")
-    if kind in ("sft", "student_sft"):
-        from rlt.trainers.sft import run_sft
-
-        run_sft(cfg, student=kind == "student_sft")
-    elif kind == "teacher_grpo":
+    s, examples, fmt = check(cfg)
+    if s.run.trainer == "teacher_grpo":
         from rlt.trainers.grpo_run import run_teacher_grpo
 
-        run_teacher_grpo(cfg)
+        run_teacher_grpo(s, examples, fmt)
     else:
-        raise ValueError(f"trainer={kind!r}: expected sft, student_sft or teacher_grpo (set by trainer_cfg)")
+        from rlt.trainers.sft import run_sft
+
+        run_sft(s, examples, fmt)
 
 
-@hydra.main(config_path="../cfgs", config_name="train", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def parse_argv(argv: list[str]) -> tuple[str | None, list[str], set[str]]:
+    """(recipe, overrides, flags) from ``RECIPE [key=value ...] [--check] [--cfg job]`` in any order;
+    ``run_cfg@_global_=NAME`` (Hydra's spelling) names the recipe too."""
+    recipe, overrides, flags = None, [], set()
+    rest = list(argv)
+    while rest:
+        a = rest.pop(0)
+        if a == "--cfg":
+            what = rest.pop(0) if rest else ""
+            if what != "job":
+                raise ConfigError(f"--cfg {what}: only --cfg job (print the composed config) is supported")
+            flags.add("cfg")
+        elif a in ("--check", "--help", "-h"):
+            flags.add(a.lstrip("-")[0] if a == "-h" else a.lstrip("-"))
+        elif a == "--processes":
+            n = rest.pop(0) if rest else ""
+            if not n.isdigit() or int(n) < 1:
+                raise ConfigError(f"--processes {n}: give the number of training processes (>= 1)")
+            flags.add(f"processes={n}")
+        elif a.startswith("run_cfg@_global_="):
+            recipe = a.split("=", 1)[1]
+        elif "=" in a:
+            overrides.append(a)
+        elif recipe is None and not a.startswith("-"):
+            recipe = a
+        else:
+            raise ConfigError(f"unexpected argument {a!r}: give RECIPE [key=value ...] [--check] [--cfg job]")
+    return recipe, overrides, flags
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     setup_logging()
-    run(OmegaConf.to_container(cfg, resolve=True))
+    with user_errors("rlt.train"):
+        recipe, overrides, flags = parse_argv(argv)
+        if "help" in flags or "h" in flags:
+            sys.stdout.write(train_help())
+            return
+        if recipe is None:
+            raise ConfigError("give a recipe: a name under cfgs/run_cfg or a .yaml path (--help lists every key)")
+        composed = compose(recipe, overrides)
+        if "cfg" in flags:
+            sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(composed)))
+            return
+        if "check" in flags:
+            n = next((int(f.split("=")[1]) for f in flags if f.startswith("processes=")), 1)
+            s, examples, _ = check(composed, num_processes=n)
+            logger.info("settings and data are valid: trainer %s, %d examples, output_dir %s", s.run.trainer,
+                        len(examples), s.args.output_dir)
+            return
+        run(composed)
 
 
 if __name__ == "__main__":

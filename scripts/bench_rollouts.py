@@ -49,7 +49,7 @@ def main() -> None:
     from rlt.generation.client import VLLMServerPool
     from rlt.generation.server import ServerProcess, ServerSpec, wait_until_healthy
     from rlt.models import resolve_model_path
-    from rlt.train import compose
+    from rlt.config import build_train_settings, compose
     from rlt.trainers.grpo_run import build_teacher_grpo_trainer
 
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def main() -> None:
                                        f"num_generations={args.generations}", f"train_batch_size={n}",
                                        f"per_device_train_batch_size={n}", f"max_completion_length={args.max_tokens}",
                                        "logging_prob=0", "save_completions_probability=0"])
-    trainer, tok, _ = build_teacher_grpo_trainer(cfg, num_processes=1)
+    trainer, tok = build_teacher_grpo_trainer(build_train_settings(cfg, num_processes=1))
     prompts = [trainer.train_dataset[i]["prompt"] for i in range(args.prompts)]
     prompt_ids = [ids for ids in tok(prompts, add_special_tokens=False)["input_ids"] for _ in range(args.generations)]
 

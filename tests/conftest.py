@@ -31,11 +31,11 @@ def tokenizer(tiny_path):
     return load_tokenizer(tiny_path)
 
 
-def run_cmd(args, timeout=900, env=None, check=True):
-    """Run a command from the repo root; on failure show its output."""
+def run_cmd(args, timeout=900, env=None, check=True, cwd=ROOT):
+    """Run a command (from the repo root unless ``cwd``); on failure show its output."""
     full_env = {**os.environ, **(env or {})}
     full_env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + full_env.get("PATH", "")
-    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-5000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
     return proc

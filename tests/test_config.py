@@ -4,19 +4,22 @@ from pathlib import Path
 import pytest
 from trl import SFTConfig
 
-from rlt.config import ConfigError, build_args, gradient_accumulation, split_config
-from rlt.train import CONFIG_DIR, compose
+from rlt.config import CONFIG_DIR, build_train_settings, compose, gradient_accumulation, split
+from rlt.errors import ConfigError
+from rlt.models import ModelConfig
+from rlt.runs import RunConfig
 
 RUN_CFGS = sorted(p.stem for p in Path(CONFIG_DIR, "run_cfg").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("run", RUN_CFGS)
-def test_every_run_cfg_composes_and_maps_to_trl(run):
-    cfg = compose(run)
-    assert cfg["trainer"] in ("sft", "student_sft", "teacher_grpo")
-    if cfg["trainer"] != "teacher_grpo":
-        rlt, kw = split_config(cfg, SFTConfig)  # raises on any key trl does not know
-        assert "model_name_or_path" in rlt and "learning_rate" in kw
+def test_every_run_cfg_composes_to_typed_settings(run):
+    cfg = compose(run, ["output_dir=/tmp/unused"])
+    n = 2 if run.startswith("tiny") else (4 if run == "teacher_rlt" else 8)  # the layouts they are meant for
+    s = build_train_settings(cfg, num_processes=n)  # raises on any unknown or mistyped key
+    assert s.run.trainer in ("sft", "student_sft", "teacher_grpo")
+    assert s.model.model_name_or_path and s.args.learning_rate > 0
+    assert (s.reward is not None) == (s.run.trainer == "teacher_grpo")
 
 
 def test_teacher_sft_paper_values():
@@ -52,31 +55,72 @@ def test_gradient_accumulation_arithmetic():
     assert all(s in str(e.value) for s in ("train_batch_size=16", "per_device_train_batch_size=3", "processes=2"))
 
 
-def test_build_args_translates_and_derives(tmp_path):
+def test_settings_translate_and_derive(tmp_path):
     cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path}", "train_batch_size=8"])
-    rlt, args = build_args(cfg, SFTConfig, num_processes=2)
-    assert args.gradient_accumulation_steps == 4
-    assert args.warmup_steps == 0.05  # warmup_ratio -> transformers 5 warmup_steps (a ratio below 1)
-    assert args.report_to == [] or args.report_to == "none" or args.report_to == ["none"]
-    assert rlt["model_name_or_path"] == "rlt-tiny:0"
+    s = build_train_settings(cfg, num_processes=2)
+    assert s.args.gradient_accumulation_steps == 4
+    assert s.args.warmup_steps == 0.05  # warmup_ratio -> transformers 5 warmup_steps (a ratio below 1)
+    assert s.args.report_to == []  # "none": nothing is reported
+    assert s.model.model_name_or_path == "rlt-tiny:0" and s.run.train_batch_size == 8
     bad = dict(cfg, gradient_accumulation_steps=3)
     with pytest.raises(ConfigError, match="disagrees"):
-        build_args(bad, SFTConfig, num_processes=2)
+        build_train_settings(bad, num_processes=2)
 
 
-def test_unknown_and_duplicate_keys_are_errors():
+def test_unknown_mistyped_and_duplicate_keys_are_errors():
     cfg = compose("tiny_teacher_sft")
-    with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['lerning_rate'\]"):
-        split_config({**cfg, "lerning_rate": 1}, SFTConfig)
+    concerns = (RunConfig, ModelConfig)
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['lerning_rate'\]"):
+        split({k: cfg[k] for k in ("trainer", "learning_rate")} | {"lerning_rate": 1}, concerns, SFTConfig)
     with pytest.raises(ConfigError, match="both 'max_seq_length' and 'max_length'"):
-        split_config({**cfg, "max_seq_length": 10}, SFTConfig)
-    rlt, kw = split_config({k: v for k, v in cfg.items() if k != "max_length"} | {"max_seq_length": 10}, SFTConfig)
-    assert kw["max_length"] == 10
+        split({"trainer": "sft", "max_length": 5, "max_seq_length": 10}, concerns, SFTConfig)
+    objs, kw = split({"trainer": "sft", "max_seq_length": 10, "torch_dtype": "float32"}, concerns, SFTConfig)
+    assert kw["max_length"] == 10 and objs[ModelConfig].dtype == "float32"
+    with pytest.raises(ConfigError, match=r"train_batch_size='many': .*Integer"):
+        split({"trainer": "sft", "train_batch_size": "many"}, concerns, SFTConfig)
+    with pytest.raises(ConfigError, match=r"dtype='float8'.*choose one of"):
+        split({"trainer": "sft", "dtype": "float8"}, concerns, SFTConfig)
+    with pytest.raises(ConfigError, match="unknown key 'lerning_rate'"):
+        compose("tiny_teacher_sft", ["lerning_rate=1"])
+    with pytest.raises(ConfigError, match=r"\+logging_first_step=VALUE"):
+        compose("tiny_teacher_sft", ["logging_first_step=true"])
+    assert compose("tiny_teacher_sft", ["+logging_first_step=true"])["logging_first_step"] is True
 
 
+def test_no_key_is_declared_twice():
+    """Each rlt key lives in one dataclass, and none shadows a field of the trl config classes."""
+    from trl import GRPOConfig
+
+    from rlt.config import CONCERNS, field_names
+
+    seen = {}
+    for cls in CONCERNS.values():
+        for name in field_names(cls):
+            assert name not in seen, f"{name} in {cls.__name__} and {seen[name]}"
+            seen[name] = cls.__name__
+    trl_fields = set(field_names(SFTConfig)) | set(field_names(GRPOConfig))
+    assert sorted(set(seen) & trl_fields) == []
+
+
+def test_recipe_from_any_path(tmp_path):
+    own = tmp_path / "tiny_teacher_sft.yaml"  # same name as a built-in recipe, different content
+    own.write_text(Path(CONFIG_DIR, "run_cfg", "tiny_teacher_sft.yaml").read_text().replace("max_steps: 4", "max_steps: 11"))
+    assert compose(str(own))["max_steps"] == 11
+    assert compose("tiny_teacher_sft")["max_steps"] == 4
+    assert compose(str(Path(CONFIG_DIR, "run_cfg", "tiny_teacher_sft.yaml")))["max_steps"] == 4
+    with pytest.raises(ConfigError, match="no such file"):
+        compose(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="not in cfgs/run_cfg"):
+        compose("no_such_recipe")
+
+
+@pytest.mark.slow
 def test_cli_prints_composed_config():
     from conftest import run_cmd
     import sys
 
     out = run_cmd([sys.executable, "-m", "rlt.train", "run_cfg@_global_=teacher_sft", "learning_rate=2e-5", "--cfg", "job"]).stdout
     assert "learning_rate: 2.0e-05" in out and "model_name_or_path: Qwen/Qwen2.5-7B-Instruct" in out
+    out = run_cmd([sys.executable, "-m", "rlt.train", "run_cfg@_global_=teacher_rlt", "kl_penalty_reward_coeff=[0,0]",
+                   "--cfg", "job"]).stdout
+    assert "kl_penalty_reward_coeff:\n- 0\n- 0" in out

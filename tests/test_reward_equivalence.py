@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from reward_oracle import oracle_reward
+from rlt.testing.reward_oracle import oracle_reward
 from rlt.data.formats import resolve_format
 from rlt.data.loading import load_examples
 from rlt.data.text import teacher_prompt
@@ -86,7 +86,18 @@ def test_rlt_matches_oracle(tokenizer, models, name):
         kinds["after_tag"] += E1 in item.completion and not item.completion.endswith(E1)
     assert kinds["no_tag"] >= 5 and kinds["after_tag"] >= 3
     assert (res.components["match_penalty"] == -1).sum() == kinds["no_tag"]
-    assert res.components["misaligned_thought_tokens"].sum() >= 0
+    # with this tokenizer every student thought token has its teacher twin (the pairing is unit-tested below)
+    assert res.components["misaligned_thought_tokens"].tolist() == [0.0] * len(cases)
+
+
+def test_align_spans_counts_student_tokens_without_a_teacher_twin():
+    from rlt.rewards.spans import Encoded, align_spans
+
+    # teacher: "ab|cd" as [ab][cd]; student: the same text as [a][bcd] except the shared [cd]-free part
+    teacher = Encoded(ids=[9, 1, 2], offsets=[(0, 3), (3, 5), (5, 7)])   # prompt token, "ab", "cd"
+    student = Encoded(ids=[7, 5, 6, 2], offsets=[(0, 10), (10, 11), (11, 12), (12, 14)])  # "a", "b", "cd"
+    pt, ps, missing = align_spans(teacher, [1, 2], 3, student, [1, 2, 3], 10)
+    assert (pt, ps, missing) == ([2], [3], 2)  # only "cd" pairs (same id, same relative range)
 
 
 def test_empty_thought_and_solution_spans_get_penalties(tokenizer, models):

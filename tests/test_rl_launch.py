@@ -3,6 +3,9 @@ import json
 import re
 
 from conftest import run_cmd
+import pytest
+
+pytestmark = pytest.mark.slow  # launches, servers or model-loading command lines
 
 CMD = ["./launch.sh", "2", "cfgs/run_cfg/tiny_teacher_rlt.yaml"]
 

@@ -1,9 +1,14 @@
 """python -m rlt.score on Countdown rows with two tiny models."""
 import json
+import os
 import sys
+
+import pytest
 
 from conftest import run_cmd
 from rlt.data import countdown
+
+pytestmark = pytest.mark.slow  # launches, servers or model-loading command lines
 
 
 def write_input(path, n=6, bad_line=None):
@@ -40,16 +45,55 @@ def test_score_cli_writes_rewards(tmp_path):
 def test_bad_row_stops_before_writing(tmp_path):
     write_input(tmp_path / "in.jsonl", bad_line=3)
     proc = score(tmp_path, check=False)
-    assert proc.returncode != 0
-    assert "in.jsonl, line 3: missing or non-string field(s) ['solution']" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"rlt.score: error: {tmp_path / 'in.jsonl'}, line 3: missing or non-text field(s) ['solution'] "
+        "(skip_bad_rows=true skips such rows)")
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out.jsonl").exists()
     score(tmp_path, "skip_bad_rows=true")
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 5
 
 
-def test_unknown_key_and_missing_args(tmp_path):
+@pytest.mark.parametrize("line,msg", [
+    (b'{"question": "q", "solution": "s", "completion": "\xff\xfe"}', "line 2: not valid UTF-8"),
+    (b'["question", "solution"]', "line 2: a JSON list, not an object"),
+    (b'{"question": "q", "solution": "s", ', "line 2: not valid JSON"),
+    (b'{"question": "q", "solution": "  ", "completion": "x"}', "line 2: empty solution"),
+])
+def test_malformed_rows_give_one_line(tmp_path, line, msg):
+    rows = countdown.generate_rows(2, seed=4)
+    good = json.dumps({"question": rows[0]["question"], "solution": rows[0]["solution"], "completion": "x"}).encode()
+    (tmp_path / "in.jsonl").write_bytes(good + b"\n" + line + b"\n" + good + b"\n")
+    proc = score(tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"rlt.score: error: {tmp_path / 'in.jsonl'}, {msg}"), last
+    assert not (tmp_path / "out.jsonl").exists()
+    score(tmp_path, "skip_bad_rows=true")  # the bad line is skipped, the two good ones are scored
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
+
+
+def test_unwritable_output_is_found_before_any_model_loads(tmp_path):
+    write_input(tmp_path / "in.jsonl", n=1)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro").chmod(0o500)
+    proc = run_cmd([sys.executable, "-m", "rlt.score", "teacher=rlt-tiny:0", "student=rlt-tiny:1",
+                    f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'ro' / 'sub' / 'out.jsonl'}"], check=False)
+    if os.geteuid() == 0:  # root writes anywhere: the check cannot be shown here
+        assert proc.returncode == 0
+        return
+    assert proc.returncode == 2 and "cannot write there" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_unknown_key_missing_args_and_help(tmp_path):
     write_input(tmp_path / "in.jsonl", n=1)
     proc = score(tmp_path, "kl_penalty_coef=[0,0]", check=False)
-    assert proc.returncode != 0 and "kl_penalty_coef" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "rlt.score: error: unknown key 'kl_penalty_coef' (--help lists every key)"
     proc = run_cmd([sys.executable, "-m", "rlt.score", "teacher=rlt-tiny:0"], check=False)
-    assert "missing required argument(s) student=..., input=..., output=..." in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("input=... is required")
+    out = run_cmd([sys.executable, "-m", "rlt.score", "--help"]).stdout
+    for key in ("input=None", "teacher_temperature=0.7", "kl_penalty_reward_coeff=[3.0, 0.03]", "student_model=None",
+                "(also: student)", "data_format='auto'"):
+        assert key in out, key

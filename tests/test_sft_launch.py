@@ -1,6 +1,9 @@
 """A 2-process DeepSpeed ZeRO-3 tiny SFT run through launch.sh (CPU, gloo)."""
 import torch
 from conftest import run_cmd
+import pytest
+
+pytestmark = pytest.mark.slow  # launches, servers or model-loading command lines
 
 
 def test_zero3_two_process_sft_trains_and_saves(tmp_path, tiny_path):
@@ -11,6 +14,9 @@ def test_zero3_two_process_sft_trains_and_saves(tmp_path, tiny_path):
                     "save_strategy=steps", "save_steps=2"])
     log = proc.stdout + proc.stderr
     assert "'loss':" in log and "deepspeed=zero3" in log
+    # known library noise is filtered (rlt/logging_utils.py); before, each step printed dozens of warnings
+    warnings = [line for line in log.splitlines() if "warning" in line.lower()]
+    assert len(warnings) <= 6, "\n".join(warnings[:20])
     before = AutoModelForCausalLM.from_pretrained(tiny_path)
     after = AutoModelForCausalLM.from_pretrained(out)
     changed = [k for k, v in after.state_dict().items() if not torch.allclose(v, before.state_dict()[k])]

@@ -4,18 +4,16 @@ import math
 import pytest
 import torch
 
-from rlt.config import ConfigError
-from rlt.rewards.config import RewardConfig
+from rlt.config import build_train_settings, compose
+from rlt.errors import ConfigError
 from rlt.rewards.teacher_reward import RewardInput
-from rlt.train import compose
 from rlt.trainers.grpo_run import build_teacher_grpo_trainer, run_teacher_grpo, validate_grpo
 
 
 def make_trainer(tmp_path, *overrides):
     cfg = compose("tiny_teacher_rlt", [f"output_dir={tmp_path}", "logging_prob=0", "save_completions_probability=0",
                                        *overrides])
-    trainer, tok, _ = build_teacher_grpo_trainer(cfg, num_processes=1)
-    return trainer, tok
+    return build_teacher_grpo_trainer(build_train_settings(cfg, num_processes=1))
 
 
 def test_paper_values_compose():
@@ -34,43 +32,41 @@ def test_paper_values_compose():
 
 
 def test_kl_coeff_override_reaches_the_reward():
-    from trl import GRPOConfig
-    from rlt.config import build_args
-
     cfg = compose("teacher_rlt", ["kl_penalty_reward_coeff=[0,0]", "output_dir=/tmp/unused"])
-    rlt_cfg, _ = build_args(cfg, GRPOConfig, num_processes=4)
-    assert RewardConfig.from_dict(rlt_cfg).kl_penalty_reward_coeff == [0.0, 0.0]
+    assert build_train_settings(cfg, num_processes=4).reward.kl_penalty_reward_coeff == [0.0, 0.0]
 
 
 def test_validation_errors(tmp_path):
-    from trl import GRPOConfig
-    from rlt.config import build_args
-
     def check(overrides, n, match):
-        cfg = compose("teacher_rlt", [f"output_dir={tmp_path}", *overrides])
         with pytest.raises(ConfigError, match=match):
-            build_args(cfg, GRPOConfig, num_processes=n, validate=validate_grpo)
+            cfg = compose("teacher_rlt", [f"output_dir={tmp_path}", *overrides])
+            validate_grpo(build_train_settings(cfg, num_processes=n), n)
 
     check([], 8, r"generation_aggregation_steps=256 must divide gradient_accumulation_steps=128")
     check(["train_batch_size=1000"], 4, r"train_batch_size=1000 must be a multiple of num_generations=64")
     check(["num_generations=1"], 4, r"at least 2")
-    check(["generation_aggregation_steps=2"], 4, "= 8 completions, not a multiple of num_generations=64")
+    check(["generation_aggregation_steps=2"], 4, r"generation_batch_size \(8\) must be divisible by num_generations \(64\)"
+          r".*per_device_train_batch_size x 4 processes x generation_aggregation_steps")
     check(["student_model=null"], 4, "student_model is required")
     check(["use_reference_teacher_model=true", "beta=0"], 4, "needs a reference model")
     check(["answer_log_prob_coeff=[1]"], 4, "answer_log_prob_coeff has 1 value")
+    for bad, match in [("temperature=-1", r"temperature=-1(\.0)? must be > 0"), ("top_p=1.5", r"top_p=1.5 must be in \(0, 1\]"),
+                       ("top_p=0", r"top_p=0(\.0)? must be"), ("max_completion_length=0", "max_completion_length=0"),
+                       ("repetition_penalty=0", r"repetition_penalty=0(\.0)? must"), ("min_p=2", r"min_p=2(\.0)? must")]:
+        check([bad], 4, match)
     # passes on 4 training processes (the paper's layout)
-    cfg = compose("teacher_rlt", [f"output_dir={tmp_path}"])
-    rlt_cfg, args = build_args(cfg, GRPOConfig, num_processes=4, validate=validate_grpo)
-    assert args.gradient_accumulation_steps == 256 and args.steps_per_generation == 256
+    s = build_train_settings(compose("teacher_rlt", [f"output_dir={tmp_path}"]), num_processes=4)
+    validate_grpo(s, 4)
+    assert s.args.gradient_accumulation_steps == 256 and s.args.steps_per_generation == 256
 
 
 def test_student_with_another_tokenizer_is_refused(tmp_path):
     from rlt.testing.tiny_model import write_tiny_model
 
-    other = write_tiny_model(tmp_path / "other", seed=2, vocab_size=400, tokenizer_seed=7)
+    other = write_tiny_model(tmp_path / "other", seed=2, tokenizer_vocab_size=400, tokenizer_seed=7)
     cfg = compose("tiny_teacher_rlt", [f"output_dir={tmp_path}/o", f"student_model={other}"])
     with pytest.raises(ConfigError, match="different tokenizer"):
-        run_teacher_grpo(cfg)
+        run_teacher_grpo(build_train_settings(cfg, num_processes=1))
 
 
 def test_advantages_by_hand_including_zero_std_group(tmp_path):

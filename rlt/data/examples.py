@@ -7,13 +7,14 @@ import re
 from typing import Any, Iterable
 
 from rlt.data.formats import DataFormat
+from rlt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 QUESTION_COLUMNS = ("question", "prompt")
 
 
-class RowError(ValueError):
+class RowError(ConfigError):
     """A dataset row the format cannot parse; the message names the row."""
 
 
@@ -42,20 +43,30 @@ def _between(text: str, start: str, end: str, what: str) -> tuple[str, int]:
 
 
 def parse_stratos_row(row: dict[str, Any], fmt: DataFormat) -> Example:
+    """A Stratos row: ``conversations`` holds one user turn (the question) and then one assistant turn
+    (thought + solution); ``system`` turns inside the conversation are allowed before them."""
     conv = row.get("conversations")
     if not conv:
         raise RowError("missing column 'conversations'")
-    user = next((t for t in conv if t.get("from") == "user"), None)
-    asst = next((t for t in conv if t.get("from") == "assistant"), None)
-    if user is None or not str(user.get("value", "")).strip():
-        raise RowError("no non-empty user turn in 'conversations'")
-    if asst is None:
-        raise RowError("no assistant turn in 'conversations'")
-    text = asst.get("value", "")
+    if not isinstance(conv, list) or not all(isinstance(t, dict) for t in conv):
+        raise RowError("'conversations' must be a list of {from, value} turns")
+    turns = [t for t in conv if t.get("from") != "system"]
+    roles = [t.get("from") for t in turns]
+    if roles != ["user", "assistant"]:
+        raise RowError(f"'conversations' must be one user turn followed by one assistant turn; found {roles}")
+    user, asst = turns
+    question, text = user.get("value"), asst.get("value")
+    if not isinstance(question, str) or not question.strip():
+        raise RowError("the user turn is empty or not text")
+    if not isinstance(text, str):
+        raise RowError("the assistant turn is not text")
     thought, pos = _between(text, *fmt.think_tags, what="assistant turn")
     solution, _ = _between(text[pos:], *fmt.solution_tags, what="assistant turn after the thought")
+    if not solution.strip():
+        raise RowError("empty solution in the assistant turn")
     system = row.get("system")
-    return Example(question=user["value"], solution=solution, thought=thought, system=system or None)
+    return Example(question=question, solution=solution, thought=thought,
+                   system=system if isinstance(system, str) and system else None)
 
 
 def question_column(columns: Iterable[str]) -> str:
@@ -67,16 +78,24 @@ def question_column(columns: Iterable[str]) -> str:
     raise RowError(f"custom data needs a 'question' (or 'prompt') column; found columns {cols}")
 
 
-def parse_custom_row(row: dict[str, Any], qcol: str) -> Example:
+def parse_custom_row(row: dict[str, Any], qcol: str, fmt: DataFormat) -> Example:
+    """A custom row; its thought (reasoning_trace, else the solution) is normalised to start and end with the
+    format's padding, as Stratos thoughts do and as the RL prompt (which ends with the padding) expects."""
     question = row.get(qcol)
-    if question is None or not str(question).strip():
-        raise RowError(f"empty or missing {qcol!r}")
+    if not isinstance(question, str) or not question.strip():
+        raise RowError(f"empty, missing or non-text {qcol!r}")
     solution = row.get("solution")
-    if solution is None or not str(solution).strip():
-        raise RowError("empty or missing 'solution'")
+    if not isinstance(solution, str) or not solution.strip():
+        raise RowError("empty, missing or non-text 'solution'")
     trace = row.get("reasoning_trace")
-    thought = solution if trace is None or trace == "" else trace
-    return Example(question=str(question), solution=str(solution), thought=str(thought), system=row.get("system") or None)
+    if trace is not None and not isinstance(trace, str):
+        raise RowError("'reasoning_trace' must be text")
+    thought = solution if not trace else trace
+    pad = fmt.delimiter_padding
+    thought = pad + thought.strip("\n") + pad if pad else thought
+    system = row.get("system")
+    return Example(question=question, solution=solution, thought=thought,
+                   system=system if isinstance(system, str) and system else None)
 
 
 def parse_rows(rows: Iterable[dict[str, Any]], fmt: DataFormat, *, source: str = "dataset",
@@ -95,7 +114,7 @@ def parse_rows(rows: Iterable[dict[str, Any]], fmt: DataFormat, *, source: str =
     out, bad = [], []
     for i, row in enumerate(rows):
         try:
-            ex = parse_stratos_row(row, fmt) if fmt.row_schema == "stratos" else parse_custom_row(row, qcol)
+            ex = parse_stratos_row(row, fmt) if fmt.row_schema == "stratos" else parse_custom_row(row, qcol, fmt)
         except RowError as e:
             if not drop_bad_rows:
                 raise RowError(f"{source}, row {i}: {e} (set drop_bad_rows=true to skip such rows)") from None

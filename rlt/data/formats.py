@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from rlt.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 TAG_STYLES = ("bespoke", "r1")
@@ -95,27 +97,35 @@ FORMATS: dict[str, DataFormat] = {
     "custom_r1": DataFormat(name="custom_r1", row_schema="custom", tag_style="r1", think_tag="think", solution_tag="answer"),
 }
 
-# Known dataset ids -> format name. Unknown ids fall back to "custom".
-DATASET_FORMATS: dict[str, str] = {
-    "bespokelabs/Bespoke-Stratos-17k": "bespoke_stratos",
-}
+def detect_format(columns, source: str = "dataset") -> str:
+    """The format name of rows with these columns: conversations -> bespoke_stratos; a question (or
+    upstream's prompt) column with a solution column -> custom. Anything else is an error naming them."""
+    cols = set(columns)
+    if "conversations" in cols:
+        return "bespoke_stratos"
+    if cols & {"question", "prompt"} and "solution" in cols:
+        return "custom"
+    raise ConfigError(f"{source}: cannot tell the data format from its columns {sorted(cols)}: Stratos rows have "
+                     "'conversations', custom rows 'question' (or 'prompt') and 'solution'; fix the data or set "
+                     f"data_format to one of {sorted(FORMATS)}")
 
 
-def resolve_format(data_format: str | None, dataset_id_or_path: str | None = None, **overrides) -> DataFormat:
-    """Pick a format by name, or by dataset id when ``data_format`` is None/"auto".
+def resolve_format(data_format: str | None = "auto", columns=None, source: str = "dataset", **overrides) -> DataFormat:
+    """A format by name, or with ``data_format`` auto/None detected from the rows' ``columns``
+    (no columns: the custom format, whose tags are the Stratos ones).
 
     ``overrides`` replace fields of the registered format (e.g. a custom
     ``student_system_prompt``); None values are ignored.
     """
     if data_format in (None, "auto"):
-        name = DATASET_FORMATS.get(str(dataset_id_or_path), "custom")
-        if str(dataset_id_or_path).startswith("rlt-countdown:"):  # embedded data: Stratos rows
-            name = "bespoke_stratos"
-        logger.info("data_format=auto: dataset %r uses the %r format", dataset_id_or_path, name)
+        name = "custom" if columns is None else detect_format(columns, source)
+        if columns is not None:
+            logger.info("data_format=auto: %s has Stratos rows" if name == "bespoke_stratos"
+                        else "data_format=auto: %s has custom rows", source)
     else:
         name = data_format
     if name not in FORMATS:
-        raise ValueError(f"unknown data_format {name!r}; known formats: {sorted(FORMATS)} (or 'auto')")
+        raise ConfigError(f"unknown data_format {name!r}; known formats: {sorted(FORMATS)} (or 'auto')")
     fields = {k: v for k, v in overrides.items() if v is not None}
     unknown = set(fields) - {f.name for f in dataclasses.fields(DataFormat)}
     if unknown:

@@ -1,17 +1,60 @@
-"""Talking to running vLLM servers: generation with a liveness watchdog, weight reload."""
+"""Talking to running vLLM servers: generation with a liveness watchdog, weight reload.
+
+Servers started by launch_with_server.sh need a per-run API key on every request but ``/health``
+(:class:`rlt.generation.server.RequireApiKey`); the trainer gets it in ``$RLT_VLLM_API_KEY``.
+"""
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
 import time
+from urllib.parse import urlparse
 
 import requests
 
 logger = logging.getLogger(__name__)
+API_KEY_ENV = "RLT_VLLM_API_KEY"
 
 
 class ServerDown(RuntimeError):
     """A server died or stopped answering; the message names it and its log."""
+
+
+class ForeignServer(ServerDown):
+    """Something answers at a server's address, but not the server this run started (it lacks the run's key)."""
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def server_model(url: str, api_key: str | None, timeout: float = 10.0) -> str | None:
+    """The model served at ``url``, None while nothing (healthy) answers there.
+
+    With ``api_key``, the server must be one that holds it: a request with the key is answered and one
+    without is refused. Anything else raises :class:`ForeignServer` naming the port.
+    """
+    try:
+        if requests.get(url + "/health", timeout=timeout).status_code != 200:
+            return None
+        with_key = requests.get(url + "/v1/models", headers=auth_headers(api_key), timeout=timeout)
+        without_key = requests.get(url + "/v1/models", timeout=timeout) if api_key else None
+    except requests.RequestException:
+        return None
+    port = urlparse(url).port
+    where = f"{url} (port {port})"
+    if with_key.status_code in (401, 403):
+        raise ForeignServer(f"{where} refuses this run's API key: it is not a server this run started (another "
+                            "service or run holds the port; choose another vllm_port)")
+    if without_key is not None and without_key.status_code not in (401, 403):
+        raise ForeignServer(f"{where} answers requests without this run's API key: it is not a server this run "
+                            "started (another service or run holds the port; choose another vllm_port)")
+    if with_key.status_code != 200:
+        raise ForeignServer(f"{where} answered {with_key.status_code} to /v1/models: not a vLLM server")
+    try:
+        return with_key.json()["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise ForeignServer(f"{where} does not list a model at /v1/models: not a vLLM server") from None
 
 
 class VLLMServerPool:
@@ -21,17 +64,21 @@ class VLLMServerPool:
     parallel. While a request is pending each server's /health is polled; a
     server that refuses or ignores ``health_failures`` polls in a row (about
     ``health_interval * health_failures`` seconds) aborts the request.
+
+    ``api_key``: sent on every request; at connect time each server must show that it holds it
+    (:func:`server_model`), so a foreign service on a port is refused.
     """
 
     def __init__(self, host: str, port: int, num_servers: int = 1, log_dir: str | None = None,
                  connect_timeout: float = 120.0, request_timeout: float = 3600.0,
-                 health_interval: float = 5.0, health_failures: int = 3):
+                 health_interval: float = 5.0, health_failures: int = 3, api_key: str | None = None):
         self.urls = [f"http://{host}:{port + i}" for i in range(num_servers)]
         self.log_dir = log_dir
         self.request_timeout = request_timeout
         self.health_interval = health_interval
         self.health_failures = health_failures
-        self.session = requests.Session()
+        self.api_key = api_key or None
+        self.headers = auth_headers(self.api_key)
         self.models = [self._wait_and_model_id(u, connect_timeout) for u in self.urls]
 
     def describe(self, i: int) -> str:
@@ -41,11 +88,9 @@ class VLLMServerPool:
     def _wait_and_model_id(self, url: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
-            try:
-                if self.session.get(url + "/health", timeout=5).status_code == 200:
-                    return self.session.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-            except requests.RequestException:
-                pass
+            model = server_model(url, self.api_key)
+            if model is not None:
+                return model
             if time.monotonic() > deadline:
                 raise ServerDown(f"no vLLM server answering at {url} after {timeout:.0f}s")
             time.sleep(1.0)
@@ -59,7 +104,8 @@ class VLLMServerPool:
     def _post(self, i: int, path: str, body: dict, timeout: float | None = None) -> dict:
         """POST with the watchdog: raises ServerDown if server i stops answering meanwhile."""
         with cf.ThreadPoolExecutor(1) as ex:
-            fut = ex.submit(requests.post, self.urls[i] + path, json=body, timeout=timeout or self.request_timeout)
+            fut = ex.submit(requests.post, self.urls[i] + path, json=body, headers=self.headers,
+                            timeout=timeout or self.request_timeout)
             misses = 0
             while True:
                 try:

@@ -21,6 +21,7 @@ class OfflineEngine:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.max_model_len = max_model_len
         self.llm = LLM(model=model, seed=seed, max_model_len=max_model_len, dtype=dtype, **kwargs)
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
@@ -30,18 +31,27 @@ class OfflineEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p)
+        from rlt.errors import ConfigError
+
+        room = [self.max_model_len - len(p) for p in prompt_ids]
+        if min(room) < 1:
+            raise ConfigError(f"a prompt of {max(map(len, prompt_ids))} tokens leaves no room in the engine's "
+                              f"max_model_len={self.max_model_len}: lower max_prompt_length")
+        params = [SamplingParams(n=n, max_tokens=min(max_tokens, r), temperature=temperature, top_p=top_p) for r in room]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         return [[list(c.token_ids) for c in o.outputs] for o in outs]
 
 
 class ServerEngine:
-    """Running vLLM servers (vllm_host, vllm_port, num_servers)."""
+    """Running vLLM servers (vllm_host, vllm_port, num_servers); ``api_key`` (default: $RLT_VLLM_API_KEY) is
+    sent on every request."""
 
-    def __init__(self, host: str, port: int, num_servers: int = 1):
-        from rlt.generation.client import VLLMServerPool
+    def __init__(self, host: str, port: int, num_servers: int = 1, api_key: str | None = None):
+        import os
 
-        self.pool = VLLMServerPool(host, port, num_servers)
+        from rlt.generation.client import API_KEY_ENV, VLLMServerPool
+
+        self.pool = VLLMServerPool(host, port, num_servers, api_key=api_key or os.environ.get(API_KEY_ENV))
 
     def generate(self, prompt_ids, n, max_tokens, temperature, top_p=1.0, seed=None):
         flat = self.pool.generate([p for p in prompt_ids for _ in range(n)], max_tokens=max_tokens,
@@ -49,10 +59,35 @@ class ServerEngine:
         return [flat[i * n:(i + 1) * n] for i in range(len(prompt_ids))]
 
 
-def make_engine(model: str, vllm_host: str | None, vllm_port: int, num_servers: int, max_model_len: int,
-                seed: int, dtype: str):
-    if vllm_host:
-        logger.info("generating with the vLLM server(s) at %s:%d", vllm_host, vllm_port)
-        return ServerEngine(vllm_host, vllm_port, num_servers)
+def model_context(model: str) -> int | None:
+    """The longest sequence the model's config allows (max_position_embeddings), or None if it does not say."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def clamp_model_len(model: str, wanted: int, longest_prompt: int | None = None) -> int:
+    """min(wanted, the model's context), logged once when clamped; a context shorter than the longest prompt
+    is an error naming the settings."""
+    from rlt.errors import ConfigError
+
+    context = model_context(model)
+    if context is None or wanted <= context:
+        return wanted
+    if longest_prompt is not None and longest_prompt >= context:
+        raise ConfigError(f"the longest prompt has {longest_prompt} tokens but {model} has a context of {context}: "
+                          "lower max_prompt_length (longer prompts are dropped)")
+    logger.info("max_prompt_length + max_completion_length = %d exceeds the context of %s (%d): generation is "
+                "clamped to it", wanted, model, context)
+    return context
+
+
+def make_engine(model: str, rollout, max_model_len: int, seed: int, dtype: str):
+    """Running servers when ``rollout.vllm_host`` is set (:class:`~rlt.generation.config.RolloutConfig`),
+    else vLLM's offline engine on ``model``."""
+    if rollout.vllm_host:
+        logger.info("generating with the vLLM server(s) at %s:%d", rollout.vllm_host, rollout.vllm_port)
+        return ServerEngine(rollout.vllm_host, rollout.vllm_port, rollout.vllm_num_servers)
     logger.info("generating with vLLM's offline engine on %s", model)
-    return OfflineEngine(model, max_model_len=max_model_len, seed=seed, dtype=dtype)
+    return OfflineEngine(model, max_model_len=clamp_model_len(model, max_model_len), seed=seed, dtype=dtype)

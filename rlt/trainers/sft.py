@@ -41,52 +41,48 @@ def build_sft_dataset(tokenizer, examples: list[Example], fmt: DataFormat, max_l
     """A `datasets.Dataset` of input_ids/labels; rows longer than max_length are dropped (count logged)."""
     import datasets
 
+    from rlt.errors import ConfigError
+
     fn = tokenize_student_example if student else tokenize_teacher_example
-    rows, dropped = [], 0
-    for ex in examples:
-        row = fn(tokenizer, ex, fmt)
-        if max_length is not None and len(row["input_ids"]) > max_length:
-            dropped += 1
-            continue
-        rows.append(row)
-    if dropped:
-        logger.warning("dropped %d of %d examples longer than max_length=%s tokens", dropped, len(examples), max_length)
-    if not rows:
-        raise ValueError(f"no example fits max_length={max_length}; raise max_length")
-    return datasets.Dataset.from_list(rows)
+    rows = datasets.Dataset.from_list([fn(tokenizer, ex, fmt) for ex in examples])
+    if max_length is not None:
+        kept = rows.filter(lambda r: len(r["input_ids"]) <= max_length)
+        if len(kept) < len(rows):
+            logger.warning("dropped %d of %d examples longer than max_length=%s tokens", len(rows) - len(kept),
+                           len(rows), max_length)
+        rows = kept
+    if len(rows) == 0:
+        raise ConfigError(f"no example fits max_length={max_length} tokens; raise max_length")
+    return rows
 
 
-def make_sft_trainer(model, tokenizer, args, train_dataset):
+def make_sft_trainer(model, tokenizer, args, train_dataset, peft_config=None):
     """trl SFTTrainer over a pre-tokenized dataset (trl's preparation is skipped)."""
     from trl import SFTTrainer
 
     args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     args.remove_unused_columns = False
-    return SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer)
+    return SFTTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                      peft_config=peft_config)
 
 
-def run_sft(cfg: dict, student: bool = False) -> None:
-    """Teacher (or student) SFT from a composed config."""
-    from trl import SFTConfig
+def run_sft(s, examples=None, fmt=None) -> None:
+    """Teacher (or student) SFT from typed settings (:class:`rlt.config.TrainSettings`);
+    ``examples``/``fmt`` when already loaded."""
+    from rlt.data.loading import load_dataset_examples
+    from rlt.models import load_causal_lm, load_tokenizer, peft_config
+    from rlt.runs import save_composed_config, train_and_save
 
-    from rlt.config import build_args
-    from rlt.data.formats import resolve_format
-    from rlt.data.loading import load_examples
-    from rlt.models import load_causal_lm, load_tokenizer
-    from rlt.train import save_composed_config, train_and_save
-
-    rlt_cfg, args = build_args(cfg, SFTConfig)
-    save_composed_config(cfg, args.output_dir)
-    fmt = resolve_format(rlt_cfg["data_format"], rlt_cfg["dataset_id_or_path"],
-                         student_system_prompt=rlt_cfg.get("student_system_prompt"),
-                         teacher_system_prompt=rlt_cfg.get("teacher_system_prompt"))
-    tokenizer = load_tokenizer(rlt_cfg["model_name_or_path"])
-    examples = load_examples(rlt_cfg["dataset_id_or_path"], fmt, rlt_cfg["dataset_split"],
-                             drop_bad_rows=rlt_cfg["drop_bad_rows"], max_samples=rlt_cfg["max_samples"])
+    student = s.run.trainer == "student_sft"
+    args = s.args
+    if examples is None:
+        examples, fmt = load_dataset_examples(s.data, s.format)
+    save_composed_config(s.composed, args.output_dir, args.process_index == 0)
+    tokenizer = load_tokenizer(s.model.require_model())
     with args.main_process_first(desc="tokenizing"):
         dataset = build_sft_dataset(tokenizer, examples, fmt, args.max_length, student=student)
     logger.info("%s SFT on %d examples; gradient_accumulation_steps=%d",
                 "student" if student else "teacher", len(dataset), args.gradient_accumulation_steps)
-    model = load_causal_lm(rlt_cfg["model_name_or_path"], rlt_cfg["dtype"], rlt_cfg["attn_implementation"])
-    trainer = make_sft_trainer(model, tokenizer, args, dataset)
-    train_and_save(trainer, tokenizer, rlt_cfg, args.output_dir)
+    model = load_causal_lm(s.model.model_name_or_path, s.model.dtype, s.model.attn_implementation)
+    trainer = make_sft_trainer(model, tokenizer, args, dataset, peft_config(s.lora))
+    train_and_save(trainer, tokenizer, s.run, args.output_dir)

@@ -12,6 +12,7 @@ cfgs/trainer_cfg/grpo.yaml.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
@@ -46,12 +47,14 @@ class TeacherGRPOTrainer(GRPOTrainer):
         (None: trl's in-process generation).
     weight_sync: called with the trainer to push the policy to the servers before a
         generation whenever the optimizer has stepped since the last push.
+    peft_config: train LoRA adapters (trl's GRPOTrainer wraps the model); the reward then scores with the
+        adapted policy, or with ``use_reference_teacher_model`` the base model (adapters disabled).
     """
 
     def __init__(self, *, model, student_model, teacher_reward: TeacherReward, args, train_dataset,
                  processing_class, use_reference_teacher_model: bool = False, offload_untrained_models: bool = False,
                  logging_prob: float = 0.0, save_completions_probability: float = 0.0, callbacks=None,
-                 rollout_pool=None, weight_sync=None):
+                 rollout_pool=None, weight_sync=None, peft_config=None):
         if (rollout_pool is None) != (weight_sync is None):
             raise ValueError("server rollouts need both a rollout_pool and a weight_sync")
         self.rollout_pool = rollout_pool
@@ -65,7 +68,7 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self.save_completions_probability = float(save_completions_probability or 0.0)
         self._timing = defaultdict(float)
         super().__init__(model=model, reward_funcs=[self.teacher_reward_fn], args=args, train_dataset=train_dataset,
-                         processing_class=processing_class, callbacks=callbacks)
+                         processing_class=processing_class, callbacks=callbacks, peft_config=peft_config)
         self._rng = random.Random(args.seed + 1000 * self.accelerator.process_index)
         self._student_engine = prepare_frozen(student_model, self.accelerator, offload_untrained_models)
         if offload_untrained_models and self.ref_model is not None and deepspeed_stage(self.accelerator) == 3:
@@ -83,9 +86,31 @@ class TeacherGRPOTrainer(GRPOTrainer):
                 cb.ref_model = self.ref_model
 
     def teacher_model(self):
-        """The model whose log-probs the reward uses: the policy, or the reference."""
-        m = self.ref_model if self.use_reference_teacher_model else self.model
-        return getattr(m, "module", m)
+        """The model whose log-probs the reward uses: the policy, or the reference.
+
+        With PEFT it is the policy's causal LM with its LoRA layers in place: the adapted policy, or, inside
+        :meth:`scoring_teacher` with ``use_reference_teacher_model``, the base model (adapters disabled, trl's
+        reference under PEFT).
+        """
+        from rlt.models import causal_lm
+
+        m = self.ref_model if self.use_reference_teacher_model and self.ref_model is not None else self.model
+        return causal_lm(getattr(m, "module", m))
+
+    @contextlib.contextmanager
+    def scoring_teacher(self):
+        """Context yielding the model the reward scores teacher log-probs with (see :meth:`teacher_model`)."""
+        from rlt.models import is_peft
+
+        policy = self.accelerator.unwrap_model(self.model)
+        if self.use_reference_teacher_model and self.ref_model is None and is_peft(policy):
+            from trl.trainer.utils import use_adapter
+
+            # trl's reference under PEFT: a "ref" copy of a pretrained adapter, else the adapters disabled
+            with use_adapter(policy, adapter_name="ref" if "ref" in policy.peft_config else None):
+                yield self.teacher_model()
+        else:
+            yield self.teacher_model()
 
     # ------------------------------------------------------------------ reward
     def teacher_reward_fn(self, prompts, completions, question, solution, student_system, **kwargs):
@@ -93,8 +118,7 @@ class TeacherGRPOTrainer(GRPOTrainer):
         t0 = time.perf_counter()
         items = [RewardInput(p, c, q, s, sy) for p, c, q, s, sy in zip(prompts, completions, question, solution,
                                                                         student_system)]
-        teacher = self.teacher_model()
-        with torch.no_grad():
+        with torch.no_grad(), self.scoring_teacher() as teacher:
             result = self.teacher_reward(teacher, items)
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
@@ -107,7 +131,7 @@ class TeacherGRPOTrainer(GRPOTrainer):
 
     def _record(self, items, result):
         out = Path(self.args.output_dir)
-        step = self.state.global_step
+        step = self.state.global_step + 1  # the optimizer step these completions train (as the logs number it)
         if self.logging_prob > 0 and self.accelerator.is_main_process:
             picked = [i for i in range(len(items)) if self._rng.random() < self.logging_prob]
             if picked:
@@ -124,7 +148,10 @@ class TeacherGRPOTrainer(GRPOTrainer):
                 with open(d / f"step{step:06d}_rank{self.accelerator.process_index}.jsonl", "a") as f:
                     for i in picked:
                         comps = {k: (None if v[i] != v[i] else float(v[i])) for k, v in result.components.items()}
-                        f.write(json.dumps({"step": step, "prompt": items[i].prompt, "completion": items[i].completion,
+                        # question/solution/system: the row can be piped into `python -m rlt.score`
+                        f.write(json.dumps({"step": step, "question": items[i].question, "solution": items[i].solution,
+                                            "system": items[i].system, "prompt": items[i].prompt,
+                                            "completion": items[i].completion,
                                             "reward": float(result.rewards[i]), "reward_components": comps}) + "\n")
 
     # ------------------------------------------------------------------ timing
@@ -135,13 +162,13 @@ class TeacherGRPOTrainer(GRPOTrainer):
                 return super()._generate_single_turn(prompt_ids, *args, **kwargs)
             finally:
                 self._timing["generation"] += time.perf_counter() - t0
-        step = self.state.global_step
+        step = self.state.global_step  # optimizer steps done; these completions train step + 1
         if step != self._synced_step:
             t0 = time.perf_counter()
             self.weight_sync(self)
             self._synced_step = step
             self._timing["weight_sync"] += time.perf_counter() - t0
-            logger.info("step %d: policy weights synced to the vLLM server(s) in %.2fs", step,
+            logger.info("step %d: policy weights after step %d synced to the vLLM server(s) in %.2fs", step + 1, step,
                         time.perf_counter() - t0)
         t0 = time.perf_counter()
         completion_ids = self.rollout_pool.generate(
@@ -150,7 +177,7 @@ class TeacherGRPOTrainer(GRPOTrainer):
             extra=self.args.generation_kwargs)
         spent = time.perf_counter() - t0
         self._timing["generation"] += spent
-        logger.info("step %d: %d completions (%d tokens) generated by the vLLM server(s) in %.2fs", step,
+        logger.info("step %d: %d completions (%d tokens) generated by the vLLM server(s) in %.2fs", step + 1,
                     len(completion_ids), sum(map(len, completion_ids)), spent)
         return completion_ids, None
 

