@@ -27,6 +27,7 @@ KNOWN_LOG_RECORDS = [
 
 
 def rank() -> int:
+    # From the launcher's environment, not accelerate.PartialState: logging starts before (and without) it.
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -32,7 +32,8 @@ def server_model(url: str, api_key: str | None, timeout: float = 10.0) -> str | 
     """The model served at ``url``, None while nothing (healthy) answers there.
 
     With ``api_key``, the server must be one that holds it: a request with the key is answered and one
-    without is refused. Anything else raises :class:`ForeignServer` naming the port.
+    without is refused. Anything else raises :class:`ForeignServer` naming the port. (trl's
+    ``VLLMClient.check_server`` only polls /health, so it cannot tell this run's server from another.)
     """
     try:
         if requests.get(url + "/health", timeout=timeout).status_code != 200:

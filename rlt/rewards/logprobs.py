@@ -13,7 +13,7 @@ Two independent choices, each ``auto`` by device:
   otherwise), so no [T, T] mask is built. ``padded`` is the former layout:
   right-padded rows grouped by length, at most ``micro_batch_size`` rows and
   ``token_budget`` padded tokens per micro-batch. ``auto``: packed on CUDA and
-  on CPU (measured faster there too; see README "Teacher reward").
+  on CPU (compare with ``scripts/bench_reward.py --packing padded``).
 * **Output layer** (``backend``): the head is applied only at the scored
   positions. ``online`` (CPU): ``chunk_size`` rows x ``vocab_chunk_size``
   columns at a time, a running logsumexp in float32 (cache-sized blocks).
@@ -212,7 +212,7 @@ def with_dummies(plan: list[list[int]], count: int) -> list[list[int]]:
 
 
 def resolve_packing(packing: str, device: torch.device) -> str:
-    """``auto`` -> ``packed`` (on CUDA: no padding, varlen attention; on CPU it measured faster too)."""
+    """``auto`` -> ``packed`` (no padding; varlen attention on CUDA, one SDPA per sequence elsewhere)."""
     if packing not in PACKING:
         raise ValueError(f"reward_packing={packing!r}: choose from {list(PACKING)}")
     return "packed" if packing == "auto" else packing

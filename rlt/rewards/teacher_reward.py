@@ -20,6 +20,7 @@ import threading
 import time
 
 import torch
+from trl.trainer.utils import pad
 
 from rlt.data.formats import DataFormat
 from rlt.data.text import student_text_with_spans
@@ -319,11 +320,8 @@ def load_scorer(teacher: str, student: str, tokenizer, fmt: DataFormat, config: 
 
 
 def _pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-aligned [N, T] values and mask from N 1-d tensors (T >= 1)."""
-    t = max([1] + [len(r) for r in rows])
-    vals = torch.zeros(len(rows), t)
-    mask = torch.zeros(len(rows), t, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        vals[i, :len(r)] = r
-        mask[i, :len(r)] = True
-    return vals, mask
+    """Left-aligned [N, T] values and mask from N 1-d tensors (T >= 1, also when every row is empty)."""
+    lengths = torch.tensor([len(r) for r in rows])
+    spare = rows[0].new_zeros(1) if rows else torch.zeros(1)  # keeps T >= 1; dropped below
+    vals = pad([*rows, spare], padding_value=0.0)[:-1]
+    return vals, torch.arange(vals.shape[1]) < lengths[:, None]
