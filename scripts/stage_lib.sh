@@ -12,7 +12,7 @@ stage_elapsed() { local s=$(( $(date +%s) - STAGE_T0 )); printf '%dm%02ds' $((s 
 # The log's last progress line: the last \r-separated segment (tqdm bars) of its last non-empty line, squeezed.
 stage_progress() {
   tail -c 6000 "$1" 2>/dev/null | tr '\r' '\n' | sed -e 's/\x1b\[[0-9;]*[A-Za-z]//g' -e 's/[[:space:]]\+/ /g' \
-    | grep -v '^ *$' | tail -n 1 | cut -c 1-110
+    | grep -v '^ *$' | tail -n 1 | cut -c 1-110 || true  # an empty log has no progress line yet
 }
 
 stage_stop() {  # Ctrl-C / kill: stop the running stage (its own launcher passes the signal on), then exit
@@ -24,7 +24,14 @@ stage_stop() {  # Ctrl-C / kill: stop the running stage (its own launcher passes
   echo "[$STAGE_TAG] interrupted"
   exit 130
 }
+stage_exit() {  # any other exit (an error in the caller included): never leave the running stage behind
+  if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then
+    kill -TERM "$STAGE_PID" 2>/dev/null || true
+    wait "$STAGE_PID" 2>/dev/null || true
+  fi
+}
 trap stage_stop INT TERM
+trap stage_exit EXIT
 
 run_stage() {
   local title="$1" log="$2" rc=0 last="" now shown=0

@@ -1,0 +1,34 @@
+"""scripts/stage_lib.sh (the stage lines of demo.sh and experiment.sh): quiet stages, failures, interrupts."""
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "stages.sh"
+    path.write_text(f"set -euo pipefail\nSTAGE_TAG=t\nsource {ROOT}/scripts/stage_lib.sh\n{body}\n")
+    return path
+
+
+def test_a_stage_silent_for_a_while_runs_to_the_end_and_a_failure_is_reported(tmp_path):
+    path = script(tmp_path, f'run_stage "quiet" {tmp_path}/a.log sleep 4\necho after-quiet\n'
+                            f'run_stage "fails" {tmp_path}/b.log bash -c "echo last words; exit 3"\necho never')
+    proc = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=120)
+    assert "after-quiet" in proc.stdout and "never" not in proc.stdout
+    assert proc.returncode == 3
+    assert "FAILED (exit code 3): fails" in proc.stdout and "last words" in proc.stdout
+
+
+def test_sigterm_stops_the_running_stage(tmp_path):
+    marker = "317.25"  # a sleep nobody else runs
+    path = script(tmp_path, f'run_stage "long" {tmp_path}/c.log sleep {marker}')
+    proc = subprocess.Popen(["bash", str(path)], stdout=subprocess.PIPE, text=True)
+    time.sleep(2)
+    assert subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 0
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 130
+    time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 1
