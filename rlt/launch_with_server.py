@@ -96,7 +96,7 @@ def plan_servers(s, num_vllm: int, gpus: list[str] | None, bind: str, api_key: s
                        dtype=s.model.dtype, log_path=log_dir / f"server_{i}.log",
                        prefix_caching=r.vllm_enable_prefix_caching, gpu=None if gpus is None else gpus[i],
                        gpu_memory_utilization=s.args.vllm_gpu_memory_utilization, nccl_weight_transfer=nccl,
-                       api_key=api_key)
+                       api_key=api_key, enforce_eager=r.vllm_enforce_eager)
             for i in range(num_vllm)], log_dir
 
 

@@ -3,7 +3,7 @@
 # built locally and the embedded running-sum task (rlt/data/arithmetic.py), on CPU:
 #   student SFT on the raw traces (the frozen reward student, and the baseline)
 #   -> teacher SFT warm-up -> teacher RL with a vLLM server, rewarded by that trained student
-#   -> distillation (best-of-4 by the teacher reward) -> student SFT on the distilled explanations
+#   -> distillation (best-of-2 by the teacher reward) -> student SFT on the distilled explanations
 #   -> evaluation of both students -> report.
 #   scripts/demo.sh [DEMO_DIR]   (default results/demo)
 # A shortened pipeline (minutes of training): it shows every stage running with a reward student that carries
@@ -36,13 +36,14 @@ run_stage "3/7 teacher RL: 1 vLLM server + 2 training processes, reward scored b
   "$D/3_teacher_rl.log" \
   ./launch_with_server.sh 1 2 cfgs/run_cfg/tiny_teacher_rlt.yaml "model_name_or_path=$D/pre_rl_model" \
   "student_model=$D/student_raw" "output_dir=$D/rlt_teacher" "dataset_id_or_path=$TRAIN" max_steps=20 \
-  max_completion_length=96 learning_rate=5e-5 save_strategy=no
+  max_completion_length=96 learning_rate=5e-5 save_strategy=no vllm_enforce_eager=true
 python -m rlt.plot "$D/rlt_teacher" --out "$D/plots" >> "$D/3_teacher_rl.log" 2>&1
 
-run_stage "4/7 distillation: 4 explanations per training question, best of 4 by the teacher reward" \
+run_stage "4/7 distillation: 2 explanations per training question, best of 2 by the teacher reward" \
   "$D/4_distill.log" \
   python -m rlt.distill "teacher=$D/rlt_teacher" "student=$D/student_raw" "dataset=$TRAIN" "output=$D/distilled.jsonl" \
-  num_explanations=4 select=best_of_k missing_end_tag=penalise max_tokens=96 max_prompt_length=512 dtype=float32
+  num_explanations=2 select=best_of_k missing_end_tag=penalise max_tokens=96 max_prompt_length=512 dtype=float32 \
+  vllm_enforce_eager=true
 
 run_stage "5/7 student SFT on the distilled explanations (same steps as stage 1)" "$D/5_student_rlt.log" \
   ./launch.sh 2 cfgs/run_cfg/tiny_student_sft.yaml "output_dir=$D/student_rlt" "dataset_id_or_path=$D/distilled.jsonl" \
@@ -50,7 +51,7 @@ run_stage "5/7 student SFT on the distilled explanations (same steps as stage 1)
 
 run_stage "6/7 evaluation of both students on held-out questions" "$D/6_eval.log" \
   bash -c "set -e; for s in student_rlt student_raw; do python -m rlt.eval model=$D/\$s dataset=$TEST \
-    output_dir=$D/eval_\$s max_tokens=96 max_prompt_length=512 dtype=float32; done"
+    output_dir=$D/eval_\$s max_tokens=96 max_prompt_length=512 dtype=float32 vllm_enforce_eager=true; done"
 
 echo "[demo] $(stage_elapsed) | 7/7 report"
 python -m rlt.report "$D" --seconds $(( $(date +%s) - STAGE_T0 ))

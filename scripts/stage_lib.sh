@@ -12,7 +12,7 @@ stage_elapsed() { local s=$(( $(date +%s) - STAGE_T0 )); printf '%dm%02ds' $((s 
 # The log's last progress line: the last \r-separated segment (tqdm bars) of its last non-empty line, squeezed.
 stage_progress() {
   tail -c 6000 "$1" 2>/dev/null | tr '\r' '\n' | sed -e 's/\x1b\[[0-9;]*[A-Za-z]//g' -e 's/[[:space:]]\+/ /g' \
-    | grep -v '^ *$' | tail -n 1 | cut -c 1-110 || true  # an empty log has no progress line yet
+    | grep -a -v '^ *$' | tail -n 1 | cut -c 1-110 || true  # an empty log has no progress line yet
 }
 
 stage_stop() {  # Ctrl-C / kill: stop the running stage (its own launcher passes the signal on), then exit

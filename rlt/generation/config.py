@@ -21,6 +21,8 @@ class RolloutConfig:
     vllm_weight_sync: str = field(default="auto", metadata={
         "help": "policy -> servers after each step: auto (nccl with CUDA, else filesystem) | nccl | filesystem"})
     vllm_enable_prefix_caching: bool = field(default=True, metadata={"help": "vLLM prefix caching on the servers"})
+    vllm_enforce_eager: bool = field(default=False, metadata={
+        "help": "vLLM without torch.compile / CUDA graphs: starts in seconds, generates slower (short jobs, tiny models)"})
     vllm_request_timeout: float = field(default=7200.0, metadata={
         "help": "longest single generation request in seconds (a dead server is caught in ~15 s anyway)"})
     vllm_bind_all: bool = field(default=False, metadata={

@@ -10,7 +10,7 @@ class OfflineEngine:
     """vllm.LLM in this process (scripts using it need an ``if __name__ == "__main__":`` guard)."""
 
     def __init__(self, model: str, max_model_len: int, seed: int = 0, dtype: str = "auto",
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False):
         import os
 
         import torch
@@ -22,7 +22,8 @@ class OfflineEngine:
         else:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self.max_model_len = max_model_len
-        self.llm = LLM(model=model, seed=seed, max_model_len=max_model_len, dtype=dtype, **kwargs)
+        self.llm = LLM(model=model, seed=seed, max_model_len=max_model_len, dtype=dtype, enforce_eager=enforce_eager,
+                       **kwargs)
 
     def generate(self, prompt_ids: list[list[int]], n: int, max_tokens: int, temperature: float,
                  top_p: float = 1.0, seed: int | None = None) -> list[list[list[int]]]:
@@ -90,4 +91,5 @@ def make_engine(model: str, rollout, max_model_len: int, seed: int, dtype: str):
         logger.info("generating with the vLLM server(s) at %s:%d", rollout.vllm_host, rollout.vllm_port)
         return ServerEngine(rollout.vllm_host, rollout.vllm_port, rollout.vllm_num_servers)
     logger.info("generating with vLLM's offline engine on %s", model)
-    return OfflineEngine(model, max_model_len=clamp_model_len(model, max_model_len), seed=seed, dtype=dtype)
+    return OfflineEngine(model, max_model_len=clamp_model_len(model, max_model_len), seed=seed, dtype=dtype,
+                         enforce_eager=rollout.vllm_enforce_eager)

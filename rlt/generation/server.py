@@ -83,6 +83,7 @@ class ServerSpec:
     gpu_memory_utilization: float = 0.9
     nccl_weight_transfer: bool = False
     api_key: str | None = None      # required on every request but /health (through the environment)
+    enforce_eager: bool = False
 
     @property
     def connect_host(self) -> str:
@@ -98,6 +99,8 @@ class ServerSpec:
                "--host", self.host, "--port", str(self.port), "--seed", str(self.seed),
                "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
                "--enable-prefix-caching" if self.prefix_caching else "--no-enable-prefix-caching"]
+        if self.enforce_eager:
+            cmd.append("--enforce-eager")
         if self.api_key:
             cmd += ["--middleware", f"{RequireApiKey.__module__}.{RequireApiKey.__name__}"]
         if self.gpu is not None:
