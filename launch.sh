@@ -40,11 +40,10 @@ if [ -n "${RLT_CPU:-}" ] && ! compgen -G "$TORCH_EXTENSIONS_DIR/deepspeed_shm_co
 fi
 $PY -m rlt.train "$RUN" "${OVERRIDES[@]}" --check --processes "$NPROC" || exit $?
 echo "[launch] $NPROC process(es), recipe=$RUN, deepspeed=$DS, port=$PORT"
-set +e
-# The rendezvous of a single-node run listens on loopback only.
-$PY -m accelerate.commands.launch --config_file "$ROOT/cfgs/accelerate/deepspeed.yaml" \
+# The rendezvous of a single-node run listens on loopback only. accelerate runs under rlt's process guard, in
+# place of this shell (same pid): any kill of launch.sh, SIGKILL included, stops torchrun and every rank
+# (each in a session of its own), and the exit code is the trainer's.
+exec $PY -m rlt.procs run -- $PY -m accelerate.commands.launch --config_file "$ROOT/cfgs/accelerate/deepspeed.yaml" \
   --deepspeed_config_file "$ROOT/cfgs/deepspeed/$DS.json" \
   --num_processes "$NPROC" --main_process_ip 127.0.0.1 --main_process_port "$PORT" "${EXTRA[@]}" \
   -m rlt.train "$RUN" "${OVERRIDES[@]}"
-rc=$?
-exit $rc

@@ -43,7 +43,12 @@ FAKE_PYTHON = """\
 #!/bin/sh
 # Stand-in for the python launch.sh calls: records `-m accelerate.commands.launch ARGS`; succeeds at once for
 # `-m rlt...` (the trainer and its pre-flight check are not under test); runs `-c` probes for real, with
-# torch.cuda.is_available() answering True when RLT_TEST_DEVICE=cuda.
+# torch.cuda.is_available() answering True when RLT_TEST_DEVICE=cuda. `-m rlt.procs run -- CMD` (the process
+# guard launch.sh runs accelerate under) runs CMD.
+if [ "$1" = "-m" ] && [ "$2" = "rlt.procs" ] && [ "$3" = "run" ] && [ "$4" = "--" ]; then
+  shift 4
+  exec "$@"
+fi
 if [ "$1" = "-m" ] && [ "$2" = "accelerate.commands.launch" ]; then
   shift 2
   exec "{real}" -c 'import json, os, sys; json.dump(sys.argv[1:], open(os.environ["RLT_TEST_CAPTURE"], "w"))' "$@"

@@ -412,6 +412,46 @@ def test_sigkill_of_a_rank_fails_the_run_and_leaves_nothing(tmp_path):
         run.cleanup()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_launch_sh_leaves_no_rank(tmp_path, sig):
+    """./launch.sh (SFT, 2 ranks that torchrun starts in sessions of their own) killed while training."""
+    out = tmp_path / "o"
+    proc = subprocess.Popen(["./launch.sh", "2", "cfgs/run_cfg/tiny_teacher_sft.yaml", f"output_dir={out}",
+                             "max_steps=100000", "save_strategy=no"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, env=env_with_venv())
+    try:
+        def live(pids):  # zombies (exited, not yet reaped) do not count
+            out = []
+            for pid in pids:
+                try:
+                    if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                        out.append(pid)
+                except OSError:
+                    pass
+            return out
+
+        def training_ranks():
+            ranks = []
+            for pid in live(processes_mentioning(str(out))):
+                try:
+                    if any(e.startswith(b"RANK=") for e in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
+                        ranks.append(pid)
+                except OSError:
+                    pass
+            return ranks
+
+        wait_until(lambda: len(training_ranks()) >= 2, 600, "two training ranks run")
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=60)
+        wait_until(lambda: not live(processes_mentioning(str(out))), 45, f"no process of {out} is left")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in processes_mentioning(str(out)):
+            os.kill(pid, signal.SIGKILL)
+
+
 # ----------------------------------------------------------------------------------------- distill
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
