@@ -256,3 +256,19 @@ def test_eval_reads_custom_rows_with_boxed_gold_answers(tmp_path, tokenizer):
     _, summary = evaluate(rows, lambda ps, n: [["<|begin_of_solution|>\\boxed{5}<|end_of_solution|>"] * n for _ in ps],
                           tokenizer, fmt, n_samples=1)
     assert summary["accuracy"] == 1.0
+
+
+def test_generation_length_is_clamped_to_the_model_context(tiny_path, caplog):
+    import logging
+
+    from rlt.errors import ConfigError
+    from rlt.generation.offline import clamp_model_len, model_context
+
+    context = model_context(tiny_path)
+    assert context == 8192  # the tiny model's max_position_embeddings
+    with caplog.at_level(logging.INFO, logger="rlt.generation.offline"):
+        assert clamp_model_len(tiny_path, 16384 + 16384) == context
+    assert sum("exceeds the context" in r.getMessage() for r in caplog.records) == 1
+    assert clamp_model_len(tiny_path, 1024) == 1024
+    with pytest.raises(ConfigError, match=r"longest prompt has 9000 tokens .* lower max_prompt_length"):
+        clamp_model_len(tiny_path, 32768, longest_prompt=9000)
