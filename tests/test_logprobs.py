@@ -409,3 +409,13 @@ def test_cuda_token_logprobs_packed_equal_per_sequence(tokenizer, dtype):
         for g_, w_ in zip(got, want):
             # fp32: the same numbers; bf16: packed/padded vs unpadded differ only by kernel rounding
             torch.testing.assert_close(g_, w_, atol=1e-4 if dtype == torch.float32 else 0.1, rtol=0)
+
+
+def test_auto_packing_by_device():
+    from rlt.rewards.logprobs import resolve_packing
+
+    assert resolve_packing("auto", torch.device("cpu")) == "padded"  # measured faster on CPU (README)
+    assert resolve_packing("auto", torch.device("cuda")) == "packed"
+    assert resolve_packing("packed", torch.device("cpu")) == "packed"
+    with pytest.raises(ValueError, match="reward_packing='dense'"):
+        resolve_packing("dense", torch.device("cpu"))

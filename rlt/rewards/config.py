@@ -53,7 +53,8 @@ class RewardConfig:
     reward_token_budget: int = field(default=4096, metadata={
         "help": "tokens per scoring forward (a pack, or rows x longest when padded); a longer sequence goes alone"})
     reward_packing: str = field(default="auto", metadata={
-        "help": "auto | packed (sequences concatenated, varlen attention, no padding) | padded (right-padded rows)"})
+        "help": "auto (packed on CUDA, padded elsewhere) | packed (sequences concatenated, varlen attention, no padding) | "
+                "padded (right-padded rows)"})
     reward_logprob_backend: str = field(default="auto", metadata={
         "help": "output layer: auto (rowchunk on CUDA, online elsewhere) | rowchunk (full-vocab fp32 GEMM per row "
                 "chunk) | online (vocabulary blocks, running logsumexp)"})

@@ -12,8 +12,8 @@ Two independent choices, each ``auto`` by device:
   ``varlen_attn`` on CUDA in half precision, one causal SDPA per sequence
   otherwise), so no [T, T] mask is built. ``padded`` is the former layout:
   right-padded rows grouped by length, at most ``micro_batch_size`` rows and
-  ``token_budget`` padded tokens per micro-batch. ``auto``: packed on CUDA and
-  on CPU (compare with ``scripts/bench_reward.py --packing padded``).
+  ``token_budget`` padded tokens per micro-batch. ``auto``: packed on CUDA,
+  padded elsewhere (faster on CPU: README "Teacher reward").
 * **Output layer** (``backend``): the head is applied only at the scored
   positions. ``online`` (CPU): ``chunk_size`` rows x ``vocab_chunk_size``
   columns at a time, a running logsumexp in float32 (cache-sized blocks).
@@ -212,10 +212,13 @@ def with_dummies(plan: list[list[int]], count: int) -> list[list[int]]:
 
 
 def resolve_packing(packing: str, device: torch.device) -> str:
-    """``auto`` -> ``packed`` (no padding; varlen attention on CUDA, one SDPA per sequence elsewhere)."""
+    """``auto`` -> ``packed`` on CUDA (no padding, varlen attention), ``padded`` elsewhere: on CPU one SDPA per
+    packed sequence measured slower than padded rows (scripts/bench_reward.py, README "Teacher reward")."""
     if packing not in PACKING:
         raise ValueError(f"reward_packing={packing!r}: choose from {list(PACKING)}")
-    return "packed" if packing == "auto" else packing
+    if packing == "auto":
+        return "packed" if device.type == "cuda" else "padded"
+    return packing
 
 
 # ----------------------------------------------------------------------------- ZeRO-3 lockstep
