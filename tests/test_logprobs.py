@@ -267,6 +267,7 @@ def _lockstep_worker(rank: int, port: int, tiny_path: str, out_dir: str):
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes over gloo
 def test_lockstep_two_ranks_run_the_same_forwards(tiny_path, tmp_path):
     import torch.multiprocessing as mp
 
