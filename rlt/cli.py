@@ -7,13 +7,9 @@ import sys
 from pathlib import Path
 
 from rlt.errors import ConfigError
+from rlt.logging_utils import rank
 
 USER_ERROR_EXIT = 2
-
-
-def is_main_process() -> bool:
-    # Read from the launcher's environment: the error may come before accelerate's state exists.
-    return os.environ.get("RANK", "0") == "0"
 
 
 @contextlib.contextmanager
@@ -22,7 +18,7 @@ def user_errors(prog: str):
     try:
         yield
     except ConfigError as e:
-        if is_main_process():
+        if rank() == 0:  # from the launcher's environment: the error may come before accelerate's state
             msg = " ".join(str(e).split("\n")[0].split())
             sys.stderr.write(f"{prog}: error: {msg}\n")
             sys.stderr.flush()

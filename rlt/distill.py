@@ -155,6 +155,24 @@ def select_rows(examples, completions, fmt, cfg: DistillConfig, scorer=None, tea
     return per_question, counts
 
 
+def distill_chunks(engine, tok, todo, prompts, fmt, cfg: DistillConfig, scorer, f, totals: dict, starts=None) -> None:
+    """Generate ``cfg.num_explanations`` per question of ``todo`` (``cfg.chunk_size`` questions per call), select
+    the rows, append each question's rows to ``f`` and add the counts to ``totals``. ``starts``: the chunk
+    offsets to iterate (e.g. wrapped in a progress bar)."""
+    for s in starts if starts is not None else range(0, len(todo), cfg.chunk_size):
+        chunk = todo[s:s + cfg.chunk_size]
+        ids = [tok(prompts[i], add_special_tokens=False)["input_ids"] for i, _ in chunk]
+        gen = engine.generate(ids, cfg.num_explanations, cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                              seed=cfg.seed + s)
+        texts = [[tok.decode(c, skip_special_tokens=True) for c in per_q] for per_q in gen]
+        per_question, counts = select_rows(chunk, texts, fmt, cfg, scorer, prompts)
+        for _, rows in per_question:
+            append_question_rows(f, rows)
+            totals["rows"] += len(rows)
+        for k, v in counts.items():
+            totals[k] += v
+
+
 def main(argv: list[str] | None = None) -> None:
     from rlt.procs import run_supervised
 
@@ -206,18 +224,8 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
         engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
                              model.dtype)
     with open(progress, "a") as f:
-        for s in tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo):
-            chunk = todo[s:s + cfg.chunk_size]
-            ids = [tok(prompts[i], add_special_tokens=False)["input_ids"] for i, _ in chunk]
-            gen = engine.generate(ids, cfg.num_explanations, cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                                  seed=cfg.seed + s)
-            texts = [[tok.decode(c, skip_special_tokens=True) for c in per_q] for per_q in gen]
-            per_question, counts = select_rows(chunk, texts, fmt, cfg, scorer, prompts)
-            for _, rows in per_question:
-                append_question_rows(f, rows)
-                totals["rows"] += len(rows)
-            for k, v in counts.items():
-                totals[k] += v
+        starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
+        distill_chunks(engine, tok, todo, prompts, fmt, cfg, scorer, f, totals, starts)
     logger.info("explanations %d, without end tag %d (%s), questions with no row %d, rows written %d",
                 totals["explanations"], totals["no_end_tag"], cfg.missing_end_tag,
                 totals["questions_without_rows"], totals["rows"])

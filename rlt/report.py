@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
+
+from rlt.stats import rise_z
 
 RUNS = [  # (directory, what it is)
     ("student_raw", "student SFT on the raw traces: the frozen reward student of the RL stage and the baseline"),
@@ -24,23 +25,14 @@ def _json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def mean_se(xs: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (NaN error for fewer than two values)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-
-
 def reward_windows(rewards: list[float], window: int = 5) -> str:
     """'first W steps m ± se, last W steps m ± se (z = ...)' over the logged rewards."""
     if len(rewards) < 2:
         return "fewer than 2 logged steps"
     w = max(1, min(window, len(rewards) // 2))
-    (m1, s1), (m2, s2) = mean_se(rewards[:w]), mean_se(rewards[-w:])
-    z = (m2 - m1) / math.sqrt(s1 * s1 + s2 * s2) if w > 1 and (s1 or s2) else float("nan")
-    return (f"first {w} steps {m1:.4f} ± {s1:.4f}, last {w} steps {m2:.4f} ± {s2:.4f} (mean ± standard error; "
-            f"z of the change {z:.2f})")
+    r = rise_z(rewards[:w], rewards[-w:])
+    return (f"first {w} steps {r['first_mean']:.4f} ± {r['first_se']:.4f}, last {w} steps {r['last_mean']:.4f} ± "
+            f"{r['last_se']:.4f} (mean ± standard error; z of the change {r['z']:.2f})")
 
 
 def describe_model(run: Path) -> str:

@@ -15,20 +15,17 @@ stage_progress() {
     | grep -a -v '^ *$' | tail -n 1 | cut -c 1-110 || true  # an empty log has no progress line yet
 }
 
-stage_stop() {  # Ctrl-C / kill: stop the running stage (its own launcher passes the signal on), then exit
+stage_exit() {  # any exit (an error in the caller included): stop the running stage (its launcher passes it on)
   if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then
     kill -TERM "$STAGE_PID" 2>/dev/null || true
     wait "$STAGE_PID" 2>/dev/null || true
   fi
+}
+stage_stop() {  # Ctrl-C / kill
+  stage_exit
   echo
   echo "[$STAGE_TAG] interrupted"
   exit 130
-}
-stage_exit() {  # any other exit (an error in the caller included): never leave the running stage behind
-  if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then
-    kill -TERM "$STAGE_PID" 2>/dev/null || true
-    wait "$STAGE_PID" 2>/dev/null || true
-  fi
 }
 trap stage_stop INT TERM
 trap stage_exit EXIT

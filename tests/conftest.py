@@ -1,4 +1,6 @@
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +41,24 @@ def run_cmd(args, timeout=900, env=None, check=True, cwd=ROOT):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-5000:]}\nSTDERR:\n{proc.stderr[-8000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model: str, log_path: Path, **spec):
+    """A tiny vLLM server on a free loopback port, healthy; yields its ServerSpec and stops it afterwards."""
+    from rlt.generation.server import ServerProcess, ServerSpec, wait_until_healthy
+
+    spec = ServerSpec(model=model, host="127.0.0.1", port=free_port(), seed=0, max_model_len=2048, dtype="float32",
+                      log_path=log_path, **spec)
+    server = ServerProcess(spec)
+    try:
+        wait_until_healthy([server], timeout=600)
+        yield spec
+    finally:
+        server.stop()

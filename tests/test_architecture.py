@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "rlt"
 # Lowest floor first. A module may import its own floor or lower ones, never a higher one.
 FLOORS = [
-    ("rlt", "rlt.errors", "rlt.logging_utils", "rlt.procs"),
+    ("rlt", "rlt.errors", "rlt.logging_utils", "rlt.procs", "rlt.stats"),
     ("rlt.data", "rlt.models"),
     ("rlt.rewards", "rlt.generation", "rlt.answers"),
     ("rlt.config", "rlt.runs", "rlt.trainers", "rlt.testing"),

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from rlt.data import arithmetic
-from rlt.experiment import stats
+from rlt import stats
 
 # ----------------------------------------------------------------------------------------- statistics
 
@@ -58,7 +58,8 @@ def test_spearman_uses_average_ranks():
 
 
 def test_demo_report_windows_by_hand():
-    from rlt.report import mean_se, reward_windows
+    from rlt.report import reward_windows
+    from rlt.stats import mean_se
 
     assert mean_se([1.0, 2.0, 3.0]) == (2.0, pytest.approx(1 / math.sqrt(3)))
     text = reward_windows([1, 2, 3, 9, 4, 5, 6], window=3)

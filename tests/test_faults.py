@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cmd
+from conftest import ROOT, free_port, run_cmd
 from rlt import procs
 
 LAUNCH = ["./launch_with_server.sh", "1", "2", "cfgs/run_cfg/tiny_teacher_rlt.yaml"]
@@ -30,12 +29,6 @@ sub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], s
 print(seg.name, flush=True)
 time.sleep(600)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env_with_venv(**extra) -> dict:

@@ -1,14 +1,13 @@
 """LoRA (use_peft=true) teachers and students: targets, merged weights for vLLM and saving, the reward's teacher."""
 import glob
 import re
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import run_cmd
+from conftest import run_cmd, running_server
 from rlt.config import build_train_settings, compose
 from rlt.errors import ConfigError
 from rlt.models import LoraConfig, full_named_weights, full_weight_metadata, peft_config, resolve_model_path
@@ -322,24 +321,10 @@ def test_launch_sft_and_rl_with_lora_under_zero3(tmp_path, tiny_path):
 
 
 # ------------------------------------------------------------------------------------------ vLLM server
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def lora_server(tmp_path, tiny_path):
-    from rlt.generation.server import ServerProcess, ServerSpec, wait_until_healthy
-
-    spec = ServerSpec(model=tiny_path, host="127.0.0.1", port=free_port(), seed=0, max_model_len=2048,
-                      dtype="float32", log_path=tmp_path / "server.log")
-    server = ServerProcess(spec)
-    try:
-        wait_until_healthy([server], timeout=600)
+    with running_server(tiny_path, tmp_path / "server.log") as spec:
         yield spec
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow

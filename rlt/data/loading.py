@@ -110,3 +110,17 @@ def load_dataset_examples(data, fmt_cfg) -> tuple[list[Example], DataFormat]:
         raise RowError(f"{source}: no usable rows")
     logger.info("loaded %d examples from %s (%s format)", len(examples), source, fmt.name)
     return examples, fmt
+
+
+def drop_longer(ds, length, limit: int | None, what: str, key: str):
+    """``ds`` (a `datasets.Dataset`) without the rows whose ``length(row)`` exceeds ``limit`` (None: keep all),
+    the count logged; a ConfigError naming ``key`` when no row is left."""
+    if limit is not None:
+        kept = ds.filter(lambda r: length(r) <= limit)
+        if len(kept) < len(ds):
+            logger.warning("dropped %d of %d %s longer than %s=%s tokens", len(ds) - len(kept), len(ds), what, key,
+                           limit)
+        ds = kept
+    if len(ds) == 0:
+        raise ConfigError(f"no {what[:-1]} fits {key}={limit} tokens; raise {key}")
+    return ds

@@ -6,7 +6,7 @@ import logging
 import math
 from pathlib import Path
 
-from rlt.experiment import stats
+from rlt import stats
 
 logger = logging.getLogger("rlt.experiment")
 COMPONENTS = [  # (log key, label) of every reward component the RL stage logs, in plotting order
@@ -132,6 +132,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, png: Path) -> Path:
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
 def plot_components(hist: list[dict], png: Path) -> Path | None:
     present = [(k, lab) for k, lab in COMPONENTS if any(k in h for h in hist)]
     if not present:
@@ -155,11 +163,7 @@ def plot_components(hist: list[dict], png: Path) -> Path | None:
     for ax in list(axes.flat)[len(present):]:
         ax.axis("off")
     fig.suptitle("teacher RL: every reward component per step")
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(plt, fig, png)
 
 
 def plot_accuracy(acc: dict, png: Path) -> Path:
@@ -175,10 +179,7 @@ def plot_accuracy(acc: dict, png: Path) -> Path:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(plt, fig, png)
 
 
 def plot_reward_gain(points, png: Path) -> Path | None:
@@ -190,10 +191,7 @@ def plot_reward_gain(points, png: Path) -> Path | None:
     ax.set_xlabel("RL teacher's mean reward on the question")
     ax.set_ylabel("gain: RLT students - raw students")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(plt, fig, png)
 
 
 def plot_val_curves(curves: dict[str, list[dict]], png: Path) -> Path | None:
@@ -210,10 +208,7 @@ def plot_val_curves(curves: dict[str, list[dict]], png: Path) -> Path | None:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(plt, fig, png)
 
 
 def plot_curves(curves: list[dict], png: Path) -> Path | None:
@@ -236,11 +231,7 @@ def plot_curves(curves: list[dict], png: Path) -> Path | None:
         ax.set_ylim(-0.02, 1.02)
     axes[0].legend(fontsize=7)
     fig.suptitle("learning curves: students on the running-sum task")
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return _save(plt, fig, png)
 
 
 # ----------------------------------------------------------------------------------------- texts

@@ -300,7 +300,7 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
     from rlt.data.config import DataConfig, FormatConfig
     from rlt.data.loading import load_dataset_examples
     from rlt.data.text import teacher_prompt
-    from rlt.distill import DistillConfig, append_question_rows, select_rows
+    from rlt.distill import DistillConfig, distill_chunks
     from rlt.models import load_causal_lm
     from rlt.rewards.config import RewardConfig
     from rlt.rewards.teacher_reward import TeacherReward
@@ -312,7 +312,8 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
     rcfg = RewardConfig(student_model=student, **(reward_overrides or {}))
     reward = TeacherReward(load_causal_lm(student, "float32").to(device).eval(), tok, fmt, rcfg, temperature)
     cfg = DistillConfig(output=str(output), num_explanations=num_explanations, select=select,
-                        missing_end_tag="penalise", temperature=temperature, max_completion_length=max_tokens)
+                        missing_end_tag="penalise", temperature=temperature, max_completion_length=max_tokens,
+                        chunk_size=chunk_size, seed=seed)
     scored: list[dict] = []
 
     def scorer(items):
@@ -329,18 +330,7 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
     totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
     todo = list(enumerate(examples))
     with open(output, "w") as f:
-        for s in range(0, len(todo), chunk_size):
-            chunk = todo[s:s + chunk_size]
-            ids = [tok(prompts[i], add_special_tokens=False)["input_ids"] for i, _ in chunk]
-            gen = engine.generate(ids, num_explanations, max_tokens, temperature, seed=seed + s)
-            texts = [[tok.decode(c, skip_special_tokens=True) for c in per] for per in gen]
-            per_question, counts = select_rows(chunk, texts, fmt, cfg, scorer, prompts)
-            for _, rows in per_question:
-                append_question_rows(f, rows)
-                totals["rows"] += len(rows)
-            for k, v in counts.items():
-                totals[k] += v
-            logger.debug("distilled %d/%d questions", s + len(chunk), len(todo))
+        distill_chunks(engine, tok, todo, prompts, fmt, cfg, scorer, f, totals)
     with open(output.with_suffix(".explanations.jsonl"), "w") as f:
         for row in scored:
             f.write(json.dumps(row) + "\n")

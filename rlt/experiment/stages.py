@@ -156,7 +156,7 @@ def score_gold(teacher: str, student: str, raw: str, full: str, out: str, device
     from rlt.data.config import DataConfig, FormatConfig
     from rlt.data.loading import load_dataset_examples
     from rlt.data.text import student_system, teacher_prompt_and_completion
-    from rlt.experiment.stats import mean_se
+    from rlt.stats import mean_se
     from rlt.models import load_causal_lm, load_tokenizer
     from rlt.rewards.config import RewardConfig
     from rlt.rewards.teacher_reward import RewardInput, TeacherReward

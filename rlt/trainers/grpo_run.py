@@ -57,20 +57,14 @@ def build_grpo_dataset(tokenizer, examples, fmt, max_prompt_length: int | None):
     """
     import datasets
 
+    from rlt.data.loading import drop_longer
     from rlt.data.text import student_system, teacher_prompt
 
     ds = datasets.Dataset.from_list([
         {"prompt": teacher_prompt(tokenizer, ex.question, ex.solution, fmt), "question": ex.question,
          "solution": ex.solution, "student_system": student_system(ex.system, fmt)} for ex in examples])
-    if max_prompt_length is not None:
-        kept = ds.filter(lambda r: len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) <= max_prompt_length)
-        if len(kept) < len(ds):
-            logger.warning("dropped %d of %d prompts longer than max_prompt_length=%s tokens", len(ds) - len(kept),
-                           len(ds), max_prompt_length)
-        ds = kept
-    if len(ds) == 0:
-        raise ConfigError(f"no prompt fits max_prompt_length={max_prompt_length}; raise it")
-    return ds
+    return drop_longer(ds, lambda r: len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]),
+                       max_prompt_length, "prompts", "max_prompt_length")
 
 
 def build_teacher_grpo_trainer(s, examples=None, fmt=None):

@@ -41,19 +41,11 @@ def build_sft_dataset(tokenizer, examples: list[Example], fmt: DataFormat, max_l
     """A `datasets.Dataset` of input_ids/labels; rows longer than max_length are dropped (count logged)."""
     import datasets
 
-    from rlt.errors import ConfigError
+    from rlt.data.loading import drop_longer
 
     fn = tokenize_student_example if student else tokenize_teacher_example
     rows = datasets.Dataset.from_list([fn(tokenizer, ex, fmt) for ex in examples])
-    if max_length is not None:
-        kept = rows.filter(lambda r: len(r["input_ids"]) <= max_length)
-        if len(kept) < len(rows):
-            logger.warning("dropped %d of %d examples longer than max_length=%s tokens", len(rows) - len(kept),
-                           len(rows), max_length)
-        rows = kept
-    if len(rows) == 0:
-        raise ConfigError(f"no example fits max_length={max_length} tokens; raise max_length")
-    return rows
+    return drop_longer(rows, lambda r: len(r["input_ids"]), max_length, "examples", "max_length")
 
 
 def make_sft_trainer(model, tokenizer, args, train_dataset, peft_config=None):

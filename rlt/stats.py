@@ -1,4 +1,4 @@
-"""Small statistics for the experiment report (pure Python; no SciPy in the environment).
+"""Small statistics for the reports (rlt.report, rlt.experiment; pure Python: no SciPy in the environment).
 
 mean_se          mean and standard error (sample standard deviation / sqrt(n))
 t_quantile       quantile of Student's t (regularised incomplete beta, inverted by bisection)
