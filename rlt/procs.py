@@ -325,7 +325,22 @@ def guard_main(argv: list[str]) -> int:
     for d in remove:
         remove_private_dir(d)
     rc = child.wait()
+    reap_children()
     return 128 + stopped[0] if stopped else _exit_code(rc)
+
+
+def reap_children() -> None:
+    """Collect the exit status of every child that has exited. A subreaper adopts orphans (vLLM's EngineCore
+    once its API server died first); unreaped they stay zombies in the group after we exit, until init gets
+    to them, so the group would look alive to whoever waited for us."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no children left
+        if pid == 0:
+            logger.warning("children still running: %s", sorted(descendants(os.getpid(), process_table())))
+            return
 
 
 def remove_private_dir(path: str | Path) -> None:
