@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,32 @@ def pytest_configure(config):
 
         os.environ["RLT_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlt-test-cache-")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+LEAKS: list[tuple[str, list[str]]] = []  # (test, shared-memory segments it left), reported at the end
+
+
+def _segments() -> set[str]:
+    from rlt.procs import SHM, SHM_PREFIXES
+
+    return {p.name for p in SHM.glob("*") if p.name.startswith(SHM_PREFIXES)} if SHM.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def _shared_memory_left_behind(request):
+    """Notes the /dev/shm segments (psm_*, sem.mp-*) a test created and nothing removed within 5 s."""
+    before = _segments()
+    yield
+    deadline = time.monotonic() + 5
+    while (new := _segments() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)  # resource trackers unlink what their processes leaked when those have exited
+    if new:
+        LEAKS.append((request.node.nodeid, sorted(new)))
+
+
+def pytest_terminal_summary(terminalreporter):
+    for test, names in LEAKS:
+        terminalreporter.write_line(f"shared memory left behind by {test}: {' '.join(names)}")
 
 
 @pytest.fixture(scope="session")
