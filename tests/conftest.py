@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from rlt.procs import SHM, SHM_PREFIXES
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -24,8 +26,6 @@ LEAKS: list[tuple[str, list[str]]] = []  # (test, shared-memory segments it left
 
 
 def _segments() -> set[str]:
-    from rlt.procs import SHM, SHM_PREFIXES
-
     return {p.name for p in SHM.glob("*") if p.name.startswith(SHM_PREFIXES)} if SHM.is_dir() else set()
 
 

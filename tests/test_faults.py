@@ -119,12 +119,14 @@ def test_guard_reaps_the_orphans_it_adopted_so_its_group_is_gone_when_it_is():
     """The command exits leaving a child in the group (as vLLM's API server leaves its EngineCore): the guard
     adopts it, stops it and reaps it, so no zombie keeps the group alive after the guard was waited for."""
     orphaning = f"import subprocess; subprocess.Popen([{PY!r}, '-c', 'import time; time.sleep(600)'])"
+    recorder = procs.TreeRecorder()
     for _ in range(3):  # init reaps orphans only after a while: each round would fail without the guard reaping
-        g = procs.Guarded([PY, "-c", orphaning], procs.TreeRecorder())
+        g = procs.Guarded([PY, "-c", orphaning], recorder)
         assert g.proc.wait(timeout=60) == 0
         with pytest.raises(ProcessLookupError):
             os.killpg(g.pgid, 0)
         g.stop()
+    recorder.close()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])

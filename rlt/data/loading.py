@@ -114,13 +114,13 @@ def load_dataset_examples(data, fmt_cfg) -> tuple[list[Example], DataFormat]:
 
 def drop_longer(ds, length, limit: int | None, what: str, key: str):
     """``ds`` (a `datasets.Dataset`) without the rows whose ``length(row)`` exceeds ``limit`` (None: keep all),
-    the count logged; a ConfigError naming ``key`` when no row is left."""
+    the count logged; a ConfigError naming ``key`` when no row is left. ``what``: a row, in the singular."""
     if limit is not None:
         kept = ds.filter(lambda r: length(r) <= limit)
         if len(kept) < len(ds):
-            logger.warning("dropped %d of %d %s longer than %s=%s tokens", len(ds) - len(kept), len(ds), what, key,
+            logger.warning("dropped %d of %d %ss longer than %s=%s tokens", len(ds) - len(kept), len(ds), what, key,
                            limit)
         ds = kept
     if len(ds) == 0:
-        raise ConfigError(f"no {what[:-1]} fits {key}={limit} tokens; raise {key}")
+        raise ConfigError(f"no {what} fits {key}={limit} tokens; raise {key}")
     return ds

@@ -64,7 +64,7 @@ def build_grpo_dataset(tokenizer, examples, fmt, max_prompt_length: int | None):
         {"prompt": teacher_prompt(tokenizer, ex.question, ex.solution, fmt), "question": ex.question,
          "solution": ex.solution, "student_system": student_system(ex.system, fmt)} for ex in examples])
     return drop_longer(ds, lambda r: len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]),
-                       max_prompt_length, "prompts", "max_prompt_length")
+                       max_prompt_length, "prompt", "max_prompt_length")
 
 
 def build_teacher_grpo_trainer(s, examples=None, fmt=None):

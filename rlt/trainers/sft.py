@@ -45,7 +45,7 @@ def build_sft_dataset(tokenizer, examples: list[Example], fmt: DataFormat, max_l
 
     fn = tokenize_student_example if student else tokenize_teacher_example
     rows = datasets.Dataset.from_list([fn(tokenizer, ex, fmt) for ex in examples])
-    return drop_longer(rows, lambda r: len(r["input_ids"]), max_length, "examples", "max_length")
+    return drop_longer(rows, lambda r: len(r["input_ids"]), max_length, "example", "max_length")
 
 
 def make_sft_trainer(model, tokenizer, args, train_dataset, peft_config=None):
