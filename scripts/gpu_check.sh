@@ -4,12 +4,13 @@
 # than its budget (20 minutes; later stages are skipped and say so).
 #   scripts/gpu_check.sh               on CUDA
 #   scripts/gpu_check.sh --cpu-smoke   the same stages at tiny shapes on CPU (checks the script itself)
-# Stages: install what is missing; build the models; teacher SFT via ./launch.sh 1
-# with zero3, zero1, offload; teacher RL via ./launch.sh 1 (in-process
-# generation) at tiny and 0.5B shape, bf16; the reward benchmark at 7B shape in
-# bf16 and at 0.5B shape in fp32 (max |rlt - oracle| <= 1e-5); one RL step at 7B
-# width with offload and 4k-token completions; ./launch_with_server.sh 1 1 with
-# nccl and filesystem weight sync when vllm imports and >= 2 GPUs are visible.
+# Stages, in this order: install what is missing; the CUDA-only tests
+# (pytest -m cuda); the reward benchmark at 7B shape in bf16 and at 0.5B shape
+# in fp32 (max |rlt - oracle| <= 1e-5); build the models; teacher SFT via
+# ./launch.sh 1 with zero3, zero1, offload; teacher RL via ./launch.sh 1
+# (in-process generation) at tiny and 0.5B shape, bf16; one RL step at 7B width
+# with offload and 4k-token completions; ./launch_with_server.sh 1 1 with nccl
+# and filesystem weight sync when vllm imports and >= 2 GPUs are visible.
 # Writes results/gpu_check/summary.json, summary.md (the table) and logs/.
 # Exit code 0 when no stage failed (skipped stages do not fail the run).
 #
@@ -19,7 +20,9 @@
 # results/gpu_check/site (on PYTHONPATH; the image's site-packages are not
 # touched), from $RLT_WHEELS (a folder of wheels, no index) when set, else from
 # pip's configured index. The project is used in place.
-# Other settings: RLT_GPU_CHECK_OUT (results dir), RLT_GPU_CHECK_BUDGET (seconds,
+# Other settings: RLT_GPU_CHECK_STAGES (comma-separated stage names to run, default
+# all; the others are recorded as skipped; models is added when an RL stage on
+# built models is chosen), RLT_GPU_CHECK_OUT (results dir), RLT_GPU_CHECK_BUDGET (seconds,
 # default 1200 on GPU), RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model,
 # default 8: a full-depth 7.6B policy with Adam states does not fit one 80 GB
 # card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs).
@@ -33,6 +36,20 @@ case "${1:-}" in
   -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   *) echo "gpu_check.sh: unknown argument '$1' (accepted: --cpu-smoke, --help)" >&2; exit 2 ;;
 esac
+ALL_STAGES=(install cuda_tests bench_reward_7b_bf16 bench_reward_0.5b_fp32 models sft_zero3 sft_zero1 sft_offload
+            rl_tiny rl_0.5b rl_7b_offload_step vllm_server_nccl vllm_server_filesystem)
+SELECTED=" ${ALL_STAGES[*]} "
+if [ -n "${RLT_GPU_CHECK_STAGES:-}" ]; then
+  SELECTED=" "
+  for n in ${RLT_GPU_CHECK_STAGES//,/ }; do
+    case " ${ALL_STAGES[*]} " in
+      *" $n "*) SELECTED+="$n " ;;
+      *) echo "gpu_check.sh: RLT_GPU_CHECK_STAGES: unknown stage '$n' (accepted: ${ALL_STAGES[*]})" >&2; exit 2 ;;
+    esac
+  done
+  case "$SELECTED" in *" rl_0.5b "*|*" rl_7b_offload_step "*) SELECTED+="models " ;; esac
+fi
+selected() { case "$SELECTED" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT="${RLT_GPU_CHECK_OUT:-$ROOT/results/gpu_check}"
 SITE="$OUT/site"
 HELPER="$ROOT/scripts/gpu_check_helper.py"
@@ -101,6 +118,7 @@ reap() {
 REC=()
 stage() {
   local name="$1" limit="$2" what="$3"; shift 3
+  if ! selected "$name"; then skip "$name" "$what" "not selected (RLT_GPU_CHECK_STAGES)"; return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   if [ "$left" -lt 30 ]; then
     skip "$name" "$what" "not run: the ${BUDGET}s budget is spent"; return
@@ -137,13 +155,13 @@ if [ "$MODE" = gpu ]; then
                            gradient_checkpointing=true reward_micro_batch_size=8)
   BIG_SHAPE=7b; BIG_LAYERS=$LAYERS_7B; BIG_TOKENS=4096
   BENCH_DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16); BENCH_MID=(--shape 0.5b --dtype float32)
-  L_INSTALL=240 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
+  L_INSTALL=240 L_TESTS=180 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
 else
   PREC=(bf16=false); STEPS=1
   MID_SHAPE=tiny; MID_RUN=(max_completion_length=32 reward_micro_batch_size=8)
   BIG_SHAPE=tiny; BIG_LAYERS=1; BIG_TOKENS=64
   BENCH_DEV=cpu; BENCH_BIG=(--shape tiny --dtype bfloat16 --quick); BENCH_MID=(--shape tiny --dtype float32 --quick)
-  L_INSTALL=300 L_MODELS=600 L_SFT=900 L_RL=900 L_RL_MID=900 L_BENCH=900 L_BIG=900 L_VLLM=900
+  L_INSTALL=300 L_TESTS=300 L_MODELS=600 L_SFT=900 L_RL=900 L_RL_MID=900 L_BENCH=900 L_BIG=900 L_VLLM=900
   SMOKE=" [cpu-smoke: tiny shapes]"
 fi
 M="$WORK/models"
@@ -156,6 +174,20 @@ stage install "$L_INSTALL" "missing packages into results/gpu_check/site (never 
   "$PY" "$HELPER" install --site "$SITE" ${RLT_WHEELS:+--wheels "$RLT_WHEELS"}
 "$PY" "$HELPER" environment > "$OUT/environment.json" 2>> "$OUT/logs/install.log" || echo "{}" > "$OUT/environment.json"
 GPUS="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("gpus", 0))' "$OUT/environment.json" 2>/dev/null || echo 0)"
+
+if [ "$MODE" = gpu ]; then
+  stage cuda_tests "$L_TESTS" "the CUDA-only tests: pytest -m cuda (varlen kernel, float32 logits, packed = per sequence)" \
+    "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_logprobs.py
+else
+  skip cuda_tests "the CUDA-only tests: pytest -m cuda" "no CUDA device (--cpu-smoke)"
+fi
+
+REC=(--bench "$OUT/bench_7b_bf16.json")
+stage bench_reward_7b_bf16 "$L_BENCH" "reward at 7B shape, bf16: rlt vs per-sample oracle vs floor$SMOKE" \
+  "$PY" scripts/bench_reward.py --device "$BENCH_DEV" "${BENCH_BIG[@]}" --out "$OUT/bench_7b_bf16.json"
+REC=(--bench "$OUT/bench_0.5b_fp32.json" --max-abs-diff 1e-5)
+stage bench_reward_0.5b_fp32 "$L_BENCH" "reward at 0.5B shape, fp32: max |rlt - oracle| <= 1e-5$SMOKE" \
+  "$PY" scripts/bench_reward.py --device "$BENCH_DEV" "${BENCH_MID[@]}" --out "$OUT/bench_0.5b_fp32.json"
 
 stage models "$L_MODELS" "random models: $MID_SHAPE teacher + student, $BIG_SHAPE widths with $BIG_LAYERS layer(s)" \
   bash -c 'set -e; "$0" -m rlt.testing.tiny_model "$1/mid_teacher" --seed 0 --shape "$2" --dtype bfloat16
@@ -177,13 +209,6 @@ stage rl_0.5b "$L_RL_MID" "teacher RL, 0.5B shape, ZeRO-3, in-process generation
   ./launch.sh 1 "$RL_CFG" "output_dir=$WORK/rl_mid" "model_name_or_path=$M/mid_teacher" \
   "student_model=$M/mid_student" "max_steps=$STEPS" "${PREC[@]}" "${MID_RUN[@]}" "${NO_SAVE[@]}"
 
-REC=(--bench "$OUT/bench_7b_bf16.json")
-stage bench_reward_7b_bf16 "$L_BENCH" "reward at 7B shape, bf16: rlt vs per-sample oracle vs floor$SMOKE" \
-  "$PY" scripts/bench_reward.py --device "$BENCH_DEV" "${BENCH_BIG[@]}" --out "$OUT/bench_7b_bf16.json"
-REC=(--bench "$OUT/bench_0.5b_fp32.json" --max-abs-diff 1e-5)
-stage bench_reward_0.5b_fp32 "$L_BENCH" "reward at 0.5B shape, fp32: max |rlt - oracle| <= 1e-5$SMOKE" \
-  "$PY" scripts/bench_reward.py --device "$BENCH_DEV" "${BENCH_MID[@]}" --out "$OUT/bench_0.5b_fp32.json"
-
 REC=(--rl)
 stage rl_7b_offload_step "$L_BIG" "one RL step, 7B widths with $BIG_LAYERS layer(s), offload, $BIG_TOKENS-token completions$SMOKE" \
   ./launch.sh 1 "$RL_CFG" "output_dir=$WORK/rl_big" "model_name_or_path=$M/big" "student_model=$M/big" max_steps=1 \
@@ -195,7 +220,7 @@ why=""
 if [ "$GPUS" -lt 2 ]; then why="${why:+$why; }$GPUS GPU(s) visible, the server stages need >= 2 (server + trainer)"; fi
 for sync in nccl filesystem; do
   what="./launch_with_server.sh 1 1, tiny, vllm_weight_sync=$sync"
-  if [ -n "$why" ]; then skip "vllm_server_$sync" "$what" "$why"; continue; fi
+  if selected "vllm_server_$sync" && [ -n "$why" ]; then skip "vllm_server_$sync" "$what" "$why"; continue; fi
   REC=(--rl)
   stage "vllm_server_$sync" "$L_VLLM" "$what" \
     ./launch_with_server.sh 1 1 "$RL_CFG" "output_dir=$WORK/vllm_$sync" "max_steps=$STEPS" "${PREC[@]}" \

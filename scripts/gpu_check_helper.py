@@ -295,8 +295,12 @@ def cmd_summary(args) -> None:
     stages = [json.loads(line) for line in Path(args.stages).read_text().splitlines() if line.strip()]
     env = json.loads(Path(args.env).read_text()) if args.env and Path(args.env).exists() else {}
     failed = [s["name"] for s in stages if s["status"] in ("fail", "timeout")]
+    ran = [s["name"] for s in stages if s["status"] == "pass"]
+    skipped = [s["name"] for s in stages if s["status"] == "skip"]
     summary = {**env, "mode": args.mode, "budget_s": args.budget, "total_s": round(args.total, 1),
-               "passed": not failed, "failed": failed, "stages": stages}
+               "passed": not failed, "failed": failed, "passed_stages": ran, "skipped": skipped, "stages": stages}
+    verdict = (f"PASS: {len(ran)} stage(s) passed" if not failed else "FAIL: " + ", ".join(failed)) + (
+        f", {len(skipped)} skipped" if skipped else "")
     out = Path(args.out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     head_kind = "gpu" if args.mode == "gpu" else "host"
@@ -306,7 +310,7 @@ def cmd_summary(args) -> None:
         "",
         f"{env.get('date', '?')} | mode {args.mode} | {env.get('gpus', 0)} GPU(s) | Python {env.get('python', '?')} | "
         f"torch {env.get('torch', '?')} | total {args.total:.0f} s (budget {args.budget:.0f} s) | "
-        f"**{'PASS' if not failed else 'FAIL: ' + ', '.join(failed)}**",
+        f"**{verdict}**",
         "",
         f"| stage | what | result | seconds | {mem_head} | notes |",
         "|---|---|---|---:|---:|---|",

@@ -143,6 +143,49 @@ def test_varlen_attention_matches_per_segment_attention(monkeypatch):
         L.varlen_attention(None, q, k, v, torch.ones(1, 20), cu_seq_lens_q=cu)
 
 
+def test_varlen_call_adapts_to_each_torch_signature():
+    # torch 2.9/2.10: is_causal, no scale, no GQA; later: scale + window_size; 2.12+: enable_gqa too
+    old, mid, new = {"is_causal"}, {"scale", "window_size"}, {"scale", "window_size", "enable_gqa"}
+    assert L.varlen_call_kwargs(new, 4, 2, 8, 0.3) == {"window_size": (-1, 0), "scale": 0.3, "enable_gqa": True}
+    assert L.varlen_call_kwargs(mid, 4, 2, 8, 0.3) == {"window_size": (-1, 0), "scale": 0.3, "repeat_kv": 2}
+    assert L.varlen_call_kwargs(old, 4, 4, 8, 8 ** -0.5) == {"is_causal": True}
+    assert L.varlen_call_kwargs(old, 4, 1, 8, None) == {"is_causal": True, "repeat_kv": 4}
+    assert L.varlen_call_kwargs(old, 4, 4, 8, 0.3) is None          # no way to pass a non-default scale
+    assert L.varlen_call_kwargs(set(), 4, 4, 8, None) is None       # no causal mode at all
+
+
+def test_varlen_attention_with_older_torch_signatures(monkeypatch):
+    import torch.nn.attention.varlen as tv
+
+    calls = []
+
+    def causal_only(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):  # torch 2.9/2.10 shape
+        assert is_causal and q.shape[1] == k.shape[1]
+        calls.append("is_causal")
+        return ref_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, window_size=(-1, 0))
+
+    def no_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        assert q.shape[1] == k.shape[1]
+        calls.append("scale")
+        return ref_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+    g = torch.Generator().manual_seed(3)
+    bounds = [0, 4, 11, 16]
+    q = torch.randn(1, 4, 16, 8, generator=g)
+    k, v = torch.randn(1, 2, 16, 8, generator=g), torch.randn(1, 2, 16, 8, generator=g)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    for fn, scaling, used in ((no_gqa, 0.3, ["scale"]), (causal_only, 8 ** -0.5, ["is_causal"]),
+                              (causal_only, 0.3, [])):          # last: falls back to one SDPA per segment
+        want, _ = L.varlen_attention(None, q, k, v, None, scaling=scaling, cu_seq_lens_q=cu, max_length_q=7)
+        with monkeypatch.context() as m:
+            m.setattr(L, "_torch_varlen_ok", lambda device, dtype: True)
+            m.setattr(tv, "varlen_attn", fn)
+            calls.clear()
+            got, _ = L.varlen_attention(None, q, k, v, None, scaling=scaling, cu_seq_lens_q=cu, max_length_q=7)
+        assert calls == used
+        torch.testing.assert_close(got, want)
+
+
 def test_packed_attention_switches_and_restores(tokenizer):
     from rlt.testing.tiny_model import build_model
 
@@ -370,7 +413,8 @@ def test_new_settings_are_validated():
 
 
 # ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def cuda(test):
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @cuda

@@ -242,17 +242,66 @@ def lockstep_max(values: list[int], device: torch.device, enabled: bool) -> list
 
 
 # ----------------------------------------------------------------------------- varlen attention
+def varlen_call_kwargs(params, hq: int, hkv: int, head_dim: int, scaling: float | None) -> dict | None:
+    """Keyword arguments for torch's ``varlen_attn`` with parameter names ``params``, or None when it cannot do
+    causal attention with ``scaling`` over ``hq`` query and ``hkv`` key/value heads.
+
+    torch has shipped three signatures: ``is_causal`` (no ``scale``, no GQA), ``scale`` + ``window_size``, and
+    that plus ``enable_gqa``. Without ``enable_gqa`` the caller repeats the key/value heads (``repeat_kv``);
+    without ``scale`` only the default 1/sqrt(head_dim) is possible.
+    """
+    kw: dict = {}
+    if "window_size" in params:
+        kw["window_size"] = (-1, 0)
+    elif "is_causal" in params:
+        kw["is_causal"] = True
+    else:
+        return None
+    if "scale" in params:
+        kw["scale"] = scaling
+    elif scaling is not None and abs(scaling - head_dim ** -0.5) > 1e-12:
+        return None
+    if hq != hkv:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            kw["repeat_kv"] = hq // hkv
+    return kw
+
+
+def _varlen_params() -> frozenset:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                 scaling: float | None) -> torch.Tensor | None:
+    """Causal varlen attention through torch's FlashAttention kernel. q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq, D];
+    None when the installed torch's ``varlen_attn`` cannot do it (see :func:`varlen_call_kwargs`)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    kw = varlen_call_kwargs(_varlen_params(), q.shape[1], k.shape[1], q.shape[2], scaling)
+    if kw is None:
+        return None
+    rep = kw.pop("repeat_kv", 1)
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
 @functools.lru_cache(maxsize=None)
 def _torch_varlen_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch's FlashAttention varlen kernel runs here (CUDA, fp16/bf16, a supported card)."""
+    """Whether torch's FlashAttention varlen kernel runs here (CUDA, fp16/bf16, a supported card and signature)."""
     if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
         return False
     try:
-        from torch.nn.attention.varlen import varlen_attn
-
         q = torch.zeros(4, 2, 64, dtype=dtype, device=device)
         cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
-        varlen_attn(q, q[:, :1], q[:, :1], cu, cu, 3, 3, window_size=(-1, 0), enable_gqa=True)
+        if torch_varlen(q, q[:, :1], q[:, :1], cu, 3, 64 ** -0.5) is None:
+            raise RuntimeError(f"varlen_attn{sorted(_varlen_params())} has no causal mode or no scale")
         return True
     except Exception as e:  # noqa: BLE001  (an unsupported card or build: fall back, say why once)
         logger.warning("torch varlen_attn unavailable on %s/%s (%s); packed attention runs one SDPA per sequence",
@@ -287,14 +336,12 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     if sliding_window is not None and (max_length_q or query.shape[2]) > sliding_window:
         raise NotImplementedError("rlt_varlen attention has no sliding window")
     if _torch_varlen_ok(query.device, query.dtype):
-        from torch.nn.attention.varlen import varlen_attn
-
         q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))   # [T, H, D]
         cu = cu_seq_lens_q.to(torch.int32)
         m = int(max_length_q) if max_length_q is not None else int((cu[1:] - cu[:-1]).max())
-        out = varlen_attn(q, k, v, cu, cu, m, m, scale=scaling, window_size=(-1, 0),
-                          enable_gqa=q.shape[1] != k.shape[1])
-        return out.unsqueeze(0), None
+        out = torch_varlen(q, k, v, cu, m, scaling)
+        if out is not None:
+            return out.unsqueeze(0), None
     return segment_attention(query, key, value, cu_seq_lens_q.tolist(), scaling), None
 
 
