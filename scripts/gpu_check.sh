@@ -190,10 +190,10 @@ stage bench_reward_0.5b_fp32 "$L_BENCH" "reward at 0.5B shape, fp32: max |rlt - 
   "$PY" scripts/bench_reward.py --device "$BENCH_DEV" "${BENCH_MID[@]}" --out "$OUT/bench_0.5b_fp32.json"
 
 stage models "$L_MODELS" "random models: $MID_SHAPE teacher + student, $BIG_SHAPE widths with $BIG_LAYERS layer(s)" \
-  bash -c 'set -e; "$0" -m rlt.testing.tiny_model "$1/mid_teacher" --seed 0 --shape "$2" --dtype bfloat16
-           "$0" -m rlt.testing.tiny_model "$1/mid_student" --seed 1 --shape "$2" --dtype bfloat16
-           "$0" "$3" build-model "$1/big" --seed 2 --shape "$4" --layers "$5" --dtype bfloat16' \
-  "$PY" "$M" "$MID_SHAPE" "$HELPER" "$BIG_SHAPE" "$BIG_LAYERS"
+  bash -c 'set -e; "$0" -m rlt.testing.tiny_model "$1/mid_teacher" --seed 0 --shape "$2" --dtype bfloat16 --device "$6"
+           "$0" -m rlt.testing.tiny_model "$1/mid_student" --seed 1 --shape "$2" --dtype bfloat16 --device "$6"
+           "$0" "$3" build-model "$1/big" --seed 2 --shape "$4" --layers "$5" --dtype bfloat16 --device "$6"' \
+  "$PY" "$M" "$MID_SHAPE" "$HELPER" "$BIG_SHAPE" "$BIG_LAYERS" "$BENCH_DEV"
 
 for ds in zero3 zero1 offload; do
   flag=(); [ "$ds" = zero3 ] || flag=("$ds")

@@ -2,7 +2,7 @@
 
     python scripts/gpu_check_helper.py install --site DIR [--wheels DIR]
     python scripts/gpu_check_helper.py environment
-    python scripts/gpu_check_helper.py build-model OUT --shape 7b [--layers N] [--seed S] [--dtype bfloat16]
+    python scripts/gpu_check_helper.py build-model OUT --shape 7b [--layers N] [--seed S] [--dtype bfloat16] [--device cuda]
     python scripts/gpu_check_helper.py sample-host-memory
     python scripts/gpu_check_helper.py record --stages FILE --name NAME --status pass|fail|timeout|skip ...
     python scripts/gpu_check_helper.py summary --stages FILE --out DIR --mode gpu|cpu-smoke --budget S --total S
@@ -175,7 +175,7 @@ def cmd_build_model(args) -> None:
     kwargs = dict(SHAPES[args.shape])
     if args.layers:
         kwargs["num_layers"] = args.layers
-    write_tiny_model(args.out, seed=args.seed, dtype=getattr(torch, args.dtype), **kwargs)
+    write_tiny_model(args.out, seed=args.seed, dtype=getattr(torch, args.dtype), device=args.device, **kwargs)
 
 
 def cmd_sample_host_memory(args) -> None:
@@ -338,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--layers", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--device", default="cpu", help="where the random weights are drawn")
     sub.add_parser("sample-host-memory")
     p = sub.add_parser("record")
     p.add_argument("--stages", required=True)

@@ -186,6 +186,23 @@ def test_varlen_attention_with_older_torch_signatures(monkeypatch):
         torch.testing.assert_close(got, want)
 
 
+def test_a_pack_of_one_sequence_takes_the_plain_causal_attention(monkeypatch):
+    import torch.nn.attention.varlen as tv
+
+    def never(*a, **k):
+        raise AssertionError("the varlen kernel is for packs of several sequences")
+
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 9, 8, generator=g)
+    k, v = torch.randn(1, 2, 9, 8, generator=g), torch.randn(1, 2, 9, 8, generator=g)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True,
+                                          scale=0.3).transpose(1, 2)
+    monkeypatch.setattr(L, "_torch_varlen_ok", lambda device, dtype: True)
+    monkeypatch.setattr(tv, "varlen_attn", never)
+    got, _ = L.varlen_attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=torch.tensor([0, 9], dtype=torch.int32))
+    torch.testing.assert_close(got, want)
+
+
 def test_packed_attention_switches_and_restores(tokenizer):
     from rlt.testing.tiny_model import build_model
 

@@ -51,9 +51,9 @@ def _char_ranges(tok, ids: list[int]) -> list[tuple[int, int]]:
 
 def _full_logprobs(model, ids: list[int], temperature: float) -> torch.Tensor:
     """log p(ids[i] | ids[:i]) for i = 1..L-1 -> [L-1], from full fp32 log_softmax."""
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=next(model.parameters()).device)
     logits = model(input_ids=x).logits[0, :-1].float() / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, x[0, 1:, None]).squeeze(-1)
+    return torch.log_softmax(logits, dim=-1).gather(-1, x[0, 1:, None]).squeeze(-1).cpu()
 
 
 def _reduce(v: torch.Tensor, op: str) -> float:

@@ -114,16 +114,19 @@ def build_model(tokenizer, seed: int = 0, hidden_size: int = 128, num_layers: in
 
 
 def write_tiny_model(out_dir: str | Path, seed: int = 0, tokenizer_vocab_size: int = 1024, tokenizer_seed: int = 0,
-                     **model_kwargs) -> Path:
+                     device: str = "cpu", **model_kwargs) -> Path:
     """Write model + tokenizer to ``out_dir`` (loadable with from_pretrained).
 
     The tokenizer depends only on vocab_size and tokenizer_seed, so tiny models
     with different weight seeds share it (as a teacher and its student must).
+    ``device``: where the random weights are drawn (``cuda`` draws billions of
+    them in seconds; the same seed gives other weights than on the CPU).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(vocab_size=tokenizer_vocab_size, seed=tokenizer_seed)
-    model = build_model(tokenizer, seed=seed, **model_kwargs)
+    with torch.device(device):
+        model = build_model(tokenizer, seed=seed, **model_kwargs)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     logger.info("wrote tiny Qwen2 (%d params, vocab %d) to %s",
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary size")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny", help="layer sizes (see SHAPES)")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights' dtype")
+    ap.add_argument("--device", default="cpu", help="where the random weights are drawn (cpu, cuda)")
     ap.add_argument("--hidden-size", type=int, default=None, help="override the shape's hidden size")
     ap.add_argument("--layers", type=int, default=None, help="override the shape's number of layers")
     ap.add_argument("--heads", type=int, default=None,
@@ -153,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.heads is not None and args.shape == "tiny":
         shape["num_kv_heads"] = args.heads
     write_tiny_model(args.out_dir, seed=args.seed, tokenizer_vocab_size=args.vocab_size, dtype=getattr(torch, args.dtype),
-                     **shape)
+                     device=args.device, **shape)
 
 
 if __name__ == "__main__":
