@@ -109,3 +109,23 @@ def test_empty_thought_and_solution_spans_get_penalties(tokenizer, models):
     assert res.components["thought_tokens"].item() == 0
     # empty thought span: every KL reduction is NaN -> -not_matched_penalty = +1 each
     assert res.components["r_kl"].item() == pytest.approx(3 * 1 + 0.03 * 1)
+
+
+def test_oracle_feeds_ids_on_the_models_device():
+    # the GPU run found the oracle sending CPU token ids to a CUDA model; a meta-device model stands in here
+    from rlt.testing.reward_oracle import _full_logprobs
+
+    class Seen(Exception):
+        pass
+
+    class MetaModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(1, device="meta"))
+
+        def forward(self, input_ids):
+            raise Seen(input_ids.device)
+
+    with pytest.raises(Seen) as seen:
+        _full_logprobs(MetaModel(), [1, 2, 3], 1.0)
+    assert seen.value.args[0] == torch.device("meta")
