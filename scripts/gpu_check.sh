@@ -175,7 +175,9 @@ stage install "$L_INSTALL" "missing packages into results/gpu_check/site (never 
 "$PY" "$HELPER" environment > "$OUT/environment.json" 2>> "$OUT/logs/install.log" || echo "{}" > "$OUT/environment.json"
 GPUS="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("gpus", 0))' "$OUT/environment.json" 2>/dev/null || echo 0)"
 
-if [ "$MODE" = gpu ]; then
+if [ "$MODE" = gpu ] && ! "$PY" -c 'import pytest' >/dev/null 2>&1; then
+  skip cuda_tests "the CUDA-only tests: pytest -m cuda" "pytest is not installed in $PY (pip install pytest to run them)"
+elif [ "$MODE" = gpu ]; then
   stage cuda_tests "$L_TESTS" "the CUDA-only tests: pytest -m cuda (varlen kernel, float32 logits, packed = per sequence)" \
     "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_logprobs.py
 else
