@@ -282,7 +282,7 @@ def notes(rec: dict) -> str:
     for case, c in (d.get("bench") or {}).items():
         text = f"{case}: rlt {c.get('rlt_s', float('nan')):.2f}s, oracle {c.get('oracle_s', float('nan')):.2f}s"
         if "floor_unpadded_s" in c:
-            text += f", floor {c['floor_unpadded_s']:.2f}s"
+            text += f", unpadded floor {c['floor_unpadded_s']:.2f}s"
         if "peak_extra_gb_rlt" in c:
             text += f", extra GB rlt {c['peak_extra_gb_rlt']:.2f} / oracle {c.get('peak_extra_gb_oracle', 0):.2f}"
         if "max_abs_diff" in c:
