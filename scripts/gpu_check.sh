@@ -12,7 +12,7 @@
 # with offload and 4k-token completions; ./launch_with_server.sh 1 1 with nccl
 # and filesystem weight sync when vllm imports and >= 2 GPUs are visible.
 # Writes results/gpu_check/summary.json, summary.md (the table) and logs/.
-# Exit code 0 when no stage failed (skipped stages do not fail the run).
+# Exit code 0 when at least one stage passed and none failed (skipped stages do not fail the run).
 #
 # Python: $RLT_PYTHON, else .venv/bin/python, else python3: the first with a
 # torch (with CUDA, unless --cpu-smoke). Nothing is downloaded for torch: pip is

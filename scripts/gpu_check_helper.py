@@ -298,9 +298,10 @@ def cmd_summary(args) -> None:
     ran = [s["name"] for s in stages if s["status"] == "pass"]
     skipped = [s["name"] for s in stages if s["status"] == "skip"]
     summary = {**env, "mode": args.mode, "budget_s": args.budget, "total_s": round(args.total, 1),
-               "passed": not failed, "failed": failed, "passed_stages": ran, "skipped": skipped, "stages": stages}
-    verdict = (f"PASS: {len(ran)} stage(s) passed" if not failed else "FAIL: " + ", ".join(failed)) + (
-        f", {len(skipped)} skipped" if skipped else "")
+               "passed": bool(ran) and not failed, "failed": failed, "passed_stages": ran, "skipped": skipped,
+               "stages": stages}
+    verdict = ("FAIL: " + ", ".join(failed) if failed else f"PASS: {len(ran)} stage(s) passed" if ran
+               else "NOTHING RAN") + (f", {len(skipped)} skipped" if skipped else "")
     out = Path(args.out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     head_kind = "gpu" if args.mode == "gpu" else "host"
