@@ -6,6 +6,7 @@ and `dirname`, so the machine's own Pythons are out of sight.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -134,3 +135,20 @@ def test_gpu_check_requirements_leave_out_torch():
     reqs = helper.project_requirements()
     names = {helper.canon(r.split("=")[0].split(">")[0].split("<")[0]) for r in reqs}
     assert "torch" not in names and {"trl", "transformers", "deepspeed", "hydra-core"} <= names
+
+
+@pytest.mark.parametrize("statuses,passed,verdict", [
+    (["skip", "skip"], False, "NOTHING RAN, 2 skipped"),
+    (["pass", "skip"], True, "PASS: 1 stage(s) passed, 1 skipped"),
+    (["pass", "timeout"], False, "FAIL: s1"),
+])
+def test_gpu_check_verdict_needs_a_passed_stage_and_no_failure(tmp_path, statuses, passed, verdict):
+    helper = load_gpu_check_helper()
+    stages = tmp_path / "stages.jsonl"
+    for i, status in enumerate(statuses):
+        helper.main(["record", "--stages", str(stages), "--name", f"s{i}", "--status", status])
+    helper.main(["summary", "--stages", str(stages), "--out", str(tmp_path), "--mode", "gpu", "--budget", "60",
+                 "--total", "5"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["passed"] is passed
+    assert f"**{verdict}" in (tmp_path / "summary.md").read_text()
