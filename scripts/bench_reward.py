@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_reward.py [--device cpu|cuda] [--shape bench|tiny|0.5b|7b]
         [--dtype float32|bfloat16] [--quick] [--out results/bench_reward.json]
         [--packing auto|packed|padded] [--backend auto|online|rowchunk] [--token-budget N]
+        [--vocab-chunk-size N]
 
 Models: random Qwen2 (rlt.testing.tiny_model): ``bench`` (the CPU default) is
 vocab 151936 (as Qwen2.5), hidden 256, 2 layers; ``0.5b``/``7b`` have the layer
@@ -255,7 +256,8 @@ MODES = ("rlt", "oracle", "floor", "floor_unpadded")
 
 def settings(args) -> dict:
     return dict(reward_packing=args.packing, reward_logprob_backend=args.backend,
-                reward_token_budget=args.token_budget)
+                reward_token_budget=args.token_budget, **({"reward_vocab_chunk_size": args.vocab_chunk_size}
+                                                          if args.vocab_chunk_size else {}))
 
 
 # ----------------------------------------------------------------------------- drivers
@@ -275,6 +277,7 @@ def cpu_worker(case_name: str, mode: str, args) -> dict:
 def run_cpu_worker(case: str, mode: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", case, mode, "--shape", args.shape, "--dtype", args.dtype,
            "--packing", args.packing, "--backend", args.backend, "--token-budget", str(args.token_budget)]
+    cmd += ["--vocab-chunk-size", str(args.vocab_chunk_size)] if args.vocab_chunk_size else []
     cmd += ["--quick"] if args.quick else []
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -375,6 +378,8 @@ def main() -> None:
     ap.add_argument("--packing", choices=("auto", "packed", "padded"), default="auto", help="reward_packing")
     ap.add_argument("--backend", choices=("auto", "online", "rowchunk"), default="auto", help="reward_logprob_backend")
     ap.add_argument("--token-budget", type=int, default=4096, help="reward_token_budget")
+    ap.add_argument("--vocab-chunk-size", type=int, default=None,
+                    help="reward_vocab_chunk_size (default: the reward settings' default)")
     ap.add_argument("--cases", default="main,long", help="comma-separated cases to run (main, long)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_reward.json"))
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")

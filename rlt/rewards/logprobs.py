@@ -62,7 +62,7 @@ def model_body(model):
 
 # ----------------------------------------------------------------------------- output layer
 def online_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    temperature: float, chunk_size: int, vocab_chunk_size: int = 4096) -> torch.Tensor:
+                    temperature: float, chunk_size: int, vocab_chunk_size: int = 2048) -> torch.Tensor:
     """log softmax(h W^T / temperature)[label] row by row. hidden [N, H], labels [N] -> [N] float32.
 
     Rows go ``chunk_size`` at a time (the weight is streamed once per row
@@ -160,7 +160,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 def output_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     temperature: float, backend: str, chunk_size: int = 1024,
-                    vocab_chunk_size: int = 4096) -> torch.Tensor:
+                    vocab_chunk_size: int = 2048) -> torch.Tensor:
     """Selected-token log-probs with the chosen backend. hidden [N, H], labels [N] -> [N] float32."""
     backend = resolve_backend(backend, hidden.device)
     if backend == "rowchunk":
@@ -406,7 +406,7 @@ def _dummy_forward(body, head, device, packed: bool) -> None:
 @torch.no_grad()
 def token_logprobs(model, sequences: list[list[int]], positions: list[list[int]], temperature: float = 1.0,
                    micro_batch_size: int = 4, chunk_size: int = 1024, pad_token_id: int = 0,
-                   vocab_chunk_size: int = 4096, *, token_budget: int = 4096, packing: str = "auto",
+                   vocab_chunk_size: int = 2048, *, token_budget: int = 4096, packing: str = "auto",
                    backend: str = "auto", lockstep: bool | None = None) -> list[torch.Tensor]:
     """For each sequence, log p(seq[i] | seq[:i]) at each index i in positions (i >= 1).
 
