@@ -256,8 +256,7 @@ MODES = ("rlt", "oracle", "floor", "floor_unpadded")
 
 def settings(args) -> dict:
     return dict(reward_packing=args.packing, reward_logprob_backend=args.backend,
-                reward_token_budget=args.token_budget, **({"reward_vocab_chunk_size": args.vocab_chunk_size}
-                                                          if args.vocab_chunk_size else {}))
+                reward_token_budget=args.token_budget, reward_vocab_chunk_size=args.vocab_chunk_size)
 
 
 # ----------------------------------------------------------------------------- drivers
@@ -276,8 +275,8 @@ def cpu_worker(case_name: str, mode: str, args) -> dict:
 
 def run_cpu_worker(case: str, mode: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", case, mode, "--shape", args.shape, "--dtype", args.dtype,
-           "--packing", args.packing, "--backend", args.backend, "--token-budget", str(args.token_budget)]
-    cmd += ["--vocab-chunk-size", str(args.vocab_chunk_size)] if args.vocab_chunk_size else []
+           "--packing", args.packing, "--backend", args.backend, "--token-budget", str(args.token_budget),
+           "--vocab-chunk-size", str(args.vocab_chunk_size)]
     cmd += ["--quick"] if args.quick else []
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
@@ -291,8 +290,8 @@ def cuda_case(case_name: str, args) -> dict[str, dict]:
     t0 = time.perf_counter()
     b = Bench(case, args.shape, args.dtype, torch.device("cuda"), fp32_reference=args.dtype != "float32",
               settings=settings(args))
-    logger.info("  %s: models built%s in %.0fs", case_name, " and the float32 reference scored" * (
-        b.fp32_rewards is not None), time.perf_counter() - t0)
+    logger.info("  %s: models built%s in %.0fs", case_name,
+                "" if b.fp32_rewards is None else " and the float32 reference scored", time.perf_counter() - t0)
     warm = slice(0, 2)
     for mode in MODES:  # warm-up: kernels, cuBLAS handles, allocator
         b.run(mode, b.items[warm], b.preps[warm])
@@ -370,6 +369,8 @@ def summarise(r: dict, device: str, args) -> dict:
 
 
 def main() -> None:
+    from rlt.rewards.config import RewardConfig
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--shape", choices=("bench", "tiny", "0.5b", "7b"), default="bench",
@@ -377,9 +378,9 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--packing", choices=("auto", "packed", "padded"), default="auto", help="reward_packing")
     ap.add_argument("--backend", choices=("auto", "online", "rowchunk"), default="auto", help="reward_logprob_backend")
-    ap.add_argument("--token-budget", type=int, default=4096, help="reward_token_budget")
-    ap.add_argument("--vocab-chunk-size", type=int, default=None,
-                    help="reward_vocab_chunk_size (default: the reward settings' default)")
+    ap.add_argument("--token-budget", type=int, default=RewardConfig.reward_token_budget, help="reward_token_budget")
+    ap.add_argument("--vocab-chunk-size", type=int, default=RewardConfig.reward_vocab_chunk_size,
+                    help="reward_vocab_chunk_size")
     ap.add_argument("--cases", default="main,long", help="comma-separated cases to run (main, long)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_reward.json"))
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")

@@ -154,13 +154,13 @@ if [ "$MODE" = gpu ]; then
   MID_SHAPE=0.5b; MID_RUN=(train_batch_size=32 per_device_train_batch_size=8 num_generations=8 max_completion_length=512
                            gradient_checkpointing=true reward_micro_batch_size=8)
   BIG_SHAPE=7b; BIG_LAYERS=$LAYERS_7B; BIG_TOKENS=4096
-  BENCH_DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16); BENCH_MID=(--shape 0.5b --dtype float32)
+  DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16); BENCH_MID=(--shape 0.5b --dtype float32)
   L_INSTALL=240 L_TESTS=180 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
 else
   PREC=(bf16=false); STEPS=1
   MID_SHAPE=tiny; MID_RUN=(max_completion_length=32 reward_micro_batch_size=8)
   BIG_SHAPE=tiny; BIG_LAYERS=1; BIG_TOKENS=64
-  BENCH_DEV=cpu; BENCH_BIG=(--shape tiny --dtype bfloat16 --quick); BENCH_MID=(--shape tiny --dtype float32 --quick)
+  DEV=cpu; BENCH_BIG=(--shape tiny --dtype bfloat16 --quick); BENCH_MID=(--shape tiny --dtype float32 --quick)
   L_INSTALL=300 L_TESTS=300 L_MODELS=600 L_SFT=900 L_RL=900 L_RL_MID=900 L_BENCH=900 L_BIG=900 L_VLLM=900
   SMOKE=" [cpu-smoke: tiny shapes]"
 fi
@@ -186,16 +186,16 @@ fi
 
 REC=(--bench "$OUT/bench_7b_bf16.json")
 stage bench_reward_7b_bf16 "$L_BENCH" "reward at 7B shape, bf16: rlt vs per-sample oracle vs floor$SMOKE" \
-  "$PY" scripts/bench_reward.py --device "$BENCH_DEV" "${BENCH_BIG[@]}" --out "$OUT/bench_7b_bf16.json"
+  "$PY" scripts/bench_reward.py --device "$DEV" "${BENCH_BIG[@]}" --out "$OUT/bench_7b_bf16.json"
 REC=(--bench "$OUT/bench_0.5b_fp32.json" --max-abs-diff 1e-5)
 stage bench_reward_0.5b_fp32 "$L_BENCH" "reward at 0.5B shape, fp32: max |rlt - oracle| <= 1e-5$SMOKE" \
-  "$PY" scripts/bench_reward.py --device "$BENCH_DEV" "${BENCH_MID[@]}" --out "$OUT/bench_0.5b_fp32.json"
+  "$PY" scripts/bench_reward.py --device "$DEV" "${BENCH_MID[@]}" --out "$OUT/bench_0.5b_fp32.json"
 
 stage models "$L_MODELS" "random models: $MID_SHAPE teacher + student, $BIG_SHAPE widths with $BIG_LAYERS layer(s)" \
   bash -c 'set -e; "$0" -m rlt.testing.tiny_model "$1/mid_teacher" --seed 0 --shape "$2" --dtype bfloat16 --device "$6"
            "$0" -m rlt.testing.tiny_model "$1/mid_student" --seed 1 --shape "$2" --dtype bfloat16 --device "$6"
            "$0" "$3" build-model "$1/big" --seed 2 --shape "$4" --layers "$5" --dtype bfloat16 --device "$6"' \
-  "$PY" "$M" "$MID_SHAPE" "$HELPER" "$BIG_SHAPE" "$BIG_LAYERS" "$BENCH_DEV"
+  "$PY" "$M" "$MID_SHAPE" "$HELPER" "$BIG_SHAPE" "$BIG_LAYERS" "$DEV"
 
 for ds in zero3 zero1 offload; do
   flag=(); [ "$ds" = zero3 ] || flag=("$ds")

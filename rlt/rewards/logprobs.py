@@ -36,6 +36,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from rlt.rewards.config import RewardConfig
+
 logger = logging.getLogger(__name__)
 
 PACKING = ("auto", "packed", "padded")
@@ -62,7 +64,8 @@ def model_body(model):
 
 # ----------------------------------------------------------------------------- output layer
 def online_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    temperature: float, chunk_size: int, vocab_chunk_size: int = 2048) -> torch.Tensor:
+                    temperature: float, chunk_size: int,
+                    vocab_chunk_size: int = RewardConfig.reward_vocab_chunk_size) -> torch.Tensor:
     """log softmax(h W^T / temperature)[label] row by row. hidden [N, H], labels [N] -> [N] float32.
 
     Rows go ``chunk_size`` at a time (the weight is streamed once per row
@@ -159,8 +162,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def output_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    temperature: float, backend: str, chunk_size: int = 1024,
-                    vocab_chunk_size: int = 2048) -> torch.Tensor:
+                    temperature: float, backend: str, chunk_size: int = RewardConfig.reward_logit_chunk_size,
+                    vocab_chunk_size: int = RewardConfig.reward_vocab_chunk_size) -> torch.Tensor:
     """Selected-token log-probs with the chosen backend. hidden [N, H], labels [N] -> [N] float32."""
     backend = resolve_backend(backend, hidden.device)
     if backend == "rowchunk":
@@ -269,12 +272,12 @@ def varlen_call_kwargs(params, hq: int, hkv: int, head_dim: int, scaling: float 
     return kw
 
 
-def _varlen_params() -> frozenset:
+@functools.lru_cache(maxsize=None)
+def _varlen_params(fn) -> frozenset:
+    """Parameter names of ``fn`` (torch's ``varlen_attn``), read once per function: this runs in every layer."""
     import inspect
 
-    from torch.nn.attention.varlen import varlen_attn
-
-    return frozenset(inspect.signature(varlen_attn).parameters)
+    return frozenset(inspect.signature(fn).parameters)
 
 
 def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
@@ -283,7 +286,7 @@ def torch_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Te
     None when the installed torch's ``varlen_attn`` cannot do it (see :func:`varlen_call_kwargs`)."""
     from torch.nn.attention.varlen import varlen_attn
 
-    kw = varlen_call_kwargs(_varlen_params(), q.shape[1], k.shape[1], q.shape[2], scaling)
+    kw = varlen_call_kwargs(_varlen_params(varlen_attn), q.shape[1], k.shape[1], q.shape[2], scaling)
     if kw is None:
         return None
     rep = kw.pop("repeat_kv", 1)
@@ -301,7 +304,7 @@ def _torch_varlen_ok(device: torch.device, dtype: torch.dtype) -> bool:
         q = torch.zeros(4, 2, 64, dtype=dtype, device=device)
         cu = torch.tensor([0, 1, 4], dtype=torch.int32, device=device)
         if torch_varlen(q, q[:, :1], q[:, :1], cu, 3, 64 ** -0.5) is None:
-            raise RuntimeError(f"varlen_attn{sorted(_varlen_params())} has no causal mode or no scale")
+            raise RuntimeError("this torch's varlen_attn has no causal mode or no scale argument")
         return True
     except Exception as e:  # noqa: BLE001  (an unsupported card or build: fall back, say why once)
         logger.warning("torch varlen_attn unavailable on %s/%s (%s); packed attention runs one SDPA per sequence",
@@ -403,11 +406,15 @@ def _dummy_forward(body, head, device, packed: bool) -> None:
         pass
 
 
+_R = RewardConfig   # the defaults below are the reward settings' defaults (one place)
+
+
 @torch.no_grad()
 def token_logprobs(model, sequences: list[list[int]], positions: list[list[int]], temperature: float = 1.0,
-                   micro_batch_size: int = 4, chunk_size: int = 1024, pad_token_id: int = 0,
-                   vocab_chunk_size: int = 2048, *, token_budget: int = 4096, packing: str = "auto",
-                   backend: str = "auto", lockstep: bool | None = None) -> list[torch.Tensor]:
+                   micro_batch_size: int = _R.reward_micro_batch_size, chunk_size: int = _R.reward_logit_chunk_size,
+                   pad_token_id: int = 0, vocab_chunk_size: int = _R.reward_vocab_chunk_size, *,
+                   token_budget: int = _R.reward_token_budget, packing: str = _R.reward_packing,
+                   backend: str = _R.reward_logprob_backend, lockstep: bool | None = None) -> list[torch.Tensor]:
     """For each sequence, log p(seq[i] | seq[:i]) at each index i in positions (i >= 1).
 
     sequences: N lists of token ids; positions: N lists of indices -> N float32
