@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_reward.py [--device cpu|cuda] [--shape bench|tiny|0.5b|7b]
         [--dtype float32|bfloat16] [--quick] [--out results/bench_reward.json]
-        [--packing auto|packed|padded] [--backend auto|online|rowchunk] [--token-budget N]
+        [--packing auto|packed|padded] [--backend auto|online|rowchunk|fused] [--token-budget N]
         [--vocab-chunk-size N]
 
 Models: random Qwen2 (rlt.testing.tiny_model): ``bench`` (the CPU default) is
@@ -151,7 +151,7 @@ def bare_head(picked: torch.Tensor, weight: torch.Tensor, backend: str, chunk: i
     """The output layer at the scored rows in rlt's blocks, results discarded (no softmax)."""
     from rlt.rewards.logprobs import ROWCHUNK_BLOCK_BYTES
 
-    if backend == "rowchunk":
+    if backend in ("rowchunk", "fused"):   # fused: the same GEMM, its softmax fused in (the floor has none)
         rows = max(1, min(chunk, ROWCHUNK_BLOCK_BYTES // (4 * weight.shape[0])))
         for s in range(0, picked.shape[0], rows):
             F.linear(picked[s:s + rows], weight)
@@ -377,7 +377,7 @@ def main() -> None:
                     help="bench: the CPU benchmark shape; others: rlt.testing.tiny_model.SHAPES")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--packing", choices=("auto", "packed", "padded"), default="auto", help="reward_packing")
-    ap.add_argument("--backend", choices=("auto", "online", "rowchunk"), default="auto", help="reward_logprob_backend")
+    ap.add_argument("--backend", choices=LOGPROB_BACKENDS, default="auto", help="reward_logprob_backend")
     ap.add_argument("--token-budget", type=int, default=RewardConfig.reward_token_budget, help="reward_token_budget")
     ap.add_argument("--vocab-chunk-size", type=int, default=RewardConfig.reward_vocab_chunk_size,
                     help="reward_vocab_chunk_size")

@@ -5,7 +5,8 @@
 #   scripts/gpu_check.sh               on CUDA
 #   scripts/gpu_check.sh --cpu-smoke   the same stages at tiny shapes on CPU (checks the script itself)
 # Stages, in this order: install what is missing; the CUDA-only tests
-# (pytest -m cuda); the reward benchmark at 7B shape in bf16 and at 0.5B shape
+# (pytest -m cuda); the output-layer backends alone (rowchunk vs the fused Triton
+# kernel) at 7B shape in bf16; the reward benchmark at 7B shape in bf16 and at 0.5B shape
 # in fp32 (max |rlt - oracle| <= 1e-5); build the models; teacher SFT via
 # ./launch.sh 1 with zero3, zero1, offload; teacher RL via ./launch.sh 1
 # (in-process generation) at tiny and 0.5B shape, bf16; one RL step at 7B width
@@ -36,7 +37,7 @@ case "${1:-}" in
   -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   *) echo "gpu_check.sh: unknown argument '$1' (accepted: --cpu-smoke, --help)" >&2; exit 2 ;;
 esac
-ALL_STAGES=(install cuda_tests bench_reward_7b_bf16 bench_reward_0.5b_fp32 models sft_zero3 sft_zero1 sft_offload
+ALL_STAGES=(install cuda_tests bench_output_layer bench_reward_7b_bf16 bench_reward_0.5b_fp32 models sft_zero3 sft_zero1 sft_offload
             rl_tiny rl_0.5b rl_7b_offload_step vllm_server_nccl vllm_server_filesystem)
 SELECTED=" ${ALL_STAGES[*]} "
 if [ -n "${RLT_GPU_CHECK_STAGES:-}" ]; then
@@ -155,12 +156,14 @@ if [ "$MODE" = gpu ]; then
                            gradient_checkpointing=true reward_micro_batch_size=8)
   BIG_SHAPE=7b; BIG_LAYERS=$LAYERS_7B; BIG_TOKENS=4096
   DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16); BENCH_MID=(--shape 0.5b --dtype float32)
+  BENCH_HEAD=(--shape 7b --dtype bfloat16 --rows 4096,32768 --backends rowchunk,fused)
   L_INSTALL=240 L_TESTS=180 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
 else
   PREC=(bf16=false); STEPS=1
   MID_SHAPE=tiny; MID_RUN=(max_completion_length=32 reward_micro_batch_size=8)
   BIG_SHAPE=tiny; BIG_LAYERS=1; BIG_TOKENS=64
   DEV=cpu; BENCH_BIG=(--shape tiny --dtype bfloat16 --quick); BENCH_MID=(--shape tiny --dtype float32 --quick)
+  BENCH_HEAD=(--shape bench --dtype float32 --rows 256 --backends online,rowchunk)
   L_INSTALL=300 L_TESTS=300 L_MODELS=600 L_SFT=900 L_RL=900 L_RL_MID=900 L_BENCH=900 L_BIG=900 L_VLLM=900
   SMOKE=" [cpu-smoke: tiny shapes]"
 fi
@@ -178,12 +181,15 @@ GPUS="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("gpus"
 if [ "$MODE" = gpu ] && ! "$PY" -c 'import pytest' >/dev/null 2>&1; then
   skip cuda_tests "the CUDA-only tests: pytest -m cuda" "pytest is not installed in $PY (pip install pytest to run them)"
 elif [ "$MODE" = gpu ]; then
-  stage cuda_tests "$L_TESTS" "the CUDA-only tests: pytest -m cuda (varlen kernel, float32 logits, packed = per sequence)" \
-    "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_logprobs.py
+  stage cuda_tests "$L_TESTS" "the CUDA-only tests: pytest -m cuda (varlen kernel, float32 logits, packed = per sequence, fused kernel)" \
+    "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_logprobs.py tests/test_fused_logprobs.py
 else
   skip cuda_tests "the CUDA-only tests: pytest -m cuda" "no CUDA device (--cpu-smoke)"
 fi
 
+REC=(--head-bench "$OUT/bench_output_layer.json")
+stage bench_output_layer "$L_TESTS" "output layer alone: rowchunk vs fused kernel vs bare GEMM, max |diff| <= 1e-3$SMOKE" \
+  "$PY" scripts/bench_output_layer.py --device "$DEV" "${BENCH_HEAD[@]}" --out "$OUT/bench_output_layer.json"
 REC=(--bench "$OUT/bench_7b_bf16.json")
 stage bench_reward_7b_bf16 "$L_BENCH" "reward at 7B shape, bf16: rlt vs per-sample oracle vs floor$SMOKE" \
   "$PY" scripts/bench_reward.py --device "$DEV" "${BENCH_BIG[@]}" --out "$OUT/bench_7b_bf16.json"

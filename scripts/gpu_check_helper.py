@@ -235,6 +235,13 @@ def bench_details(path: Path, max_abs_diff: float | None) -> tuple[dict, str | N
     return cases, reason
 
 
+def head_details(path: Path) -> dict:
+    """Per row count, each output-layer backend's seconds and ratio to the bare GEMM (bench_output_layer.py)."""
+    data = json.loads(path.read_text())
+    return {n: {b: {k: v for k, v in r.items() if k in ("seconds", "over_bare", "max_abs_diff")}
+                for b, r in per.items()} for n, per in data.get("rows", {}).items()}
+
+
 def cmd_record(args) -> None:
     rec = {"name": args.name, "status": args.status, "seconds": round(args.seconds, 1), "rc": args.rc,
            "what": args.what}
@@ -256,6 +263,8 @@ def cmd_record(args) -> None:
                 rec["status"], rec["reason"] = "fail", reason
         elif rec["status"] == "pass":
             rec["status"], rec["reason"] = "fail", f"no result file {args.bench}"
+    if args.head_bench and Path(args.head_bench).exists():
+        details["head"] = head_details(Path(args.head_bench))
     if details:
         rec["details"] = details
     with open(args.stages, "a") as f:
@@ -279,6 +288,10 @@ def notes(rec: dict) -> str:
             parts.append(f"{rl['steps_logged']} step(s); per step " + ", ".join(split))
         if "completions_mean_length_mean" in rl:
             parts.append(f"completion {rl['completions_mean_length_mean']:.0f} tokens")
+    for n, per in (d.get("head") or {}).items():
+        parts.append(f"N={n}: " + ", ".join(f"{b} {r['seconds']:.3f}s" + (f" ({r['over_bare']:.2f}x bare)"
+                                                                            if "over_bare" in r else "")
+                                            for b, r in per.items()))
     for case, c in (d.get("bench") or {}).items():
         text = f"{case}: rlt {c.get('rlt_s', float('nan')):.2f}s, oracle {c.get('oracle_s', float('nan')):.2f}s"
         if "floor_unpadded_s" in c:
@@ -355,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rl", action="store_true", help="parse the RL time split from the log")
     p.add_argument("--bench", help="bench_reward.py JSON of this stage")
     p.add_argument("--max-abs-diff", type=float, help="fail when any case's max |rlt - oracle| is above this")
+    p.add_argument("--head-bench", help="bench_output_layer.py JSON of this stage")
     p = sub.add_parser("summary")
     p.add_argument("--stages", required=True)
     p.add_argument("--env")

@@ -50,6 +50,8 @@ def test_validation_errors(tmp_path):
     check(["student_model=null"], 4, "student_model is required")
     check(["use_reference_teacher_model=true", "beta=0"], 4, "needs a reference model")
     check(["answer_log_prob_coeff=[1]"], 4, "answer_log_prob_coeff has 1 value")
+    if not torch.cuda.is_available():
+        check(["reward_logprob_backend=fused"], 4, "reward_logprob_backend=fused runs on CUDA")
     for bad, match in [("temperature=-1", r"temperature=-1(\.0)? must be > 0"), ("top_p=1.5", r"top_p=1.5 must be in \(0, 1\]"),
                        ("top_p=0", r"top_p=0(\.0)? must be"), ("max_completion_length=0", "max_completion_length=0"),
                        ("repetition_penalty=0", r"repetition_penalty=0(\.0)? must"), ("min_p=2", r"min_p=2(\.0)? must")]:

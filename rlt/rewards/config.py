@@ -8,6 +8,9 @@ from typing import Any
 from rlt.errors import ConfigError
 from rlt.rewards.ops import NORMALIZERS, REDUCTIONS
 
+PACKINGS = ("auto", "packed", "padded")                # reward_packing choices (rlt.rewards.logprobs)
+LOGPROB_BACKENDS = ("auto", "online", "rowchunk", "fused")   # reward_logprob_backend choices
+
 
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
@@ -57,7 +60,8 @@ class RewardConfig:
                 "padded (right-padded rows)"})
     reward_logprob_backend: str = field(default="auto", metadata={
         "help": "output layer: auto (rowchunk on CUDA, online elsewhere) | rowchunk (full-vocab fp32 GEMM per row "
-                "chunk) | online (vocabulary blocks, running logsumexp)"})
+                "chunk) | online (vocabulary blocks, running logsumexp) | fused (one Triton kernel, CUDA; no logits "
+                "in memory)"})
 
     def __post_init__(self):
         self.reduction_log_prob_fn = [str(r).lower() for r in _as_list(self.reduction_log_prob_fn)]
@@ -85,8 +89,7 @@ class RewardConfig:
                     "reward_token_budget"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        for key, choices in (("reward_packing", ("auto", "packed", "padded")),
-                             ("reward_logprob_backend", ("auto", "online", "rowchunk"))):
+        for key, choices in (("reward_packing", PACKINGS), ("reward_logprob_backend", LOGPROB_BACKENDS)):
             if getattr(self, key) not in choices:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: choose from {list(choices)}")
 

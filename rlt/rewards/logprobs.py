@@ -20,7 +20,9 @@ Two independent choices, each ``auto`` by device:
   ``rowchunk`` (CUDA): per row chunk one GEMM over the whole vocabulary with
   float32 output (float32 accumulation, no bf16 rounding of the logits), then
   an in-place float32 logsumexp; the [rows, vocab] block is capped at
-  ``ROWCHUNK_BLOCK_BYTES``. ``auto``: rowchunk on CUDA, online elsewhere.
+  ``ROWCHUNK_BLOCK_BYTES``. ``fused`` (CUDA, triton): one Triton kernel does the
+  tile GEMMs and the online logsumexp, so no logit reaches memory
+  (:mod:`rlt.rewards.fused_logprobs`). ``auto``: rowchunk on CUDA, online elsewhere.
 
 Under DeepSpeed ZeRO-3 every forward and every gather of the output-layer
 weight is a collective, so all ranks must run the same number of them: the
@@ -36,12 +38,13 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from rlt.rewards.config import RewardConfig
+from rlt.errors import ConfigError
+from rlt.rewards.config import LOGPROB_BACKENDS, PACKINGS, RewardConfig
 
 logger = logging.getLogger(__name__)
 
-PACKING = ("auto", "packed", "padded")
-BACKENDS = ("auto", "online", "rowchunk")
+PACKING = PACKINGS
+BACKENDS = LOGPROB_BACKENDS
 ROWCHUNK_BLOCK_BYTES = 256 * 2**20   # largest float32 [rows, vocab] block of the rowchunk backend
 VARLEN_ATTENTION = "rlt_varlen"      # name registered in transformers' AttentionInterface
 
@@ -152,12 +155,34 @@ def rowchunk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.
     return out
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``rowchunk`` on CUDA, ``online`` elsewhere."""
+def _fused_module():
+    """:mod:`rlt.rewards.fused_logprobs` (imports triton), or one line saying what is missing."""
+    try:
+        from rlt.rewards import fused_logprobs
+    except ImportError as e:
+        raise ConfigError(f"reward_logprob_backend=fused needs triton ({e}); install it or choose online/rowchunk") \
+            from None
+    return fused_logprobs
+
+
+def check_backend(backend: str) -> None:
+    """Refuse, in one line, a backend that cannot run on this machine (before any model is loaded)."""
     if backend not in BACKENDS:
-        raise ValueError(f"reward_logprob_backend={backend!r}: choose from {list(BACKENDS)}")
+        raise ConfigError(f"reward_logprob_backend={backend!r}: choose from {list(BACKENDS)}")
+    if backend == "fused" and not torch.cuda.is_available() and not _fused_module().interpreting():
+        raise ConfigError("reward_logprob_backend=fused runs on CUDA and this machine has no CUDA device; "
+                          "choose online or rowchunk")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto`` -> ``rowchunk`` on CUDA, ``online`` elsewhere; ``fused`` is refused where it cannot run."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"reward_logprob_backend={backend!r}: choose from {list(BACKENDS)}")
     if backend == "auto":
         return "rowchunk" if device.type == "cuda" else "online"
+    if backend == "fused" and device.type != "cuda" and not _fused_module().interpreting():
+        raise ConfigError(f"reward_logprob_backend=fused runs on CUDA (the models are on {device}); "
+                          "choose online or rowchunk")
     return backend
 
 
@@ -166,6 +191,8 @@ def output_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Te
                     vocab_chunk_size: int = RewardConfig.reward_vocab_chunk_size) -> torch.Tensor:
     """Selected-token log-probs with the chosen backend. hidden [N, H], labels [N] -> [N] float32."""
     backend = resolve_backend(backend, hidden.device)
+    if backend == "fused":
+        return _fused_module().fused_logprobs(hidden, labels, weight, bias, temperature)
     if backend == "rowchunk":
         return rowchunk_logprobs(hidden, labels, weight, bias, temperature, chunk_size)
     return online_logprobs(hidden, labels, weight, bias, temperature, chunk_size, vocab_chunk_size)
@@ -218,7 +245,7 @@ def resolve_packing(packing: str, device: torch.device) -> str:
     """``auto`` -> ``packed`` on CUDA (no padding, varlen attention), ``padded`` elsewhere: on CPU one SDPA per
     packed sequence measured slower than padded rows (scripts/bench_reward.py, README "Teacher reward")."""
     if packing not in PACKING:
-        raise ValueError(f"reward_packing={packing!r}: choose from {list(PACKING)}")
+        raise ConfigError(f"reward_packing={packing!r}: choose from {list(PACKING)}")
     if packing == "auto":
         return "packed" if device.type == "cuda" else "padded"
     return packing

@@ -25,7 +25,7 @@ from trl.trainer.utils import pad
 from rlt.data.formats import DataFormat
 from rlt.data.text import student_text_with_spans
 from rlt.rewards.config import RewardConfig
-from rlt.rewards.logprobs import lockstep_max, needs_lockstep, token_logprobs
+from rlt.rewards.logprobs import check_backend, lockstep_max, needs_lockstep, token_logprobs
 from rlt.rewards.ops import REDUCTIONS, kl_estimate, normalize, reduce_all, weighted_scores
 from rlt.rewards.spans import align_spans, encode_pieces, tokens_within
 
@@ -89,6 +89,7 @@ class TeacherReward:
     def __init__(self, student_model, tokenizer, fmt: DataFormat, config: RewardConfig, teacher_temperature: float):
         if student_model is None:
             raise ValueError("TeacherReward needs a student model")
+        check_backend(config.reward_logprob_backend)
         self.student = student_model
         self.tokenizer = tokenizer
         self.fmt = fmt

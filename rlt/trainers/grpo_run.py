@@ -47,6 +47,9 @@ def validate_grpo(s, num_processes: int) -> None:
                           "set use_vllm=false for server rollouts")
     if s.reward.use_reference_teacher_model and not args.beta and not s.lora.use_peft:  # PEFT: adapters off
         raise ConfigError("use_reference_teacher_model=true needs a reference model: set beta > 0")
+    from rlt.rewards.logprobs import check_backend
+
+    check_backend(s.reward.reward_logprob_backend)   # e.g. fused on a machine without CUDA
     validate_sampling(args)
 
 

@@ -1,0 +1,149 @@
+"""Output-layer log-probs fused into one Triton kernel: the ``fused`` reward backend (CUDA).
+
+For each row n: lp[n] = z[n, y_n] / t - logsumexp_v(z[n, v] / t) with z = h W^T + b. Each program owns
+``BLOCK_N`` rows and a slice of the vocabulary; per [BLOCK_N, BLOCK_V] tile it runs the GEMM over the hidden
+size with float32 accumulation and folds the tile straight into a running max / sum of exponentials and the
+picked logit, so no logit ever goes to memory and nothing is rounded to the model's dtype. The vocabulary
+slices' partial results ([splits, N] float32 each) are merged by one logsumexp afterwards. Programs are
+ordered in groups (row blocks x slices, as in a grouped GEMM) so the hidden rows and weight tiles in use at
+one time stay in L2: at 7B shape one row block or weight tile is 0.9 MB, a group of 16 x 16 about 30 MB.
+
+Liger's fused linear cross-entropy was the first candidate (issue 13); it does not fit: it writes each chunk's
+logits in the input dtype (bf16 rounding of values around 10-30 before the logsumexp) and allocates gradient
+buffers, whereas the reward wants float32 logits and no gradients.
+
+Importing this module imports triton. Under ``TRITON_INTERPRET=1`` (set before the import) the kernel runs on
+CPU tensors through triton's interpreter: that is how the CPU tests check it; there half-precision tiles are
+upcast before ``tl.dot`` (the interpreter's half-precision dot is wrong), on a GPU they go to the tensor cores.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_V = 128   # vocabulary columns per tile
+BLOCK_K = 64    # hidden-size step of the tile GEMM
+MIN_SPLITS = 16  # vocabulary slices (and row blocks per program group): 16 x 16 tiles of 7B shape fit in L2
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    knobs = getattr(triton, "knobs", None)   # triton >= 3.4; older ones read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _lse_pick_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, p_ptr,
+                     N, V, H, stride_h, stride_w, v_per_split, splits, group_rows, inv_t,
+                     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Partial (max, sum of exp, picked logit) of one row block over one vocabulary slice.
+
+    Programs run in groups of ``group_rows`` row blocks x all slices (row block fastest), so the programs
+    resident at one time share a few row blocks and a few weight tiles, both held in L2.
+    """
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BLOCK_N)
+    per_group = group_rows * splits
+    first = (pid // per_group) * group_rows
+    size = tl.minimum(row_blocks - first, group_rows)
+    pid_n = first + (pid % per_group) % size
+    split = (pid % per_group) // size
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    y = tl.load(y_ptr + rn, mask=row_ok, other=-1)
+    h_rows = h_ptr + rn.to(tl.int64)[:, None] * stride_h
+    v_lo = split * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    picked = tl.zeros((BLOCK_N,), tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        rv = v0 + tl.arange(0, BLOCK_V)
+        col_ok = rv < v_hi
+        w_rows = w_ptr + rv.to(tl.int64)[:, None] * stride_w
+        acc = tl.zeros((BLOCK_N, BLOCK_V), tl.float32)
+        for k0 in range(0, H, BLOCK_K):
+            k_ok = (k0 + rk) < H
+            h = tl.load(h_rows + (k0 + rk)[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_rows + (k0 + rk)[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            if UPCAST:
+                h = h.to(tl.float32)
+                w = w.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(h, tl.trans(w), input_precision="ieee")
+            else:
+                acc += tl.dot(h, tl.trans(w))
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rv, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc = acc * inv_t
+        acc = tl.where(col_ok[None, :], acc, float("-inf"))
+        picked += tl.sum(tl.where(rv[None, :] == y[:, None], acc, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(acc, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(acc - m_new[:, None]), axis=1)
+        m = m_new
+    out = split.to(tl.int64) * N + rn
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(p_ptr + out, picked, mask=row_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _programs_wanted(device: torch.device) -> int:
+    """About four programs per streaming multiprocessor (the interpreter: a handful)."""
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def plan(n_rows: int, vocab: int, programs: int, min_splits: int = MIN_SPLITS) -> tuple[int, int, int, int]:
+    """(BLOCK_N, slices, columns per slice, row blocks per group) for ``n_rows`` rows over ``vocab`` columns.
+
+    Rows go 128 to a program (down to 16 for few rows). The vocabulary is cut into whole-tile slices: at least
+    ``min_splits`` of them (so a group of row blocks x slices shares weight tiles in L2), more when that many
+    row blocks would give fewer than ``programs`` programs, never more than there are tiles. A group holds
+    ``min_splits`` row blocks (fewer when there are fewer).
+    """
+    block_n = 128 if n_rows > 64 else max(16, triton.next_power_of_2(n_rows))
+    row_blocks = triton.cdiv(n_rows, block_n)
+    tiles = triton.cdiv(vocab, BLOCK_V)
+    splits = max(1, min(tiles, max(min_splits, triton.cdiv(programs, row_blocks))))
+    per_split = triton.cdiv(tiles, splits) * BLOCK_V
+    return block_n, triton.cdiv(vocab, per_split), per_split, min(min_splits, row_blocks)
+
+
+def fused_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   temperature: float, min_splits: int = MIN_SPLITS) -> torch.Tensor:
+    """log softmax(h W^T / temperature)[label]. hidden [N, H], labels [N], weight [V, H] -> [N] float32.
+
+    ``min_splits``: see :func:`plan`.
+    """
+    n, hid = hidden.shape
+    vocab = weight.shape[0]
+    if weight.shape[1] != hid or labels.shape != (n,):
+        raise ValueError(f"fused_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+                         f"labels {tuple(labels.shape)} do not match ([N, H], [V, H], [N])")
+    if hidden.device.type != "cuda" and not interpreting():
+        raise ValueError(f"reward_logprob_backend=fused runs on CUDA (got {hidden.device}); use online or rowchunk")
+    out = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    if n == 0:
+        return out
+    hidden = hidden.contiguous()
+    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    block_n, splits, per_split, group = plan(n, vocab, _programs_wanted(hidden.device), min_splits)
+    m, s, p = (torch.empty(splits, n, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    half = hidden.dtype in (torch.float16, torch.bfloat16)
+    _lse_pick_kernel[(triton.cdiv(n, block_n) * splits,)](
+        hidden, weight, bias if bias is not None else hidden, labels.contiguous(), m, s, p,
+        n, vocab, hid, hidden.stride(0), weight.stride(0), per_split, splits, group, 1.0 / temperature,
+        HAS_BIAS=bias is not None, UPCAST=half and interpreting(), IEEE=hidden.dtype == torch.float32,
+        BLOCK_N=block_n, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, num_warps=8, num_stages=3 if half else 2)
+    torch.sub(p.sum(0), torch.logsumexp(m + s.log(), dim=0), out=out)
+    return out

@@ -1,0 +1,162 @@
+"""The ``fused`` output-layer backend (one Triton kernel).
+
+The kernel tests run on CUDA when there is a GPU (``pytest -m cuda``, as scripts/gpu_check.sh does) and, on a
+machine without one, inside triton's CPU interpreter: ``test_interpreter_runs_the_fused_tests`` runs this
+file again in a child process with ``TRITON_INTERPRET=1`` (the interpreter is chosen when triton is imported).
+"""
+import copy
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from rlt.errors import ConfigError  # noqa: E402
+from rlt.rewards import fused_logprobs as FL  # noqa: E402
+from rlt.rewards import logprobs as L  # noqa: E402
+from test_logprobs import (  # noqa: E402,F401  (fixtures used by the tests below)
+    _reward, gqa_model, reference, reward_setup, sample_sequences, unpadded_reference)
+
+INTERPRETED = FL.interpreting()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_TESTS = 8   # the tests marked ``kernel`` below (parametrised cases included)
+
+
+def kernel(test):
+    """A test of the kernel itself: CUDA, or the CPU interpreter."""
+    runs = torch.cuda.is_available() or INTERPRETED
+    return pytest.mark.cuda(pytest.mark.skipif(not runs, reason="needs CUDA or TRITON_INTERPRET=1")(test))
+
+
+def head(n, vocab, hidden, seed):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) * 0.5
+    b = torch.randn(vocab, generator=g)
+    lab = torch.randint(0, vocab, (n,), generator=g)
+    edges = [0, vocab - 1, FL.BLOCK_V - 1, FL.BLOCK_V, 2 * FL.BLOCK_V]   # first, last, tile edges
+    lab[:len(edges)] = torch.tensor([e for e in edges if e < vocab] + [0] * sum(e >= vocab for e in edges))
+    return h, w, b, lab
+
+
+# ----------------------------------------------------------------------------- kernel
+@kernel
+@pytest.mark.parametrize("n,vocab,hidden", [(37, 501, 16), (300, 1000, 72)])
+@pytest.mark.parametrize("temperature,with_bias", [(1.0, False), (0.7, True)])
+def test_kernel_float32_matches_log_softmax(n, vocab, hidden, temperature, with_bias):
+    h, w, b, lab = (x.to(DEVICE) for x in head(n, vocab, hidden, seed=n))
+    bias = b if with_bias else None
+    want = reference(h, lab, w, bias, temperature)
+    got = FL.fused_logprobs(h, lab, w, bias, temperature)
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_half_precision_accumulates_in_float32(dtype):
+    h, w, b, lab = (x.to(DEVICE) for x in head(70, 700, 64, seed=1))
+    hh, wh = h.to(dtype), w.to(dtype)
+    want = reference(hh.float(), lab, wh.float(), None, 0.7)   # exact products of the half values, fp32 sums
+    got = FL.fused_logprobs(hh, lab, wh, None, 0.7)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+@kernel
+def test_token_logprobs_with_the_fused_backend(gqa_model, tokenizer):
+    model = gqa_model.to(DEVICE)
+    seqs, positions = sample_sequences(len(tokenizer), [7, 30, 3, 55, 12, 2, 1, 90])
+    want = unpadded_reference(model, seqs, positions, 0.7)
+    for packing in ("packed", "padded"):
+        got = L.token_logprobs(model, seqs, positions, 0.7, token_budget=64, packing=packing, backend="fused")
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- everywhere
+def test_plan_fills_the_machine_with_whole_tiles():
+    # 37 rows: one block of 64; 1000 columns = 8 tiles < 16 slices wanted -> 8 slices of one tile; group of 1
+    assert FL.plan(37, 1000, 4) == (64, 8, 128, 1)
+    # 5000 rows: 40 blocks of 128; 528 programs -> 14 slices, raised to 16 -> 75 tiles each (152064 columns
+    # = 1188 tiles; 16 x 75 covers them, 16 slices), groups of 16 row blocks
+    assert FL.plan(5000, 152064, 528) == (128, 16, 75 * 128, 16)
+    # 1000 rows: 8 blocks; 528 programs -> 66 slices of 18 tiles (66 x 18 = 1188); a group = all 8 blocks
+    assert FL.plan(1000, 152064, 528) == (128, 66, 18 * 128, 8)
+    assert FL.plan(1, 100, 4) == (16, 1, 128, 1)              # one tile: one slice
+    assert FL.plan(5000, 1000, 528, min_splits=2) == (128, 8, 128, 2)   # 8 tiles: 8 slices
+
+
+@kernel
+def test_kernel_program_groups_cover_every_row_and_slice():
+    """3 row blocks in groups of 2 (the last group partial) x 2 slices of 2 and 1 tiles: every row scored once."""
+    h, w, b, lab = (x.to(DEVICE) for x in head(300, 384, 32, seed=3))
+    block_n, splits, _, group = FL.plan(300, 384, FL._programs_wanted(torch.device(DEVICE)), min_splits=2)
+    assert (block_n, group) == (128, 2) and splits >= 2      # 3 row blocks: groups of 2 and 1
+    got = FL.fused_logprobs(h, lab, w, b, 0.7, min_splits=2)
+    torch.testing.assert_close(got, reference(h, lab, w, b, 0.7), atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+def test_teacher_reward_with_the_fused_backend(reward_setup, tokenizer):
+    """The reward through the fused kernel equals the other backends' (a GPU, or the interpreter, needed)."""
+    from rlt.rewards.config import RewardConfig
+    from rlt.rewards.teacher_reward import TeacherReward
+
+    fmt, teacher, student, items = reward_setup
+    if not (torch.cuda.is_available() or INTERPRETED):
+        with pytest.raises(ConfigError, match="reward_logprob_backend=fused runs on CUDA"):
+            _reward(reward_setup, tokenizer, reward_logprob_backend="fused")
+        with pytest.raises(ConfigError, match="reward_logprob_backend=fused runs on CUDA"):
+            L.resolve_backend("fused", torch.device("cpu"))
+        return
+    if DEVICE == "cuda":
+        teacher, student = (copy.deepcopy(m).to(DEVICE) for m in (teacher, student))
+
+    def score(backend):
+        cfg = RewardConfig(reward_logprob_backend=backend)
+        return TeacherReward(student, tokenizer, fmt, cfg, teacher_temperature=0.7)(teacher, items)
+
+    base, got = score("rowchunk" if DEVICE == "cuda" else "online"), score("fused")
+    torch.testing.assert_close(got.rewards, base.rewards, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.components["r_kl"], base.components["r_kl"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the parent run")
+def test_interpreter_runs_the_fused_tests():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "kernel_ or with_the_fused_backend"],
+                       env=env, capture_output=True, text=True, timeout=900)
+    tail = (r.stdout + r.stderr)[-3000:]
+    assert r.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", r.stdout)
+    assert passed and int(passed.group(1)) == KERNEL_TESTS + 1, tail   # + the reward test
+    assert "skipped" not in r.stdout, tail
+
+
+def test_output_layer_benchmark_script(tmp_path):
+    import json
+    from pathlib import Path
+
+    out = tmp_path / "head.json"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+
+    def bench(*extra):
+        return subprocess.run([sys.executable, "scripts/bench_output_layer.py", "--rows", "40", "--out", str(out),
+                               *extra], capture_output=True, text=True, timeout=600, env=env, cwd=root)
+
+    r = bench("--backends", "online,rowchunk,fused")
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert "fused runs on CUDA" in data["left_out"]["fused"]           # said, not silently dropped
+    row = data["rows"]["40"]
+    assert set(row) == {"bare", "online", "rowchunk"}
+    assert all(row[b]["max_abs_diff"] < 1e-5 and row[b]["seconds"] > 0 for b in ("online", "rowchunk"))
+    r = bench("--backends", "online", "--tolerance", "0")
+    assert r.returncode == 1 and "above --tolerance 0" in r.stderr
