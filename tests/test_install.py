@@ -152,3 +152,17 @@ def test_gpu_check_verdict_needs_a_passed_stage_and_no_failure(tmp_path, statuse
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["passed"] is passed
     assert f"**{verdict}" in (tmp_path / "summary.md").read_text()
+
+
+def test_gpu_check_notes_carry_the_output_layer_numbers(tmp_path):
+    helper = load_gpu_check_helper()
+    bench = tmp_path / "bench_output_layer.json"
+    bench.write_text(json.dumps({"rows": {"4096": {
+        "bare": {"seconds": 0.01, "peak_extra_gb": 0.1},
+        "rowchunk": {"seconds": 0.0152, "peak_extra_gb": 0.3, "max_abs_diff": 2e-6, "over_bare": 1.52},
+        "fused": {"seconds": 0.0111, "peak_extra_gb": 0.0, "max_abs_diff": 3e-6, "over_bare": 1.11}}}}))
+    stages = tmp_path / "stages.jsonl"
+    helper.main(["record", "--stages", str(stages), "--name", "bench_output_layer", "--status", "pass",
+                 "--head-bench", str(bench)])
+    rec = json.loads(stages.read_text())
+    assert helper.notes(rec) == ("N=4096: bare 0.010s, rowchunk 0.015s (1.52x bare), fused 0.011s (1.11x bare)")
