@@ -369,14 +369,14 @@ def summarise(r: dict, device: str, args) -> dict:
 
 
 def main() -> None:
-    from rlt.rewards.config import RewardConfig
+    from rlt.rewards.config import LOGPROB_BACKENDS, PACKINGS, RewardConfig
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--shape", choices=("bench", "tiny", "0.5b", "7b"), default="bench",
                     help="bench: the CPU benchmark shape; others: rlt.testing.tiny_model.SHAPES")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--packing", choices=("auto", "packed", "padded"), default="auto", help="reward_packing")
+    ap.add_argument("--packing", choices=PACKINGS, default="auto", help="reward_packing")
     ap.add_argument("--backend", choices=LOGPROB_BACKENDS, default="auto", help="reward_logprob_backend")
     ap.add_argument("--token-budget", type=int, default=RewardConfig.reward_token_budget, help="reward_token_budget")
     ap.add_argument("--vocab-chunk-size", type=int, default=RewardConfig.reward_vocab_chunk_size,
@@ -393,6 +393,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_reward: --device cuda but torch sees no CUDA device")
+    from rlt.errors import ConfigError
+    from rlt.rewards.logprobs import check_backend
+
+    try:
+        check_backend(args.backend)
+    except ConfigError as e:
+        raise SystemExit(f"bench_reward: --backend {args.backend}: {e}") from None
     summary = {}
     for case in args.cases.split(","):
         if case not in CASES[args.device]:

@@ -137,26 +137,3 @@ def test_interpreter_runs_the_fused_tests():
     assert passed and int(passed.group(1)) == KERNEL_TESTS + 1, tail   # + the reward test
     assert "skipped" not in r.stdout, tail
 
-
-def test_output_layer_benchmark_script(tmp_path):
-    import json
-    from pathlib import Path
-
-    out = tmp_path / "head.json"
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    env.pop("TRITON_INTERPRET", None)
-
-    def bench(*extra):
-        return subprocess.run([sys.executable, "scripts/bench_output_layer.py", "--rows", "40", "--out", str(out),
-                               *extra], capture_output=True, text=True, timeout=600, env=env, cwd=root)
-
-    r = bench("--backends", "online,rowchunk,fused")
-    assert r.returncode == 0, r.stderr[-2000:]
-    data = json.loads(out.read_text())
-    assert "fused runs on CUDA" in data["left_out"]["fused"]           # said, not silently dropped
-    row = data["rows"]["40"]
-    assert set(row) == {"bare", "online", "rowchunk"}
-    assert all(row[b]["max_abs_diff"] < 1e-5 and row[b]["seconds"] > 0 for b in ("online", "rowchunk"))
-    r = bench("--backends", "online", "--tolerance", "0")
-    assert r.returncode == 1 and "above --tolerance 0" in r.stderr

@@ -43,8 +43,6 @@ from rlt.rewards.config import LOGPROB_BACKENDS, PACKINGS, RewardConfig
 
 logger = logging.getLogger(__name__)
 
-PACKING = PACKINGS
-BACKENDS = LOGPROB_BACKENDS
 ROWCHUNK_BLOCK_BYTES = 256 * 2**20   # largest float32 [rows, vocab] block of the rowchunk backend
 VARLEN_ATTENTION = "rlt_varlen"      # name registered in transformers' AttentionInterface
 
@@ -167,8 +165,8 @@ def _fused_module():
 
 def check_backend(backend: str) -> None:
     """Refuse, in one line, a backend that cannot run on this machine (before any model is loaded)."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"reward_logprob_backend={backend!r}: choose from {list(BACKENDS)}")
+    if backend not in LOGPROB_BACKENDS:
+        raise ConfigError(f"reward_logprob_backend={backend!r}: choose from {list(LOGPROB_BACKENDS)}")
     if backend == "fused" and not torch.cuda.is_available() and not _fused_module().interpreting():
         raise ConfigError("reward_logprob_backend=fused runs on CUDA and this machine has no CUDA device; "
                           "choose online or rowchunk")
@@ -176,8 +174,7 @@ def check_backend(backend: str) -> None:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` -> ``rowchunk`` on CUDA, ``online`` elsewhere; ``fused`` is refused where it cannot run."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"reward_logprob_backend={backend!r}: choose from {list(BACKENDS)}")
+    check_backend(backend)
     if backend == "auto":
         return "rowchunk" if device.type == "cuda" else "online"
     if backend == "fused" and device.type != "cuda" and not _fused_module().interpreting():
@@ -244,8 +241,8 @@ def with_dummies(plan: list[list[int]], count: int) -> list[list[int]]:
 def resolve_packing(packing: str, device: torch.device) -> str:
     """``auto`` -> ``packed`` on CUDA (no padding, varlen attention), ``padded`` elsewhere: on CPU one SDPA per
     packed sequence measured slower than padded rows (scripts/bench_reward.py, README "Teacher reward")."""
-    if packing not in PACKING:
-        raise ConfigError(f"reward_packing={packing!r}: choose from {list(PACKING)}")
+    if packing not in PACKINGS:
+        raise ConfigError(f"reward_packing={packing!r}: choose from {list(PACKINGS)}")
     if packing == "auto":
         return "packed" if device.type == "cuda" else "padded"
     return packing

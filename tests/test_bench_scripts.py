@@ -1,0 +1,46 @@
+"""The benchmark scripts run, write what they say, and refuse what cannot run (small sizes, CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name, *args, env=None):
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", **(env or {}))
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, f"scripts/{name}", *args], capture_output=True, text=True, timeout=900,
+                          env=env, cwd=ROOT)
+
+
+def test_output_layer_benchmark(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "head.json"
+    r = script("bench_output_layer.py", "--rows", "40", "--out", str(out), "--backends", "online,rowchunk,fused")
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert "fused runs on CUDA" in data["left_out"]["fused"]           # said, not silently dropped
+    row = data["rows"]["40"]
+    assert set(row) == {"bare", "online", "rowchunk"}
+    assert all(row[b]["max_abs_diff"] < 1e-5 and row[b]["seconds"] > 0 for b in ("online", "rowchunk"))
+    r = script("bench_output_layer.py", "--rows", "40", "--out", str(out), "--backends", "online", "--tolerance", "0")
+    assert r.returncode == 1 and "above --tolerance 0" in r.stderr
+
+
+def test_reward_benchmark_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    r = script("bench_reward.py", "--quick", "--shape", "tiny", "--cases", "main", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    main = json.loads(out.read_text())["main"]
+    assert main["completions"] == 4 and main["logprob_backend"] == "online" and main["packing"] == "padded"
+    assert main["max_abs_diff"] <= 1e-5 and main["targets_met"]["max_abs_diff"] is True
+    for k in ("rlt_s", "oracle_s", "floor_s", "floor_unpadded_s", "peak_extra_gb_rlt"):
+        assert main[k] > 0, k
+    assert main["floor_ratio"] == pytest.approx(main["rlt_s"] / main["floor_s"])
+    r = script("bench_reward.py", "--quick", "--backend", "fused", "--out", str(tmp_path / "x.json"))
+    assert r.returncode == 1 and "reward_logprob_backend=fused runs on CUDA" in r.stderr
+    assert not (tmp_path / "x.json").exists()
