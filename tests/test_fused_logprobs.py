@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from rlt.errors import ConfigError  # noqa: E402
 from rlt.rewards import fused_logprobs as FL  # noqa: E402
@@ -98,6 +98,36 @@ def test_kernel_program_groups_cover_every_row_and_slice():
     assert (block_n, group) == (128, 2) and splits >= 2      # 3 row blocks: groups of 2 and 1
     got = FL.fused_logprobs(h, lab, w, b, 0.7, min_splits=2)
     torch.testing.assert_close(got, reference(h, lab, w, b, 0.7), atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter compiles nothing")
+@pytest.mark.parametrize("arch,dtype,bias", [(90, torch.bfloat16, False), (80, torch.bfloat16, False),
+                                             (90, torch.float32, True)])
+def test_compiles_for_hopper_and_ampere_gpus(arch, dtype, bias, tmp_path, monkeypatch):
+    """The kernel as a launch at 7B shape would specialise it, compiled to a cubin here (triton's own ptxas, no
+    GPU): the K loop is software-pipelined (cp.async), bf16 uses the tensor cores (wgmma on Hopper, mma on
+    Ampere), and shared memory stays within the card's limit (H100: 227 KB, A100: 163 KB per block)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    fn = FL._lse_pick_kernel
+    settings = FL.kernel_settings(dtype, bias, block_n=128)
+    options = {k: settings.pop(k) for k in ("num_warps", "num_stages")}
+    ptr = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
+    kinds = {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": "*i64", "inv_t": "fp32"}
+    signature = {a: "constexpr" if a in settings else kinds.get(a, "*fp32" if a.endswith("_ptr") else "i32")
+                 for a in fn.arg_names}
+    # what a launch sees at 7B shape: 16-byte aligned pointers; V, H, strides and slice widths divisible by 16
+    aligned = [a for a in fn.arg_names if a.endswith("_ptr")] + ["V", "H", "stride_h", "stride_w", "v_per_split"]
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=settings, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = kernel.asm["ptx"]
+    assert "cp.async" in ptx
+    if dtype == torch.bfloat16:
+        assert ("wgmma.mma_async" if arch == 90 else "mma.sync") in ptx
+    assert kernel.metadata.shared <= {90: 227, 80: 163}[arch] * 1024
 
 
 @pytest.mark.cuda

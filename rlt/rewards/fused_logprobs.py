@@ -119,6 +119,15 @@ def plan(n_rows: int, vocab: int, programs: int, min_splits: int = MIN_SPLITS) -
     return block_n, triton.cdiv(vocab, per_split), per_split, min(min_splits, row_blocks)
 
 
+def kernel_settings(dtype: torch.dtype, has_bias: bool, block_n: int) -> dict:
+    """The kernel's compile-time arguments and launch options for ``dtype`` inputs (one place: launches and the
+    compile test use it). Half precision: tensor-core dots, 3 pipeline stages (96 KB of shared memory);
+    float32: exact (``ieee``) dots, 2 stages (128 KB)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return dict(HAS_BIAS=has_bias, UPCAST=half and interpreting(), IEEE=dtype == torch.float32, BLOCK_N=block_n,
+                BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, num_warps=8, num_stages=3 if half else 2)
+
+
 def fused_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    temperature: float, min_splits: int = MIN_SPLITS) -> torch.Tensor:
     """log softmax(h W^T / temperature)[label]. hidden [N, H], labels [N], weight [V, H] -> [N] float32.
@@ -139,11 +148,9 @@ def fused_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Ten
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     block_n, splits, per_split, group = plan(n, vocab, _programs_wanted(hidden.device), min_splits)
     m, s, p = (torch.empty(splits, n, dtype=torch.float32, device=hidden.device) for _ in range(3))
-    half = hidden.dtype in (torch.float16, torch.bfloat16)
     _lse_pick_kernel[(triton.cdiv(n, block_n) * splits,)](
         hidden, weight, bias if bias is not None else hidden, labels.contiguous(), m, s, p,
         n, vocab, hid, hidden.stride(0), weight.stride(0), per_split, splits, group, 1.0 / temperature,
-        HAS_BIAS=bias is not None, UPCAST=half and interpreting(), IEEE=hidden.dtype == torch.float32,
-        BLOCK_N=block_n, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, num_warps=8, num_stages=3 if half else 2)
+        **kernel_settings(hidden.dtype, bias is not None, block_n))
     torch.sub(p.sum(0), torch.logsumexp(m + s.log(), dim=0), out=out)
     return out
