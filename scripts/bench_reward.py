@@ -3,7 +3,7 @@
     .venv/bin/python scripts/bench_reward.py [--device cpu|cuda] [--shape bench|tiny|0.5b|7b]
         [--dtype float32|bfloat16] [--quick] [--out results/bench_reward.json]
         [--packing auto|packed|padded] [--backend auto|online|rowchunk|fused] [--token-budget N]
-        [--vocab-chunk-size N]
+        [--vocab-chunk-size N] [--also-backend online|rowchunk|fused]
 
 Models: random Qwen2 (rlt.testing.tiny_model): ``bench`` (the CPU default) is
 vocab 151936 (as Qwen2.5), hidden 256, 2 layers; ``0.5b``/``7b`` have the layer
@@ -18,6 +18,8 @@ seed; the tokenizer is the small local one. Cases on CPU: 16 completions of
       + the output layer at the scored positions (rlt's blocks), no softmax, no text work,
   (d) floor_unpadded: each sequence's body forward alone (batch 1, no padding)
       + the output layer at its scored positions, no softmax.
+--also-backend B (CUDA): rlt is measured a second time with reward_logprob_backend=B on the same
+models and items (keys *_alt: seconds, speed-up, floor ratios, max |diff|, bf16 error).
 oracle_over_floor(_unpadded) = oracle seconds / floor seconds: the speed-up the
 floors themselves reach, a bound on what any implementation can show.
 With --dtype bfloat16 the models are built in float32, scored once in float32
@@ -207,7 +209,7 @@ class Bench:
     """Models, items and the reward of one case, built once per process."""
 
     def __init__(self, case: dict, shape: str, dtype: str, device: torch.device, fp32_reference: bool,
-                 settings: dict):
+                 settings: dict, alt_backend: str | None = None):
         from rlt.rewards.config import RewardConfig
         from rlt.rewards.teacher_reward import TeacherReward
         from rlt.testing.tiny_model import build_tokenizer
@@ -218,6 +220,9 @@ class Bench:
         self.teacher, self.student = build_models(self.tok, shape, device)
         self.cfg = RewardConfig(**settings)
         self.reward = TeacherReward(self.student, self.tok, self.fmt, self.cfg, teacher_temperature=TEMPERATURE)
+        self.alt = None if alt_backend is None else TeacherReward(
+            self.student, self.tok, self.fmt, RewardConfig(**{**settings, "reward_logprob_backend": alt_backend}),
+            teacher_temperature=TEMPERATURE)
         self.fp32_rewards = None
         if fp32_reference:
             with torch.no_grad():
@@ -234,8 +239,9 @@ class Bench:
         preps = self.preps if preps is None else preps
         out: dict = {}
         with torch.no_grad():
-            if mode == "rlt":
-                res, secs, gb, cpu = measure(lambda: self.reward(self.teacher, items), self.device)
+            if mode in ("rlt", "rlt_alt"):
+                reward = self.reward if mode == "rlt" else self.alt
+                res, secs, gb, cpu = measure(lambda: reward(self.teacher, items), self.device)
                 out.update(rewards=res.rewards.tolist(), timing=res.timing)
             elif mode == "oracle":
                 rewards, secs, gb, cpu = measure(lambda: [oracle_reward(self.teacher, self.student, self.tok, self.fmt,
@@ -289,17 +295,18 @@ def cuda_case(case_name: str, args) -> dict[str, dict]:
     case = (QUICK if args.quick else CASES["cuda"])[case_name]
     t0 = time.perf_counter()
     b = Bench(case, args.shape, args.dtype, torch.device("cuda"), fp32_reference=args.dtype != "float32",
-              settings=settings(args))
+              settings=settings(args), alt_backend=args.also_backend)
+    modes = MODES + (("rlt_alt",) if args.also_backend else ())
     logger.info("  %s: models built%s in %.0fs", case_name,
                 "" if b.fp32_rewards is None else " and the float32 reference scored", time.perf_counter() - t0)
     warm = slice(0, 2)
-    for mode in MODES:  # warm-up: kernels, cuBLAS handles, allocator
+    for mode in modes:  # warm-up: kernels, cuBLAS handles, allocator
         b.run(mode, b.items[warm], b.preps[warm])
     r = {}
-    for mode in MODES:
+    for mode in modes:
         r[mode] = b.run(mode)
         logger.info("  %s %s: %.2fs, extra peak %.2f GB", case_name, mode, r[mode]["seconds"], r[mode]["peak_extra_gb"])
-    for mode in MODES:
+    for mode in modes:
         r[mode]["n"] = len(b.items)
         r[mode]["tokens"] = sum(len(p.student_ids) + len(p.teacher_ids) for p in b.preps)
     if b.fp32_rewards is not None:
@@ -353,6 +360,16 @@ def summarise(r: dict, device: str, args) -> dict:
         for who in ("rlt", "oracle"):
             errs = [abs(a - b) for a, b in zip(r[who]["rewards"], ref)]
             s[f"bf16_err_{who}"], s[f"bf16_mean_err_{who}"] = max(errs), sum(errs) / len(errs)
+    if "rlt_alt" in r:
+        alt = r["rlt_alt"]
+        s.update(alt_backend=args.also_backend, rlt_alt_s=alt["seconds"],
+                 speedup_vs_oracle_alt=s["oracle_s"] / alt["seconds"], floor_ratio_alt=alt["seconds"] / s["floor_s"],
+                 floor_ratio_unpadded_alt=alt["seconds"] / s["floor_unpadded_s"],
+                 max_abs_diff_alt=max(abs(a - b) for a, b in zip(alt["rewards"], r["oracle"]["rewards"])),
+                 peak_extra_gb_rlt_alt=alt["peak_extra_gb"], rlt_alt_time_split=alt.get("timing", {}))
+        if "fp32_reference" in r:
+            errs = [abs(a - b) for a, b in zip(alt["rewards"], r["fp32_reference"]["rewards"])]
+            s["bf16_err_rlt_alt"], s["bf16_mean_err_rlt_alt"] = max(errs), sum(errs) / len(errs)
     t = TARGETS[device]
     met = {"speedup_vs_oracle": s["speedup_vs_oracle"] >= t["speedup_vs_oracle"],
            "memory": s["peak_extra_gb_rlt"] <= t["memory_fraction"] * s["peak_extra_gb_oracle"]}
@@ -381,6 +398,8 @@ def main() -> None:
     ap.add_argument("--token-budget", type=int, default=RewardConfig.reward_token_budget, help="reward_token_budget")
     ap.add_argument("--vocab-chunk-size", type=int, default=RewardConfig.reward_vocab_chunk_size,
                     help="reward_vocab_chunk_size")
+    ap.add_argument("--also-backend", choices=[b for b in LOGPROB_BACKENDS if b != "auto"],
+                    help="CUDA: measure rlt a second time with this reward_logprob_backend (keys *_alt)")
     ap.add_argument("--cases", default="main,long", help="comma-separated cases to run (main, long)")
     ap.add_argument("--out", default=str(ROOT / "results" / "bench_reward.json"))
     ap.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
@@ -396,10 +415,15 @@ def main() -> None:
     from rlt.errors import ConfigError
     from rlt.rewards.logprobs import check_backend
 
-    try:
-        check_backend(args.backend)
-    except ConfigError as e:
-        raise SystemExit(f"bench_reward: --backend {args.backend}: {e}") from None
+    for flag, backend in (("--backend", args.backend), ("--also-backend", args.also_backend)):
+        try:
+            if backend is not None:
+                check_backend(backend)
+        except ConfigError as e:
+            raise SystemExit(f"bench_reward: {flag} {backend}: {e}") from None
+    if args.also_backend and args.device != "cuda":
+        raise SystemExit("bench_reward: --also-backend is measured with --device cuda only (on CPU run the script "
+                         "once per --backend)")
     summary = {}
     for case in args.cases.split(","):
         if case not in CASES[args.device]:
@@ -419,6 +443,11 @@ def main() -> None:
         if "bf16_err_rlt" in s:
             logger.info("      bf16 vs fp32 reward error (max / mean): rlt %.3e / %.3e  oracle %.3e / %.3e",
                         s["bf16_err_rlt"], s["bf16_mean_err_rlt"], s["bf16_err_oracle"], s["bf16_mean_err_oracle"])
+        if "rlt_alt_s" in s:
+            logger.info("      with backend %s: rlt %.2fs | speed-up %.2fx  floor ratio %.2f (unpadded %.2f)  max|diff| "
+                        "%.2e  bf16 error %s", s["alt_backend"], s["rlt_alt_s"], s["speedup_vs_oracle_alt"],
+                        s["floor_ratio_alt"], s["floor_ratio_unpadded_alt"], s["max_abs_diff_alt"],
+                        f"{s['bf16_err_rlt_alt']:.3e}" if "bf16_err_rlt_alt" in s else "-")
         if args.device == "cpu":
             logger.info("      CPU time: rlt %.1fs  oracle %.1fs  floor %.1fs | speed-up %.2fx  floor ratio %.2f "
                         "(load average at start %.1f)", s["rlt_cpu_s"], s["oracle_cpu_s"], s["floor_cpu_s"],

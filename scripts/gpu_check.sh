@@ -155,7 +155,7 @@ if [ "$MODE" = gpu ]; then
   MID_SHAPE=0.5b; MID_RUN=(train_batch_size=32 per_device_train_batch_size=8 num_generations=8 max_completion_length=512
                            gradient_checkpointing=true reward_micro_batch_size=8)
   BIG_SHAPE=7b; BIG_LAYERS=$LAYERS_7B; BIG_TOKENS=4096
-  DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16); BENCH_MID=(--shape 0.5b --dtype float32)
+  DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16 --also-backend fused); BENCH_MID=(--shape 0.5b --dtype float32 --also-backend fused)
   BENCH_HEAD=(--shape 7b --dtype bfloat16 --rows 4096,32768 --backends rowchunk,fused)
   L_INSTALL=240 L_TESTS=180 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
 else

@@ -44,3 +44,29 @@ def test_reward_benchmark_quick(tmp_path):
     r = script("bench_reward.py", "--quick", "--backend", "fused", "--out", str(tmp_path / "x.json"))
     assert r.returncode == 1 and "reward_logprob_backend=fused runs on CUDA" in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_reward_benchmark_second_backend_keys(tmp_path):
+    """--also-backend: the *_alt keys from a second rlt measurement (summarise, with made-up timings)."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_reward", ROOT / "scripts" / "bench_reward.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = argparse.Namespace(packing="auto", backend="auto", token_budget=4096, vocab_chunk_size=2048,
+                              shape="tiny", dtype="bfloat16", also_backend="online")
+    run = lambda secs, rewards: {"seconds": secs, "peak_extra_gb": 0.5, "cpu_seconds": secs, "rewards": rewards,
+                                 "n": 2, "tokens": 10}
+    r = {"rlt": run(2.0, [-1.0, -2.0]), "oracle": run(6.0, [-1.0, -2.5]), "floor": run(1.6, []),
+         "floor_unpadded": run(1.5, []), "rlt_alt": run(1.8, [-1.25, -2.0]),
+         "fp32_reference": {"rewards": [-1.0, -1.75]}}
+    s = bench.summarise(r, "cpu", args)
+    assert s["alt_backend"] == "online" and s["rlt_alt_s"] == 1.8
+    assert s["speedup_vs_oracle_alt"] == pytest.approx(6.0 / 1.8)
+    assert s["floor_ratio_alt"] == pytest.approx(1.8 / 1.6)
+    assert s["floor_ratio_unpadded_alt"] == pytest.approx(1.2)
+    assert s["max_abs_diff_alt"] == pytest.approx(0.5)           # |-2.0 - (-2.5)|
+    assert s["bf16_err_rlt_alt"] == pytest.approx(0.25)          # both rows off by 0.25 from the fp32 rewards
+    assert s["bf16_mean_err_rlt_alt"] == pytest.approx(0.25)
+    assert s["max_abs_diff"] == pytest.approx(0.5) and s["bf16_err_rlt"] == pytest.approx(0.25)

@@ -166,3 +166,16 @@ def test_gpu_check_notes_carry_the_output_layer_numbers(tmp_path):
                  "--head-bench", str(bench)])
     rec = json.loads(stages.read_text())
     assert helper.notes(rec) == ("N=4096: bare 0.010s, rowchunk 0.015s (1.52x bare), fused 0.011s (1.11x bare)")
+
+
+def test_gpu_check_accuracy_bound_covers_the_second_backend(tmp_path):
+    helper = load_gpu_check_helper()
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"main": {"rlt_s": 1.0, "oracle_s": 2.0, "max_abs_diff": 2e-6, "alt_backend": "fused",
+                                          "rlt_alt_s": 0.9, "max_abs_diff_alt": 3e-4}}))
+    stages = tmp_path / "stages.jsonl"
+    helper.main(["record", "--stages", str(stages), "--name", "b", "--status", "pass", "--bench", str(bench),
+                 "--max-abs-diff", "1e-5"])
+    rec = json.loads(stages.read_text())
+    assert rec["status"] == "fail" and rec["reason"] == "max |rlt - oracle| 0.0003 > 1e-05"
+    assert "rlt with fused 0.90s" in helper.notes(rec)
