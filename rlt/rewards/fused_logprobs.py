@@ -38,7 +38,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@triton.jit
+# N, splits and group_rows change from call to call; specialising on them (divisible by 16 or not, equal to 1)
+# would compile new variants mid-run.
+@triton.jit(do_not_specialize=["N", "splits", "group_rows"])
 def _lse_pick_kernel(h_ptr, w_ptr, b_ptr, y_ptr, m_ptr, s_ptr, p_ptr,
                      N, V, H, stride_h, stride_w, v_per_split, splits, group_rows, inv_t,
                      HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
