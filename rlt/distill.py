@@ -58,6 +58,9 @@ class DistillConfig:
         "help": "longest explanation in tokens (clamped to the model's context)"})
     seed: int = field(default=0, metadata={"help": "engine seed"})
     chunk_size: int = field(default=16, metadata={"help": "questions per generation call (and per progress write)"})
+    scorer_device: str = field(default="auto", metadata={
+        "help": "where best_of_k scores: auto (GPU 0 with vllm_host servers; the last GPU when vLLM's offline "
+                "engine holds GPU 0 and there are several; else cpu) | cpu | cuda | cuda:N"})
 
     def __post_init__(self):
         if not self.output:
@@ -71,6 +74,31 @@ class DistillConfig:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]")
+
+
+def scorer_device(setting: str, servers: bool, gpus: int | None = None) -> str:
+    """The device best_of_k scores on (``scorer_device``); ``servers``: generation runs on vLLM servers.
+
+    ``auto``: no GPU -> cpu; servers -> cuda:0; vLLM's offline engine in this process (it takes 90% of GPU 0)
+    -> the last GPU when there are several, else cpu (said in the log). Other settings: checked as given.
+    """
+    from rlt.models import resolve_device
+
+    if setting != "auto":
+        return resolve_device(setting, "scorer_device")
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        return "cpu"
+    if servers:
+        return "cuda:0"
+    if gpus >= 2:
+        return f"cuda:{gpus - 1}"
+    logger.info("scorer_device=auto: best_of_k scores on the CPU, the only GPU holds vLLM's offline engine (run "
+                "servers with vllm_host, or use a machine with two GPUs, to score on a GPU)")
+    return "cpu"
 
 
 # ----------------------------------------------------------------------------------------- progress file
@@ -193,8 +221,13 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
             rollout: RolloutConfig, engine=None) -> dict:
     """Run distillation; ``engine`` (with .generate(prompt_ids, n, max_tokens, temperature, top_p, seed))
     defaults to vLLM (offline, or the servers at vllm_host). Returns the counts of this run."""
-    if cfg.select == "best_of_k" and not reward.student_model:
-        raise ConfigError("select=best_of_k scores explanations with the teacher reward: give student=PATH")
+    if cfg.select == "best_of_k":
+        from rlt.rewards.logprobs import check_reward_device
+
+        if not reward.student_model:
+            raise ConfigError("select=best_of_k scores explanations with the teacher reward: give student=PATH")
+        device = scorer_device(cfg.scorer_device, bool(rollout.vllm_host))
+        check_reward_device(reward, device)
     from tqdm import tqdm
 
     from rlt.data.loading import load_dataset_examples
@@ -218,7 +251,7 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     if cfg.select == "best_of_k" and todo:
         from rlt.rewards.teacher_reward import load_scorer
 
-        scorer = load_scorer(teacher, reward.student_model, tok, fmt, reward, cfg.temperature, model.dtype)
+        scorer = load_scorer(teacher, reward.student_model, tok, fmt, reward, cfg.temperature, model.dtype, device)
     totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
     if todo and engine is None:
         engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,

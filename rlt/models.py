@@ -116,6 +116,23 @@ def load_causal_lm(name_or_path: str, dtype: str | None = "bfloat16", attn_imple
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
+def resolve_device(setting: str, key: str) -> str:
+    """A device setting of the offline tools, checked against what torch sees, before any model loads.
+
+    ``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` as given.
+    """
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if setting == "auto":
+        return "cuda" if n else "cpu"
+    m = re.fullmatch(r"cuda(?::(\d+))?", setting)
+    if setting != "cpu" and not m:
+        raise ConfigError(f"{key}={setting!r}: choose auto, cpu, cuda or cuda:N")
+    if m and int(m.group(1) or 0) >= n:
+        raise ConfigError(f"{key}={setting}: torch sees {n} GPU(s) here; choose cpu, auto"
+                          + (f" or cuda:0..cuda:{n - 1}" if n else ""))
+    return setting
+
+
 def same_tokenizer(a, b) -> bool:
     """Whether two tokenizers map text to the same ids (vocab and special tokens)."""
     return a.get_vocab() == b.get_vocab() and a.eos_token == b.eos_token and a.pad_token == b.pad_token

@@ -43,6 +43,8 @@ class ScoreConfig:
         "help": "temperature the completions were sampled at (teacher log-probs are unbiased with it)"})
     skip_bad_rows: bool = field(default=False, metadata={"help": "skip bad rows (their lines are logged) instead of stopping"})
     batch_size: int = field(default=64, metadata={"help": "rows per reward call"})
+    device: str = field(default="auto", metadata={
+        "help": "where teacher and student score: auto (a GPU when torch sees one, else cpu) | cpu | cuda | cuda:N"})
 
     def __post_init__(self):
         for key in ("input", "output"):
@@ -100,18 +102,21 @@ def score(cfg: ScoreConfig, model: ModelConfig, fmt_cfg: FormatConfig, reward: R
     from tqdm import tqdm
 
     from rlt.data.formats import resolve_format
-    from rlt.models import load_tokenizer
+    from rlt.models import load_tokenizer, resolve_device
+    from rlt.rewards.logprobs import check_reward_device
     from rlt.rewards.teacher_reward import load_scorer
 
     if not reward.student_model:
         raise ConfigError("student=... (student_model) is required: the reward's frozen student")
+    device = resolve_device(cfg.device, "device")
+    check_reward_device(reward, device)
     check_writable_file(cfg.output)
     fmt = resolve_format(fmt_cfg.data_format, student_system_prompt=fmt_cfg.student_system_prompt,
                          teacher_system_prompt=fmt_cfg.teacher_system_prompt)
     tokenizer = load_tokenizer(model.require_model())
     rows = read_items(cfg.input, tokenizer, fmt, cfg.skip_bad_rows)
     scorer = load_scorer(model.model_name_or_path, reward.student_model, tokenizer, fmt, reward,
-                         cfg.teacher_temperature, model.dtype)
+                         cfg.teacher_temperature, model.dtype, device)
     scored = []
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="scoring", unit="batch"):
         chunk = rows[s:s + cfg.batch_size]

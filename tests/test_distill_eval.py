@@ -146,6 +146,32 @@ def test_best_of_k_needs_a_student(tmp_path):
         distill(*distill_args(teacher="x", dataset="y", output=f"{tmp_path}/o.jsonl", select="best_of_k"))
 
 
+@pytest.mark.parametrize("gpus,servers,want", [(0, False, "cpu"), (0, True, "cpu"), (1, True, "cuda:0"),
+                                               (1, False, "cpu"), (4, False, "cuda:3"), (4, True, "cuda:0")])
+def test_scorer_device_auto(gpus, servers, want):
+    from rlt.distill import scorer_device
+
+    assert scorer_device("auto", servers, gpus=gpus) == want
+
+
+def test_device_settings_are_checked_before_any_model_loads(tmp_path):
+    import torch
+
+    from rlt.models import resolve_device
+
+    assert resolve_device("cpu", "device") == "cpu"
+    assert resolve_device("auto", "device") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match=r"device='gpu': choose auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu", "device")
+    with pytest.raises(ConfigError, match=r"scorer_device=cuda:99: torch sees \d+ GPU\(s\) here"):
+        distill(*distill_args(teacher="x", dataset="y", output=f"{tmp_path}/o.jsonl", select="best_of_k",
+                              student="z", scorer_device="cuda:99"))
+    if not torch.cuda.is_available():   # the models would be on the CPU, where the fused kernel cannot run
+        with pytest.raises(ConfigError, match="reward_logprob_backend=fused runs on CUDA"):
+            distill(*distill_args(teacher="x", dataset="y", output=f"{tmp_path}/o.jsonl", select="best_of_k",
+                                  student="z", scorer_device="cpu", reward_logprob_backend="fused"))
+
+
 @pytest.mark.parametrize("text,expected", [
     ("<|begin_of_solution|>The answer is \\boxed{42}.<|end_of_solution|>", "42"),
     ("<|begin_of_solution|>\\boxed{\\frac{1}{\\sqrt{2}}}<|end_of_solution|>", "\\frac{1}{\\sqrt{2}}"),

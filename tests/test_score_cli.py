@@ -97,3 +97,18 @@ def test_unknown_key_missing_args_and_help(tmp_path):
     for key in ("input=None", "teacher_temperature=0.7", "kl_penalty_reward_coeff=[3.0, 0.03]", "student_model=None",
                 "(also: student)", "data_format='auto'"):
         assert key in out, key
+
+
+def test_device_is_checked_before_any_model_loads(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: device=cuda is valid here")
+    write_input(tmp_path / "in.jsonl", n=1)
+    proc = score(tmp_path, "device=cuda", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "rlt.score: error: device=cuda: torch sees 0 GPU(s) here; choose cpu, auto")
+    proc = score(tmp_path, "device=cpu", "reward_logprob_backend=fused", check=False)
+    assert proc.returncode == 2 and "reward_logprob_backend=fused runs on CUDA" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "out.jsonl").exists()

@@ -183,6 +183,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def check_reward_device(config: RewardConfig, device: str | torch.device) -> None:
+    """Refuse, before any model loads, reward settings that cannot run with the models on ``device``."""
+    device = torch.device(device)
+    resolve_packing(config.reward_packing, device)
+    resolve_backend(config.reward_logprob_backend, device)
+
+
 def output_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     temperature: float, backend: str, chunk_size: int = RewardConfig.reward_logit_chunk_size,
                     vocab_chunk_size: int = RewardConfig.reward_vocab_chunk_size) -> torch.Tensor:

@@ -304,8 +304,9 @@ def combine(cfg: RewardConfig, sol_lp, sol_mask, st_lp, tt_lp, th_mask, match) -
 
 
 def load_scorer(teacher: str, student: str, tokenizer, fmt: DataFormat, config: RewardConfig,
-                teacher_temperature: float, dtype: str = "auto"):
-    """``items -> RewardResult`` for offline use: teacher and student loaded from paths, frozen.
+                teacher_temperature: float, dtype: str = "auto", device: str = "cpu"):
+    """``items -> RewardResult`` for offline use: teacher and student loaded from paths, frozen, on ``device``
+    (the reward then takes that device's path: packed layout and the CUDA output layer on a GPU).
 
     Refuses a student whose tokenizer differs from ``tokenizer`` (the reward uses one tokenizer).
     """
@@ -315,8 +316,10 @@ def load_scorer(teacher: str, student: str, tokenizer, fmt: DataFormat, config: 
         from rlt.errors import ConfigError
 
         raise ConfigError(f"teacher and student ({student}) tokenizers differ; the reward needs one shared tokenizer")
-    teacher_model = load_causal_lm(teacher, dtype).eval()
-    reward = TeacherReward(load_causal_lm(student, dtype).eval(), tokenizer, fmt, config, teacher_temperature)
+    teacher_model = load_causal_lm(teacher, dtype).eval().to(device)
+    reward = TeacherReward(load_causal_lm(student, dtype).eval().to(device), tokenizer, fmt, config,
+                           teacher_temperature)
+    logger.info("scoring with teacher %s and student %s on %s", teacher, student, device)
     return lambda items: reward(teacher_model, items)
 
 
