@@ -9,7 +9,8 @@
 # kernel) at 7B shape in bf16; the reward benchmark at 7B shape in bf16 and at 0.5B shape
 # in fp32 (max |rlt - oracle| <= 1e-5); build the models; teacher SFT via
 # ./launch.sh 1 with zero3, zero1, offload; teacher RL via ./launch.sh 1
-# (in-process generation) at tiny and 0.5B shape, bf16; one RL step at 7B width
+# (in-process generation) at tiny and 0.5B shape, bf16; python -m rlt.score on the
+# device; one RL step at 7B width
 # with offload and 4k-token completions; ./launch_with_server.sh 1 1 with nccl
 # and filesystem weight sync when vllm imports and >= 2 GPUs are visible.
 # Writes results/gpu_check/summary.json, summary.md (the table) and logs/.
@@ -38,7 +39,7 @@ case "${1:-}" in
   *) echo "gpu_check.sh: unknown argument '$1' (accepted: --cpu-smoke, --help)" >&2; exit 2 ;;
 esac
 ALL_STAGES=(install cuda_tests bench_output_layer bench_reward_7b_bf16 bench_reward_0.5b_fp32 models sft_zero3 sft_zero1 sft_offload
-            rl_tiny rl_0.5b rl_7b_offload_step vllm_server_nccl vllm_server_filesystem)
+            rl_tiny score_tiny rl_0.5b rl_7b_offload_step vllm_server_nccl vllm_server_filesystem)
 SELECTED=" ${ALL_STAGES[*]} "
 if [ -n "${RLT_GPU_CHECK_STAGES:-}" ]; then
   SELECTED=" "
@@ -212,6 +213,13 @@ done
 REC=(--rl)
 stage rl_tiny "$L_RL" "teacher RL, tiny, ./launch.sh 1, in-process generation, ${PREC[*]}" \
   ./launch.sh 1 "$RL_CFG" "output_dir=$WORK/rl_tiny" "max_steps=$STEPS" "${PREC[@]}" "${NO_SAVE[@]}"
+stage score_tiny "$L_SFT" "python -m rlt.score, tiny teacher + student, 8 rows, device=$DEV (the reward's $DEV path)" \
+  bash -c 'set -eo pipefail; "$0" "$1" score-input "$2/score_in.jsonl" 8
+           "$0" -m rlt.score teacher=rlt-tiny:0 student=rlt-tiny:1 input="$2/score_in.jsonl" \
+             output="$2/score_out.jsonl" device="$3" 2>&1 | tee "$2/score.log"
+           grep -q "student rlt-tiny:1 on $3\$" "$2/score.log" && test "$(wc -l < "$2/score_out.jsonl")" -eq 8' \
+  "$PY" "$HELPER" "$WORK" "$DEV"
+
 REC=(--rl)
 stage rl_0.5b "$L_RL_MID" "teacher RL, 0.5B shape, ZeRO-3, in-process generation, ${PREC[*]}$SMOKE" \
   ./launch.sh 1 "$RL_CFG" "output_dir=$WORK/rl_mid" "model_name_or_path=$M/mid_teacher" \

@@ -178,6 +178,16 @@ def cmd_build_model(args) -> None:
     write_tiny_model(args.out, seed=args.seed, dtype=getattr(torch, args.dtype), device=args.device, **kwargs)
 
 
+def cmd_score_input(args) -> None:
+    """N rows for ``python -m rlt.score`` (Countdown question, solution, its worked steps as the completion)."""
+    from rlt.data import countdown
+
+    with open(args.out, "w") as f:
+        for r in countdown.generate_rows(args.n, seed=4):
+            completion = r["reasoning_trace"][2:] + "<|end_of_explanation|>"
+            f.write(json.dumps({"question": r["question"], "solution": r["solution"], "completion": completion}) + "\n")
+
+
 def cmd_sample_host_memory(args) -> None:
     """Print 'host, MiB used' every 0.5 s until killed (the CPU stand-in for nvidia-smi's sampling)."""
     while True:
@@ -357,6 +367,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--device", default="cpu", help="where the random weights are drawn")
+    p = sub.add_parser("score-input")
+    p.add_argument("out")
+    p.add_argument("n", type=int)
     sub.add_parser("sample-host-memory")
     p = sub.add_parser("record")
     p.add_argument("--stages", required=True)
@@ -383,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[gpu_check] %(message)s")
     {"install": cmd_install, "environment": cmd_environment, "build-model": cmd_build_model,
-     "sample-host-memory": cmd_sample_host_memory, "record": cmd_record, "summary": cmd_summary}[args.cmd](args)
+     "score-input": cmd_score_input, "sample-host-memory": cmd_sample_host_memory, "record": cmd_record, "summary": cmd_summary}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,11 @@ def test_gpu_check_accuracy_bound_covers_the_second_backend(tmp_path):
     rec = json.loads(stages.read_text())
     assert rec["status"] == "fail" and rec["reason"] == "max |rlt - oracle| 0.0003 > 1e-05"
     assert "rlt with fused 0.90s" in helper.notes(rec)
+
+
+def test_gpu_check_score_input_rows(tmp_path):
+    helper = load_gpu_check_helper()
+    helper.main(["score-input", str(tmp_path / "in.jsonl"), "3"])
+    rows = [json.loads(line) for line in (tmp_path / "in.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(set(r) == {"question", "solution", "completion"} for r in rows)
+    assert all(r["completion"].endswith("<|end_of_explanation|>") and r["solution"] for r in rows)
