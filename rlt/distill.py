@@ -82,14 +82,11 @@ def scorer_device(setting: str, servers: bool, gpus: int | None = None) -> str:
     ``auto``: no GPU -> cpu; servers -> cuda:0; vLLM's offline engine in this process (it takes 90% of GPU 0)
     -> the last GPU when there are several, else cpu (said in the log). Other settings: checked as given.
     """
-    from rlt.models import resolve_device
+    from rlt.models import gpu_count, resolve_device
 
     if setting != "auto":
         return resolve_device(setting, "scorer_device")
-    if gpus is None:
-        import torch
-
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = gpu_count() if gpus is None else gpus
     if gpus == 0:
         return "cpu"
     if servers:

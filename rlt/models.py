@@ -116,12 +116,17 @@ def load_causal_lm(name_or_path: str, dtype: str | None = "bfloat16", attn_imple
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
 
 
+def gpu_count() -> int:
+    """GPUs torch can use here (0 without CUDA)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def resolve_device(setting: str, key: str) -> str:
     """A device setting of the offline tools, checked against what torch sees, before any model loads.
 
     ``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``, ``cuda`` and ``cuda:N`` as given.
     """
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    n = gpu_count()
     if setting == "auto":
         return "cuda" if n else "cpu"
     m = re.fullmatch(r"cuda(?::(\d+))?", setting)

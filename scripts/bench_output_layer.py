@@ -63,15 +63,18 @@ def reference(h: torch.Tensor, lab: torch.Tensor, w: torch.Tensor) -> torch.Tens
 
 
 def bare(h: torch.Tensor, w: torch.Tensor) -> None:
-    from rlt.rewards.logprobs import ROWCHUNK_BLOCK_BYTES
+    from rlt.rewards.config import RewardConfig
+    from rlt.rewards.logprobs import rowchunk_rows
 
-    rows = max(1, ROWCHUNK_BLOCK_BYTES // (4 * w.shape[0]))
+    rows = rowchunk_rows(w.shape[0], RewardConfig.reward_logit_chunk_size)
     for s in range(0, h.shape[0], rows):
         F.linear(h[s:s + rows], w)
 
 
 def main() -> None:
+    from rlt.errors import ConfigError
     from rlt.rewards import logprobs as L
+    from rlt.rewards.config import LOGPROB_BACKENDS
     from rlt.testing.tiny_model import SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -89,19 +92,19 @@ def main() -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_output_layer: --device cuda but torch sees no CUDA device")
     backends = [b for b in args.backends.split(",") if b]
-    bad = [b for b in backends if b not in ("online", "rowchunk", "fused")]
+    bad = [b for b in backends if b == "auto" or b not in LOGPROB_BACKENDS]
     rows = [int(n) for n in args.rows.split(",") if n]
     if bad or not rows or min(rows) < 1:
         sys.exit(f"bench_output_layer: --backends {args.backends!r} / --rows {args.rows!r}: backends from "
                  "online,rowchunk,fused and positive row counts")
-    try:
-        L.check_backend("fused")
-        fused_ok = ""
-    except ValueError as e:
-        fused_ok = str(e)
-    if "fused" in backends and fused_ok:
-        logger.info("fused left out: %s", fused_ok)
-        backends.remove("fused")
+    fused_refused = ""
+    if "fused" in backends:
+        try:
+            L.resolve_backend("fused", device)
+        except ConfigError as e:
+            fused_refused = str(e)
+            logger.info("fused left out: %s", fused_refused)
+            backends.remove("fused")
     vocab, hidden = (151936, 256) if args.shape == "bench" else (SHAPES[args.shape]["vocab_size"],
                                                                  SHAPES[args.shape]["hidden_size"])
     dtype = getattr(torch, args.dtype)
@@ -110,7 +113,7 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": datetime.date.today().isoformat(), "shape": args.shape,
               "vocab": vocab, "hidden": hidden, "dtype": args.dtype, "temperature": TEMPERATURE,
-              "left_out": {"fused": fused_ok} if fused_ok else {}, "rows": {}}
+              "left_out": {"fused": fused_refused} if fused_refused else {}, "rows": {}}
     for n in rows:
         h = torch.randn(n, hidden, generator=g, device=device).to(dtype)
         lab = torch.randint(0, vocab, (n,), generator=g, device=device)

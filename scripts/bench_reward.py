@@ -151,10 +151,10 @@ def make_items(tok, case: dict):
 
 def bare_head(picked: torch.Tensor, weight: torch.Tensor, backend: str, chunk: int, vchunk: int) -> None:
     """The output layer at the scored rows in rlt's blocks, results discarded (no softmax)."""
-    from rlt.rewards.logprobs import ROWCHUNK_BLOCK_BYTES
+    from rlt.rewards.logprobs import rowchunk_rows
 
     if backend in ("rowchunk", "fused"):   # fused: the same GEMM, its softmax fused in (the floor has none)
-        rows = max(1, min(chunk, ROWCHUNK_BLOCK_BYTES // (4 * weight.shape[0])))
+        rows = rowchunk_rows(weight.shape[0], chunk)
         for s in range(0, picked.shape[0], rows):
             F.linear(picked[s:s + rows], weight)
     else:
@@ -324,12 +324,18 @@ def machine(device: str) -> dict:
     return info
 
 
+def errors(got: list[float], want: list[float]) -> tuple[float, float]:
+    """(max, mean) of |got - want| over matching rewards."""
+    errs = [abs(a - b) for a, b in zip(got, want)]
+    return max(errs), sum(errs) / len(errs)
+
+
 def summarise(r: dict, device: str, args) -> dict:
     from rlt.rewards.config import RewardConfig
     from rlt.rewards.logprobs import resolve_backend, resolve_packing
 
     cfg, dev = RewardConfig(**settings(args)), torch.device(device)
-    diff = max(abs(a - b) for a, b in zip(r["rlt"]["rewards"], r["oracle"]["rewards"]))
+    diff = errors(r["rlt"]["rewards"], r["oracle"]["rewards"])[0]
     s = {
         "completions": r["rlt"]["n"], "scored_sequence_tokens": r["rlt"]["tokens"],
         "shape": args.shape, "dtype": args.dtype, **machine(device),
@@ -358,18 +364,16 @@ def summarise(r: dict, device: str, args) -> dict:
     if "fp32_reference" in r:
         ref = r["fp32_reference"]["rewards"]
         for who in ("rlt", "oracle"):
-            errs = [abs(a - b) for a, b in zip(r[who]["rewards"], ref)]
-            s[f"bf16_err_{who}"], s[f"bf16_mean_err_{who}"] = max(errs), sum(errs) / len(errs)
+            s[f"bf16_err_{who}"], s[f"bf16_mean_err_{who}"] = errors(r[who]["rewards"], ref)
     if "rlt_alt" in r:
         alt = r["rlt_alt"]
         s.update(alt_backend=args.also_backend, rlt_alt_s=alt["seconds"],
                  speedup_vs_oracle_alt=s["oracle_s"] / alt["seconds"], floor_ratio_alt=alt["seconds"] / s["floor_s"],
                  floor_ratio_unpadded_alt=alt["seconds"] / s["floor_unpadded_s"],
-                 max_abs_diff_alt=max(abs(a - b) for a, b in zip(alt["rewards"], r["oracle"]["rewards"])),
+                 max_abs_diff_alt=errors(alt["rewards"], r["oracle"]["rewards"])[0],
                  peak_extra_gb_rlt_alt=alt["peak_extra_gb"], rlt_alt_time_split=alt.get("timing", {}))
         if "fp32_reference" in r:
-            errs = [abs(a - b) for a, b in zip(alt["rewards"], r["fp32_reference"]["rewards"])]
-            s["bf16_err_rlt_alt"], s["bf16_mean_err_rlt_alt"] = max(errs), sum(errs) / len(errs)
+            s["bf16_err_rlt_alt"], s["bf16_mean_err_rlt_alt"] = errors(alt["rewards"], r["fp32_reference"]["rewards"])
     t = TARGETS[device]
     met = {"speedup_vs_oracle": s["speedup_vs_oracle"] >= t["speedup_vs_oracle"],
            "memory": s["peak_extra_gb_rlt"] <= t["memory_fraction"] * s["peak_extra_gb_oracle"]}
@@ -413,12 +417,12 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_reward: --device cuda but torch sees no CUDA device")
     from rlt.errors import ConfigError
-    from rlt.rewards.logprobs import check_backend
+    from rlt.rewards.logprobs import resolve_backend
 
     for flag, backend in (("--backend", args.backend), ("--also-backend", args.also_backend)):
         try:
             if backend is not None:
-                check_backend(backend)
+                resolve_backend(backend, torch.device(args.device))
         except ConfigError as e:
             raise SystemExit(f"bench_reward: {flag} {backend}: {e}") from None
     if args.also_backend and args.device != "cuda":

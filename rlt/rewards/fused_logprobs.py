@@ -141,8 +141,6 @@ def fused_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Ten
     if weight.shape[1] != hid or labels.shape != (n,):
         raise ValueError(f"fused_logprobs: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
                          f"labels {tuple(labels.shape)} do not match ([N, H], [V, H], [N])")
-    if hidden.device.type != "cuda" and not interpreting():
-        raise ValueError(f"reward_logprob_backend=fused runs on CUDA (got {hidden.device}); use online or rowchunk")
     out = torch.empty(n, dtype=torch.float32, device=hidden.device)
     if n == 0:
         return out

@@ -129,6 +129,12 @@ def logits_float32(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return F.linear(hidden, weight, bias).float()
 
 
+def rowchunk_rows(vocab: int, chunk_size: int, block_bytes: int = ROWCHUNK_BLOCK_BYTES) -> int:
+    """Rows per GEMM of the rowchunk backend: ``chunk_size``, fewer when a float32 [rows, vocab] block would
+    pass ``block_bytes``."""
+    return max(1, min(chunk_size, block_bytes // (4 * vocab)))
+
+
 def rowchunk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       temperature: float, chunk_size: int, block_bytes: int = ROWCHUNK_BLOCK_BYTES) -> torch.Tensor:
     """log softmax(h W^T / temperature)[label]. hidden [N, H], labels [N] -> [N] float32.
@@ -138,8 +144,7 @@ def rowchunk_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.
     lp = (z[label] - max) / t - log sum exp((z - max) / t), computed in place
     (the block is the only [R, V] temporary; no Python loop over the vocabulary).
     """
-    vocab = weight.shape[0]
-    rows = max(1, min(chunk_size, block_bytes // (4 * vocab)))
+    rows = rowchunk_rows(weight.shape[0], chunk_size, block_bytes)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     inv_t = 1.0 / temperature
     for s in range(0, hidden.shape[0], rows):
@@ -163,24 +168,20 @@ def _fused_module():
     return fused_logprobs
 
 
-def check_backend(backend: str) -> None:
-    """Refuse, in one line, a backend that cannot run on this machine (before any model is loaded)."""
-    if backend not in LOGPROB_BACKENDS:
-        raise ConfigError(f"reward_logprob_backend={backend!r}: choose from {list(LOGPROB_BACKENDS)}")
-    if backend == "fused" and not torch.cuda.is_available() and not _fused_module().interpreting():
-        raise ConfigError("reward_logprob_backend=fused runs on CUDA and this machine has no CUDA device; "
-                          "choose online or rowchunk")
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``auto`` -> ``rowchunk`` on CUDA, ``online`` elsewhere; ``fused`` is refused where it cannot run."""
-    check_backend(backend)
+    if backend not in LOGPROB_BACKENDS:
+        raise ConfigError(f"reward_logprob_backend={backend!r}: choose from {list(LOGPROB_BACKENDS)}")
     if backend == "auto":
         return "rowchunk" if device.type == "cuda" else "online"
     if backend == "fused" and device.type != "cuda" and not _fused_module().interpreting():
-        raise ConfigError(f"reward_logprob_backend=fused runs on CUDA (the models are on {device}); "
-                          "choose online or rowchunk")
+        raise ConfigError(f"reward_logprob_backend=fused runs on CUDA, not on {device}; choose online or rowchunk")
     return backend
+
+
+def check_backend(backend: str) -> None:
+    """Refuse, in one line, a backend that cannot run on this machine (before any model is loaded)."""
+    resolve_backend(backend, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def check_reward_device(config: RewardConfig, device: str | torch.device) -> None:
