@@ -7,7 +7,7 @@
 # Stages, in this order: install what is missing; the CUDA-only tests
 # (pytest -m cuda); the output-layer backends alone (rowchunk vs the fused Triton
 # kernel) at 7B shape in bf16; the reward benchmark at 7B shape in bf16 and at 0.5B shape
-# in fp32 (max |rlt - oracle| <= 1e-5); build the models; teacher SFT via
+# in fp32 (max |rlt - oracle| <= 1e-5); build the models and DeepSpeed's CPU Adam op; teacher SFT via
 # ./launch.sh 1 with zero3, zero1, offload; teacher RL via ./launch.sh 1
 # (in-process generation) at tiny and 0.5B shape, bf16; python -m rlt.score on the
 # device; one RL step at 7B width
@@ -24,7 +24,7 @@
 # pip's configured index. The project is used in place.
 # Other settings: RLT_GPU_CHECK_STAGES (comma-separated stage names to run, default
 # all; the others are recorded as skipped; models is added when an RL stage on
-# built models is chosen), RLT_GPU_CHECK_OUT (results dir), RLT_GPU_CHECK_BUDGET (seconds,
+# built models is chosen, build_cpu_adam when an offload stage is), RLT_GPU_CHECK_OUT (results dir), RLT_GPU_CHECK_BUDGET (seconds,
 # default 1200 on GPU), RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model,
 # default 8: a full-depth 7.6B policy with Adam states does not fit one 80 GB
 # card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs).
@@ -38,7 +38,8 @@ case "${1:-}" in
   -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   *) echo "gpu_check.sh: unknown argument '$1' (accepted: --cpu-smoke, --help)" >&2; exit 2 ;;
 esac
-ALL_STAGES=(install cuda_tests bench_output_layer bench_reward_7b_bf16 bench_reward_0.5b_fp32 models sft_zero3 sft_zero1 sft_offload
+ALL_STAGES=(install cuda_tests bench_output_layer bench_reward_7b_bf16 bench_reward_0.5b_fp32 models build_cpu_adam
+            sft_zero3 sft_zero1 sft_offload
             rl_tiny score_tiny rl_0.5b rl_7b_offload_step vllm_server_nccl vllm_server_filesystem)
 SELECTED=" ${ALL_STAGES[*]} "
 if [ -n "${RLT_GPU_CHECK_STAGES:-}" ]; then
@@ -50,6 +51,7 @@ if [ -n "${RLT_GPU_CHECK_STAGES:-}" ]; then
     esac
   done
   case "$SELECTED" in *" rl_0.5b "*|*" rl_7b_offload_step "*) SELECTED+="models " ;; esac
+  case "$SELECTED" in *" sft_offload "*|*" rl_7b_offload_step "*) SELECTED+="build_cpu_adam " ;; esac
 fi
 selected() { case "$SELECTED" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 OUT="${RLT_GPU_CHECK_OUT:-$ROOT/results/gpu_check}"
@@ -203,6 +205,9 @@ stage models "$L_MODELS" "random models: $MID_SHAPE teacher + student, $BIG_SHAP
            "$0" -m rlt.testing.tiny_model "$1/mid_student" --seed 1 --shape "$2" --dtype bfloat16 --device "$6"
            "$0" "$3" build-model "$1/big" --seed 2 --shape "$4" --layers "$5" --dtype bfloat16 --device "$6"' \
   "$PY" "$M" "$MID_SHAPE" "$HELPER" "$BIG_SHAPE" "$BIG_LAYERS" "$DEV"
+
+stage build_cpu_adam "$L_TESTS" "DeepSpeed's CPU Adam op (JIT build, once per machine), used by the offload stages" \
+  "$PY" "$HELPER" build-cpu-adam
 
 for ds in zero3 zero1 offload; do
   flag=(); [ "$ds" = zero3 ] || flag=("$ds")

@@ -178,6 +178,17 @@ def cmd_build_model(args) -> None:
     write_tiny_model(args.out, seed=args.seed, dtype=getattr(torch, args.dtype), device=args.device, **kwargs)
 
 
+def cmd_build_cpu_adam(args) -> None:
+    """Build (or load, when already built) DeepSpeed's CPU Adam op: what ``offload`` runs use for the optimizer
+    step. Its first build is a JIT compile of about a minute; run once up front, the offload stages time only
+    their training. Goes to $TORCH_EXTENSIONS_DIR."""
+    from deepspeed.ops.op_builder import CPUAdamBuilder
+
+    start = time.perf_counter()
+    op = CPUAdamBuilder().load()
+    logger.info("DeepSpeed CPU Adam op ready in %.1fs: %s", time.perf_counter() - start, op.__file__)
+
+
 def cmd_score_input(args) -> None:
     """N rows for ``python -m rlt.score`` (Countdown question, solution, its worked steps as the completion)."""
     from rlt.data import countdown
@@ -367,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--device", default="cpu", help="where the random weights are drawn")
+    sub.add_parser("build-cpu-adam")
     p = sub.add_parser("score-input")
     p.add_argument("out")
     p.add_argument("n", type=int)
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[gpu_check] %(message)s")
     {"install": cmd_install, "environment": cmd_environment, "build-model": cmd_build_model,
-     "score-input": cmd_score_input, "sample-host-memory": cmd_sample_host_memory, "record": cmd_record, "summary": cmd_summary}[args.cmd](args)
+     "build-cpu-adam": cmd_build_cpu_adam, "score-input": cmd_score_input, "sample-host-memory": cmd_sample_host_memory, "record": cmd_record, "summary": cmd_summary}[args.cmd](args)
 
 
 if __name__ == "__main__":
