@@ -159,7 +159,7 @@ if [ "$MODE" = gpu ]; then
                            gradient_checkpointing=true reward_micro_batch_size=8)
   BIG_SHAPE=7b; BIG_LAYERS=$LAYERS_7B; BIG_TOKENS=4096
   DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16 --also-backend fused); BENCH_MID=(--shape 0.5b --dtype float32 --also-backend fused)
-  BENCH_HEAD=(--shape 7b --dtype bfloat16 --rows 4096,32768 --backends rowchunk,fused)
+  BENCH_HEAD=(--shape 7b --dtype bfloat16 --rows 4096,32768 --backends rowchunk,fused --fused-tiles sweep)
   L_INSTALL=240 L_TESTS=180 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
 else
   PREC=(bf16=false); STEPS=1
@@ -191,7 +191,7 @@ else
 fi
 
 REC=(--head-bench "$OUT/bench_output_layer.json")
-stage bench_output_layer "$L_TESTS" "output layer alone: rowchunk vs fused kernel vs bare GEMM, max |diff| <= 1e-3$SMOKE" \
+stage bench_output_layer "$L_TESTS" "output layer alone: rowchunk vs fused kernel (and its other launch configurations) vs bare GEMM, max |diff| <= 1e-3$SMOKE" \
   "$PY" scripts/bench_output_layer.py --device "$DEV" "${BENCH_HEAD[@]}" --out "$OUT/bench_output_layer.json"
 REC=(--bench "$OUT/bench_7b_bf16.json")
 stage bench_reward_7b_bf16 "$L_BENCH" "reward at 7B shape, bf16: rlt vs per-sample oracle vs floor$SMOKE" \

@@ -259,10 +259,17 @@ def bench_details(path: Path, max_abs_diff: float | None) -> tuple[dict, str | N
 
 
 def head_details(path: Path) -> dict:
-    """Per row count, each output-layer backend's seconds and ratio to the bare GEMM (bench_output_layer.py)."""
-    data = json.loads(path.read_text())
-    return {n: {b: {k: v for k, v in r.items() if k in ("seconds", "over_bare", "max_abs_diff")}
-                for b, r in per.items()} for n, per in data.get("rows", {}).items()}
+    """Per row count, each output-layer backend's seconds and ratio to the bare GEMM (bench_output_layer.py),
+    and the fastest of the fused kernel's timed launch configurations when it timed several."""
+    keep = ("seconds", "over_bare", "max_abs_diff")
+    out = {}
+    for n, per in json.loads(path.read_text()).get("rows", {}).items():
+        out[n] = {b: {k: v for k, v in r.items() if k in keep} for b, r in per.items()
+                  if isinstance(r, dict) and "seconds" in r}
+        best = per.get("best_fused_tiles")
+        if best:
+            out[n][f"fused {best} (fastest tiles)"] = {k: v for k, v in per["fused_tiles"][best].items() if k in keep}
+    return out
 
 
 def cmd_record(args) -> None:

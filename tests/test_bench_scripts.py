@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def script(name, *args, env=None):
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", **(env or {}))
-    env.pop("TRITON_INTERPRET", None)
+    base = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    base.pop("TRITON_INTERPRET", None)   # only where a test asks for the interpreter
+    env = dict(base, **(env or {}))
     return subprocess.run([sys.executable, f"scripts/{name}", *args], capture_output=True, text=True, timeout=900,
                           env=env, cwd=ROOT)
 
@@ -29,6 +30,27 @@ def test_output_layer_benchmark(tmp_path):
     assert all(row[b]["max_abs_diff"] < 1e-5 and row[b]["seconds"] > 0 for b in ("online", "rowchunk"))
     r = script("bench_output_layer.py", "--rows", "40", "--out", str(out), "--backends", "online", "--tolerance", "0")
     assert r.returncode == 1 and "above --tolerance 0" in r.stderr
+
+
+def test_output_layer_benchmark_times_fused_launch_configurations(tmp_path):
+    """--fused-tiles in triton's interpreter (the kernel's values; no speed): every configuration is checked
+    against the float64 reference and the fastest is named; a bad configuration is refused before any work."""
+    pytest.importorskip("triton")
+    out = tmp_path / "head.json"
+    env = {"TRITON_INTERPRET": "1"}
+    r = script("bench_output_layer.py", "--vocab", "1000", "--hidden", "64", "--rows", "20,150", "--backends",
+               "rowchunk,fused", "--fused-tiles", "128x64w8,256x32w4s2", "--out", str(out), env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert (data["vocab"], data["hidden"], data["left_out"]) == (1000, 64, {})
+    for row in data["rows"].values():
+        assert set(row["fused_tiles"]) == {"128x64w8", "256x32w4s2"}
+        times = {k: v["seconds"] for k, v in row["fused_tiles"].items()}
+        assert row["best_fused_tiles"] == min(times, key=times.get)
+        assert all(v["max_abs_diff"] < 1e-5 for v in [row["fused"], *row["fused_tiles"].values()])
+    r = script("bench_output_layer.py", "--fused-tiles", "128x60w8", "--out", str(tmp_path / "x.json"), env=env)
+    assert r.returncode == 1 and "--fused-tiles: fused tiles '128x60w8': expected VxKwW" in r.stderr
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_reward_benchmark_quick(tmp_path):

@@ -23,7 +23,7 @@ from test_logprobs import (  # noqa: E402,F401  (fixtures used by the tests belo
 
 INTERPRETED = FL.interpreting()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-KERNEL_TESTS = 8   # the tests marked ``kernel`` below (parametrised cases included)
+KERNEL_TESTS = 8 + len(FL.SWEEP) - 1   # the tests marked ``kernel`` below (parametrised cases included)
 
 
 def kernel(test):
@@ -38,7 +38,8 @@ def head(n, vocab, hidden, seed):
     w = torch.randn(vocab, hidden, generator=g) * 0.5
     b = torch.randn(vocab, generator=g)
     lab = torch.randint(0, vocab, (n,), generator=g)
-    edges = [0, vocab - 1, FL.BLOCK_V - 1, FL.BLOCK_V, 2 * FL.BLOCK_V]   # first, last, tile edges
+    tile = FL.Tiles().block_v
+    edges = [0, vocab - 1, tile - 1, tile, 2 * tile]   # first, last, tile edges
     lab[:len(edges)] = torch.tensor([e for e in edges if e < vocab] + [0] * sum(e >= vocab for e in edges))
     return h, w, b, lab
 
@@ -67,6 +68,17 @@ def test_kernel_half_precision_accumulates_in_float32(dtype):
 
 
 @kernel
+@pytest.mark.parametrize("tiles", FL.SWEEP[1:], ids=lambda t: t.name)
+def test_kernel_other_launch_configurations(tiles):
+    """The configurations scripts/bench_output_layer.py --fused-tiles sweep times give the same values (hidden
+    size 72: a partial step of every block_k; vocabulary 1000: a partial tile of every block_v)."""
+    h, w, b, lab = (x.to(DEVICE) for x in head(150, 1000, 72, seed=5))
+    got = FL.fused_logprobs(h, lab, w, b, 0.7, tiles=tiles)
+    # log-probs here reach -40 (4 ulp of float32 = 1.5e-5); the summation order differs with the tiles
+    torch.testing.assert_close(got, reference(h, lab, w, b, 0.7), atol=1e-5, rtol=1e-6)
+
+
+@kernel
 def test_token_logprobs_with_the_fused_backend(gqa_model, tokenizer):
     model = gqa_model.to(DEVICE)
     seqs, positions = sample_sequences(len(tokenizer), [7, 30, 3, 55, 12, 2, 1, 90])
@@ -88,6 +100,19 @@ def test_plan_fills_the_machine_with_whole_tiles():
     assert FL.plan(1000, 152064, 528) == (128, 66, 18 * 128, 8)
     assert FL.plan(1, 100, 4) == (16, 1, 128, 1)              # one tile: one slice
     assert FL.plan(5000, 1000, 528, min_splits=2) == (128, 8, 128, 2)   # 8 tiles: 8 slices
+    # tiles of 256 columns: 152064 -> 594 tiles, 16 slices of 38 tiles (16 x 38 = 608 >= 594)
+    assert FL.plan(5000, 152064, 528, block_v=256) == (128, 16, 38 * 256, 16)
+
+
+def test_tiles_names_and_refusals():
+    assert [t.name for t in FL.SWEEP] == ["128x64w8", "128x64w4s4", "256x64w8", "128x128w8s2", "256x32w8s4"]
+    assert all(FL.Tiles.parse(t.name) == t for t in FL.SWEEP)
+    assert FL.kernel_settings(torch.bfloat16, False, 128)["num_stages"] == 3       # defaults by dtype
+    assert FL.kernel_settings(torch.float32, False, 128)["num_stages"] == 2
+    assert FL.kernel_settings(torch.float32, False, 128, FL.Tiles(num_stages=4))["num_stages"] == 4
+    for bad in ("128x64", "96x64w8", "128x8w8", "128x64w0", "128x64w8s0", "128x64w3", "big"):
+        with pytest.raises(ValueError, match="expected VxKwW or VxKwWsS"):
+            FL.Tiles.parse(bad)
 
 
 @kernel
@@ -101,18 +126,22 @@ def test_kernel_program_groups_cover_every_row_and_slice():
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter compiles nothing")
-@pytest.mark.parametrize("arch,dtype,bias", [(90, torch.bfloat16, False), (80, torch.bfloat16, False),
-                                             (90, torch.float32, True)])
-def test_compiles_for_hopper_and_ampere_gpus(arch, dtype, bias, tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch,dtype,bias,tiles", [(90, torch.bfloat16, False, FL.Tiles()),
+                                                   (80, torch.bfloat16, False, FL.Tiles()),
+                                                   (90, torch.float32, True, FL.Tiles())]
+                         + [(90, torch.bfloat16, False, t) for t in FL.SWEEP[1:]],
+                         ids=lambda x: x.name if isinstance(x, FL.Tiles) else str(x))
+def test_compiles_for_hopper_and_ampere_gpus(arch, dtype, bias, tiles, tmp_path, monkeypatch):
     """The kernel as a launch at 7B shape would specialise it, compiled to a cubin here (triton's own ptxas, no
     GPU): the K loop is software-pipelined (cp.async), bf16 uses the tensor cores (wgmma on Hopper, mma on
-    Ampere), and shared memory stays within the card's limit (H100: 227 KB, A100: 163 KB per block)."""
+    Ampere), and shared memory stays within the card's limit (H100: 227 KB, A100: 163 KB per block). The default
+    launch for both cards and dtypes; the other configurations of the sweep for the H100."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     fn = FL._lse_pick_kernel
-    settings = FL.kernel_settings(dtype, bias, block_n=128)
+    settings = FL.kernel_settings(dtype, bias, block_n=128, tiles=tiles)
     options = {k: settings.pop(k) for k in ("num_warps", "num_stages")}
     ptr = {torch.bfloat16: "*bf16", torch.float32: "*fp32"}[dtype]
     kinds = {"h_ptr": ptr, "w_ptr": ptr, "b_ptr": ptr, "y_ptr": "*i64", "inv_t": "fp32"}

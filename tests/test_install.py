@@ -160,12 +160,17 @@ def test_gpu_check_notes_carry_the_output_layer_numbers(tmp_path):
     bench.write_text(json.dumps({"rows": {"4096": {
         "bare": {"seconds": 0.01, "peak_extra_gb": 0.1},
         "rowchunk": {"seconds": 0.0152, "peak_extra_gb": 0.3, "max_abs_diff": 2e-6, "over_bare": 1.52},
-        "fused": {"seconds": 0.0111, "peak_extra_gb": 0.0, "max_abs_diff": 3e-6, "over_bare": 1.11}}}}))
+        "fused": {"seconds": 0.0111, "peak_extra_gb": 0.0, "max_abs_diff": 3e-6, "over_bare": 1.11},
+        "fused_tiles": {"128x64w8": {"seconds": 0.0112, "peak_extra_gb": 0.0, "max_abs_diff": 3e-6, "over_bare": 1.12},
+                        "256x64w8": {"seconds": 0.0093, "peak_extra_gb": 0.0, "max_abs_diff": 3e-6, "over_bare": 0.93},
+                        "256x64w8s4": {"error": "out of resource: shared memory"}},
+        "best_fused_tiles": "256x64w8"}}}))
     stages = tmp_path / "stages.jsonl"
     helper.main(["record", "--stages", str(stages), "--name", "bench_output_layer", "--status", "pass",
                  "--head-bench", str(bench)])
     rec = json.loads(stages.read_text())
-    assert helper.notes(rec) == ("N=4096: bare 0.010s, rowchunk 0.015s (1.52x bare), fused 0.011s (1.11x bare)")
+    assert helper.notes(rec) == ("N=4096: bare 0.010s, rowchunk 0.015s (1.52x bare), fused 0.011s (1.11x bare), "
+                                 "fused 256x64w8 (fastest tiles) 0.009s (0.93x bare)")
 
 
 def test_gpu_check_accuracy_bound_covers_the_second_backend(tmp_path):

@@ -20,14 +20,47 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_V = 128   # vocabulary columns per tile
-BLOCK_K = 64    # hidden-size step of the tile GEMM
 MIN_SPLITS = 16  # vocabulary slices (and row blocks per program group): 16 x 16 tiles of 7B shape fit in L2
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """How the kernel cuts its work: ``block_v`` vocabulary columns per tile, the tile GEMM steps ``block_k``
+    through the hidden size, ``num_warps`` warps per program, ``num_stages`` software-pipeline stages (None:
+    3 in half precision, 2 in float32). The defaults are the backend's; others are for measuring
+    (``scripts/bench_output_layer.py --fused-tiles``)."""
+    block_v: int = 128
+    block_k: int = 64
+    num_warps: int = 8
+    num_stages: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.block_v}x{self.block_k}w{self.num_warps}" + (f"s{self.num_stages}" if self.num_stages else "")
+
+    @classmethod
+    def parse(cls, text: str) -> "Tiles":
+        """``VxKwW[sS]`` (as :attr:`name` writes it), e.g. ``256x64w8s3``; one line naming the form otherwise."""
+        m = re.fullmatch(r"(\d+)x(\d+)w(\d+)(?:s(\d+))?", text.strip())
+        v, k, w = (int(g) for g in m.groups()[:3]) if m else (0, 0, 0)
+        powers = all(x & (x - 1) == 0 for x in (v, k, w))
+        if not m or not powers or min(v, k) < 16 or w < 1 or (m.group(4) and int(m.group(4)) < 1):
+            raise ValueError(f"fused tiles {text!r}: expected VxKwW or VxKwWsS with powers of two V, K >= 16 "
+                             "and W (warps), S >= 1 stages, e.g. 128x64w8s3")
+        return cls(v, k, w, int(m.group(4)) if m.group(4) else None)
+
+
+# Launch configurations worth timing on a new card (half precision), the default first. Larger tiles trade
+# registers and shared memory (256x64 with 3 stages: 144 KB) for fewer weight reads.
+SWEEP = (Tiles(), Tiles(num_warps=4, num_stages=4), Tiles(block_v=256), Tiles(block_k=128, num_stages=2),
+         Tiles(block_v=256, block_k=32, num_stages=4))
 
 
 def interpreting() -> bool:
@@ -105,8 +138,10 @@ def _programs_wanted(device: torch.device) -> int:
     return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def plan(n_rows: int, vocab: int, programs: int, min_splits: int = MIN_SPLITS) -> tuple[int, int, int, int]:
-    """(BLOCK_N, slices, columns per slice, row blocks per group) for ``n_rows`` rows over ``vocab`` columns.
+def plan(n_rows: int, vocab: int, programs: int, min_splits: int = MIN_SPLITS,
+         block_v: int = Tiles.block_v) -> tuple[int, int, int, int]:
+    """(BLOCK_N, slices, columns per slice, row blocks per group) for ``n_rows`` rows over ``vocab`` columns
+    in tiles of ``block_v`` columns.
 
     Rows go 128 to a program (down to 16 for few rows). The vocabulary is cut into whole-tile slices: at least
     ``min_splits`` of them (so a group of row blocks x slices shares weight tiles in L2), more when that many
@@ -115,26 +150,27 @@ def plan(n_rows: int, vocab: int, programs: int, min_splits: int = MIN_SPLITS) -
     """
     block_n = 128 if n_rows > 64 else max(16, triton.next_power_of_2(n_rows))
     row_blocks = triton.cdiv(n_rows, block_n)
-    tiles = triton.cdiv(vocab, BLOCK_V)
+    tiles = triton.cdiv(vocab, block_v)
     splits = max(1, min(tiles, max(min_splits, triton.cdiv(programs, row_blocks))))
-    per_split = triton.cdiv(tiles, splits) * BLOCK_V
+    per_split = triton.cdiv(tiles, splits) * block_v
     return block_n, triton.cdiv(vocab, per_split), per_split, min(min_splits, row_blocks)
 
 
-def kernel_settings(dtype: torch.dtype, has_bias: bool, block_n: int) -> dict:
+def kernel_settings(dtype: torch.dtype, has_bias: bool, block_n: int, tiles: Tiles = Tiles()) -> dict:
     """The kernel's compile-time arguments and launch options for ``dtype`` inputs (one place: launches and the
-    compile test use it). Half precision: tensor-core dots, 3 pipeline stages (96 KB of shared memory);
-    float32: exact (``ieee``) dots, 2 stages (128 KB)."""
+    compile test use it). Half precision: tensor-core dots (default 3 pipeline stages, 96 KB of shared memory);
+    float32: exact (``ieee``) dots (default 2 stages, 128 KB)."""
     half = dtype in (torch.float16, torch.bfloat16)
+    stages = tiles.num_stages or (3 if half else 2)
     return dict(HAS_BIAS=has_bias, UPCAST=half and interpreting(), IEEE=dtype == torch.float32, BLOCK_N=block_n,
-                BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K, num_warps=8, num_stages=3 if half else 2)
+                BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=stages)
 
 
 def fused_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   temperature: float, min_splits: int = MIN_SPLITS) -> torch.Tensor:
+                   temperature: float, min_splits: int = MIN_SPLITS, tiles: Tiles = Tiles()) -> torch.Tensor:
     """log softmax(h W^T / temperature)[label]. hidden [N, H], labels [N], weight [V, H] -> [N] float32.
 
-    ``min_splits``: see :func:`plan`.
+    ``min_splits``: see :func:`plan`; ``tiles``: see :class:`Tiles`.
     """
     n, hid = hidden.shape
     vocab = weight.shape[0]
@@ -146,11 +182,11 @@ def fused_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Ten
         return out
     hidden = hidden.contiguous()
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
-    block_n, splits, per_split, group = plan(n, vocab, _programs_wanted(hidden.device), min_splits)
+    block_n, splits, per_split, group = plan(n, vocab, _programs_wanted(hidden.device), min_splits, tiles.block_v)
     m, s, p = (torch.empty(splits, n, dtype=torch.float32, device=hidden.device) for _ in range(3))
     _lse_pick_kernel[(triton.cdiv(n, block_n) * splits,)](
         hidden, weight, bias if bias is not None else hidden, labels.contiguous(), m, s, p,
         n, vocab, hid, hidden.stride(0), weight.stride(0), per_split, splits, group, 1.0 / temperature,
-        **kernel_settings(hidden.dtype, bias is not None, block_n))
+        **kernel_settings(hidden.dtype, bias is not None, block_n, tiles))
     torch.sub(p.sum(0), torch.logsumexp(m + s.log(), dim=0), out=out)
     return out
