@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from rlt.generation.config import SYNC_MODES
+
 logger = logging.getLogger(__name__)
-SYNC_MODES = ("auto", "nccl", "filesystem")
 SHM = Path("/dev/shm")
 SYNC_DIR_ENV = "RLT_SYNC_DIR"  # the launcher's private /dev/shm directory for this run's weight copies
 
