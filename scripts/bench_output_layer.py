@@ -4,16 +4,17 @@
         [--dtype float32|bfloat16] [--vocab V] [--hidden H] [--rows 4096,32768] [--backends online,rowchunk,fused]
         [--fused-tiles sweep|128x64w8s3,...] [--out FILE]
 
-The output layer has the vocabulary and hidden size of ``--shape`` (or ``--vocab``/``--hidden``; random weights, std 0.02; hidden states
-N(0, 1)); labels are random. For each N and backend (rlt.rewards.logprobs.output_logprobs, temperature 0.7):
-median seconds of 3 timed calls after one warm-up (which compiles the Triton kernel), extra peak memory of a
-call, and max |lp - reference| over the first 1024 rows, the reference being float64 products of the same
-(dtype-rounded) values. ``bare`` is the output-layer GEMM alone in the model's dtype, in the rowchunk backend's
-row blocks, results discarded: the floor of any backend that multiplies in the model's dtype. The fused backend
-needs CUDA (or TRITON_INTERPRET=1); elsewhere it is left out with a line saying so. ``--fused-tiles`` times the
-fused kernel again with other launch configurations (rlt.rewards.fused_logprobs.Tiles; ``sweep``: its SWEEP
-list), under ``fused_tiles`` per row count, and names the fastest (``best_fused_tiles``); a configuration the
-card cannot hold (out of shared memory or registers) is recorded with its error. Exit 1 when a backend's max |diff| is above --tolerance.
+The output layer has the vocabulary and hidden size of ``--shape`` (or ``--vocab`` / ``--hidden``; random
+weights, std 0.02; hidden states N(0, 1)); labels are random. For each N and backend
+(rlt.rewards.logprobs.output_logprobs, temperature 0.7): median seconds of 3 timed calls after one warm-up (which
+compiles the Triton kernel), extra peak memory of a call, and max |lp - reference| over the first 1024 rows, the
+reference being float64 products of the same (dtype-rounded) values. ``bare`` is the output-layer GEMM alone in
+the model's dtype, in the rowchunk backend's row blocks, results discarded: the floor of any backend that
+multiplies in the model's dtype. The fused backend needs CUDA (or TRITON_INTERPRET=1); elsewhere it is left out
+with a line saying so. ``--fused-tiles`` times the fused kernel again with other launch configurations
+(rlt.rewards.fused_logprobs.Tiles; ``sweep``: its SWEEP list), under ``fused_tiles`` per row count, and names
+the fastest (``best_fused_tiles``); a configuration the card cannot hold (out of shared memory or registers) is
+recorded with its error. Exit 1 when a backend's max |diff| is above --tolerance.
 """
 from __future__ import annotations
 
@@ -122,7 +123,7 @@ def main() -> None:
     backends = [b for b in args.backends.split(",") if b]
     bad = [b for b in backends if b == "auto" or b not in LOGPROB_BACKENDS]
     rows = [int(n) for n in args.rows.split(",") if n]
-    if min(args.vocab or 1, args.hidden or 1) < 1:
+    if any(x is not None and x < 1 for x in (args.vocab, args.hidden)):
         sys.exit(f"bench_output_layer: --vocab {args.vocab} / --hidden {args.hidden}: positive sizes")
     if bad or not rows or min(rows) < 1:
         sys.exit(f"bench_output_layer: --backends {args.backends!r} / --rows {args.rows!r}: backends from "

@@ -7,8 +7,8 @@
 # Stages, in this order: install what is missing; the CUDA-only tests
 # (pytest -m cuda); the output-layer backends alone (rowchunk vs the fused Triton
 # kernel) at 7B shape in bf16; the reward benchmark at 7B shape in bf16 and at 0.5B shape
-# in fp32 (max |rlt - oracle| <= 1e-5); build the models and DeepSpeed's CPU Adam op; teacher SFT via
-# ./launch.sh 1 with zero3, zero1, offload; teacher RL via ./launch.sh 1
+# in fp32 (max |rlt - oracle| <= 1e-5); build the models and DeepSpeed's CPU Adam
+# op; teacher SFT via ./launch.sh 1 with zero3, zero1, offload; teacher RL via ./launch.sh 1
 # (in-process generation) at tiny and 0.5B shape, bf16; python -m rlt.score on the
 # device; one RL step at 7B width
 # with offload and 4k-token completions; ./launch_with_server.sh 1 1 with nccl
@@ -24,8 +24,8 @@
 # pip's configured index. The project is used in place.
 # Other settings: RLT_GPU_CHECK_STAGES (comma-separated stage names to run, default
 # all; the others are recorded as skipped; models is added when an RL stage on
-# built models is chosen, build_cpu_adam when an offload stage is), RLT_GPU_CHECK_OUT (results dir), RLT_GPU_CHECK_BUDGET (seconds,
-# default 1200 on GPU), RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model,
+# built models is chosen, build_cpu_adam when an offload stage is), RLT_GPU_CHECK_OUT
+# (results dir), RLT_GPU_CHECK_BUDGET (seconds, default 1200 on GPU), RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model,
 # default 8: a full-depth 7.6B policy with Adam states does not fit one 80 GB
 # card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs).
 set -uo pipefail

@@ -415,7 +415,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[gpu_check] %(message)s")
     {"install": cmd_install, "environment": cmd_environment, "build-model": cmd_build_model,
-     "build-cpu-adam": cmd_build_cpu_adam, "score-input": cmd_score_input, "sample-host-memory": cmd_sample_host_memory, "record": cmd_record, "summary": cmd_summary}[args.cmd](args)
+     "build-cpu-adam": cmd_build_cpu_adam, "score-input": cmd_score_input,
+     "sample-host-memory": cmd_sample_host_memory, "record": cmd_record, "summary": cmd_summary}[args.cmd](args)
 
 
 if __name__ == "__main__":
