@@ -56,21 +56,17 @@ def timed(fn, device: torch.device, reps: int = 3) -> tuple[object, float, float
     return out, statistics.median(secs), peak
 
 
-def reference(h: torch.Tensor, lab: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """float64 log_softmax(h W^T / t)[label] of the first CHECK_ROWS rows, 128 rows at a time."""
+def reference(h: torch.Tensor, lab: torch.Tensor, w64: torch.Tensor) -> torch.Tensor:
+    """float64 log_softmax(h W^T / t)[label] of the first CHECK_ROWS rows, 128 rows at a time (``w64``: the
+    weight in float64)."""
     out = []
-    w64 = w.double()
     for s in range(0, min(len(h), CHECK_ROWS), 128):
         z = (h[s:s + 128].double() @ w64.t()) / TEMPERATURE
         out.append(torch.log_softmax(z, -1).gather(1, lab[s:s + 128, None]).squeeze(1))
     return torch.cat(out)
 
 
-def bare(h: torch.Tensor, w: torch.Tensor) -> None:
-    from rlt.rewards.config import RewardConfig
-    from rlt.rewards.logprobs import rowchunk_rows
-
-    rows = rowchunk_rows(w.shape[0], RewardConfig.reward_logit_chunk_size)
+def bare(h: torch.Tensor, w: torch.Tensor, rows: int) -> None:
     for s in range(0, h.shape[0], rows):
         F.linear(h[s:s + rows], w)
 
@@ -99,7 +95,7 @@ def fused_tiles(text: str) -> list:
 def main() -> None:
     from rlt.errors import ConfigError
     from rlt.rewards import logprobs as L
-    from rlt.rewards.config import LOGPROB_BACKENDS
+    from rlt.rewards.config import LOGPROB_BACKENDS, RewardConfig
     from rlt.testing.tiny_model import SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -136,9 +132,7 @@ def main() -> None:
         except ConfigError as e:
             fused_refused = str(e)
             logger.info("fused left out: %s", fused_refused)
-            backends = [b for b in backends if b != "fused"]
-    if fused_refused:
-        tiles = []
+            backends, tiles = [b for b in backends if b != "fused"], []
     if tiles:
         from triton.runtime.errors import OutOfResources
 
@@ -149,6 +143,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     g = torch.Generator(device=device).manual_seed(0)
     w = (torch.randn(vocab, hidden, generator=g, device=device) * 0.02).to(dtype)
+    w64 = w.double()
+    bare_rows = L.rowchunk_rows(vocab, RewardConfig.reward_logit_chunk_size)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "date": datetime.date.today().isoformat(), "shape": args.shape,
               "vocab": vocab, "hidden": hidden, "dtype": args.dtype, "temperature": TEMPERATURE,
@@ -156,8 +152,8 @@ def main() -> None:
     for n in rows:
         h = torch.randn(n, hidden, generator=g, device=device).to(dtype)
         lab = torch.randint(0, vocab, (n,), generator=g, device=device)
-        want = reference(h, lab, w)
-        _, secs, peak = timed(lambda: bare(h, w), device)
+        want = reference(h, lab, w64)
+        _, secs, peak = timed(lambda: bare(h, w, bare_rows), device)
         here = {"bare": {"seconds": round(secs, 5), "peak_extra_gb": round(peak, 3)}}
         logger.info("N=%d bare GEMM: %.4f s", n, secs)
         for b in backends:

@@ -25,8 +25,9 @@
 # Other settings: RLT_GPU_CHECK_STAGES (comma-separated stage names to run, default
 # all; the others are recorded as skipped; models is added when an RL stage on
 # built models is chosen, build_cpu_adam when an offload stage is), RLT_GPU_CHECK_OUT
-# (results dir), RLT_GPU_CHECK_BUDGET (seconds, default 1200 on GPU), RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model,
-# default 8: a full-depth 7.6B policy with Adam states does not fit one 80 GB
+# (results dir), RLT_GPU_CHECK_BUDGET (seconds, default 1200 on GPU),
+# RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model, default 8: a
+# full-depth 7.6B policy with Adam states does not fit one 80 GB
 # card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

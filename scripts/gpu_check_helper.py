@@ -192,10 +192,12 @@ def cmd_build_cpu_adam(args) -> None:
 def cmd_score_input(args) -> None:
     """N rows for ``python -m rlt.score`` (Countdown question, solution, its worked steps as the completion)."""
     from rlt.data import countdown
+    from rlt.data.formats import FORMATS
 
+    fmt = FORMATS["bespoke_stratos"]   # the tiny teacher's format: the trace after the padding, then the end tag
     with open(args.out, "w") as f:
         for r in countdown.generate_rows(args.n, seed=4):
-            completion = r["reasoning_trace"][2:] + "<|end_of_explanation|>"
+            completion = r["reasoning_trace"].removeprefix(fmt.delimiter_padding) + fmt.explanation_tags[1]
             f.write(json.dumps({"question": r["question"], "solution": r["solution"], "completion": completion}) + "\n")
 
 
