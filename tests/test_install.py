@@ -192,3 +192,100 @@ def test_gpu_check_score_input_rows(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "in.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(set(r) == {"question", "solution", "completion"} for r in rows)
     assert all(r["completion"].endswith("<|end_of_explanation|>") and r["solution"] for r in rows)
+
+
+def record(helper, stages: Path, name: str, status: str, run: str, log: Path | None = None, **extra) -> None:
+    args = ["record", "--stages", str(stages), "--stages-dir", str(stages.parent), "--name", name,
+            "--status", status, "--run", run, "--seconds", "10"]
+    if log is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("log\n")
+        log.with_suffix(".mem").write_text("0, 1024\n")
+        args += ["--log", str(log), "--mem", str(log.with_suffix(".mem"))]
+    for key, value in extra.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    helper.main(args)
+
+
+def test_gpu_check_resume_keeps_what_passed_and_reruns_the_rest(tmp_path, capsys):
+    helper = load_gpu_check_helper()
+    out, stages = tmp_path, tmp_path / "stages.jsonl"
+    helper.main(["begin", "--out", str(out), "--mode", "gpu", "--run", "R1"])
+    record(helper, stages, "a", "pass", "R1", out / "logs" / "a.log")
+    bench = out / "bench_b.json"
+    bench.write_text(json.dumps({"main": {"rlt_s": 1.0, "oracle_s": 2.0, "max_abs_diff": 1e-3}}))
+    record(helper, stages, "b", "pass", "R1", out / "logs" / "b.log", bench=bench, max_abs_diff=1e-5)  # -> fail
+    record(helper, stages, "c", "skip", "R1")
+    capsys.readouterr()
+
+    helper.main(["begin", "--out", str(out), "--mode", "gpu", "--run", "R2", "--resume"])
+    assert capsys.readouterr().out.split() == ["a"]
+    assert (out / "logs" / "a.log").exists() and (out / "logs" / "a.mem").exists()
+    assert not (out / "logs" / "b.log").exists() and not (out / "logs" / "b.mem").exists() and not bench.exists()
+    assert not stages.exists()
+
+    # the second call: a is kept, b runs again and passes, c is skipped again
+    helper.main(["keep", "--stages", str(stages), "--kept", str(out / "kept.jsonl"), "--name", "a"])
+    record(helper, stages, "b", "pass", "R2", out / "logs" / "b.log")
+    record(helper, stages, "c", "skip", "R2")
+    helper.main(["summary", "--stages", str(stages), "--out", str(out), "--mode", "gpu", "--budget", "300",
+                 "--total", "25"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["passed"] and summary["passed_stages"] == ["a", "b"]
+    assert [c["run"] for c in summary["calls"]] == ["R1", "R2"]
+    assert summary["calls"][0]["stopped_early"] and summary["total_s"] == 10 + 25   # R1 wrote no summary
+    md = (out / "summary.md").read_text()
+    assert "total 35 s in 2 calls" in md
+    assert "| a |  | pass | 10 | 1.0 | 1 |" in md and "| b |  | pass | 10 | 1.0 | 2 |" in md
+
+    # a third call: what passed in either earlier call is kept (also when the second stopped before its summary)
+    capsys.readouterr()
+    (out / "summary.json").unlink()
+    helper.main(["begin", "--out", str(out), "--mode", "gpu", "--run", "R3", "--resume"])
+    assert capsys.readouterr().out.split() == ["a", "b"]
+
+
+def test_gpu_check_resume_refuses_another_machine_in_one_line(tmp_path, capsys):
+    helper = load_gpu_check_helper()
+    with pytest.raises(SystemExit) as e:
+        helper.main(["begin", "--out", str(tmp_path), "--mode", "gpu", "--run", "R1", "--resume"])
+    assert e.value.code == 2 and "no earlier run" in capsys.readouterr().err
+    (tmp_path / "runs.jsonl").write_text(json.dumps({"run": "R0", "mode": "gpu", "card": "NVIDIA H200",
+                                                     "gpus": 1}) + "\n")
+    (tmp_path / "stages.jsonl").write_text(json.dumps({"name": "a", "status": "pass", "seconds": 1}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        helper.main(["begin", "--out", str(tmp_path), "--mode", "gpu", "--run", "R1", "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "NVIDIA H200 x1 (gpu)" in err and "resume on the same kind of machine" in err
+    assert (tmp_path / "stages.jsonl").exists()   # nothing lost
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_gpu_check_script_resumed_runs_only_what_did_not_pass(tmp_path):
+    """The shell side: a resumed call copies the kept stage in place, records the rest, runs nothing here."""
+    helper = load_gpu_check_helper()
+    out = tmp_path / "out"
+    out.mkdir()
+    me = {"run": "R0", "mode": "cpu-smoke", **helper.machine_info()}
+    (out / "runs.jsonl").write_text(json.dumps(me) + "\n")
+    (out / "stages.jsonl").write_text(json.dumps({"name": "bench_output_layer", "status": "pass", "seconds": 9.0,
+                                                  "run": "R0", "what": "head"}) + "\n")
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_RESUME": "1",
+           "RLT_GPU_CHECK_STAGES": "bench_output_layer", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    by_name = {s["name"]: s for s in summary["stages"]}
+    assert by_name["bench_output_layer"] == {"name": "bench_output_layer", "status": "pass", "seconds": 9.0,
+                                             "run": "R0", "what": "head"}
+    assert by_name["sft_zero3"]["status"] == "skip" and by_name["sft_zero3"]["run"] != "R0"
+    assert [s["name"] for s in summary["stages"]][:3] == ["install", "cuda_tests", "bench_output_layer"]
+    assert [c["run"] for c in summary["calls"]][0] == "R0" and len(summary["calls"]) == 2
+    assert not list(tmp_path.glob("rlt-gpu-check.*"))   # the work dir is gone
+
+    env["RLT_GPU_CHECK_RESUME"] = "yes"
+    proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "RLT_GPU_CHECK_RESUME=yes: accepted 0" in proc.stderr
