@@ -31,9 +31,10 @@
 # card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs).
 # RLT_GPU_CHECK_RESUME=1 continues the run in the results dir (a check in several
 # calls, e.g. under a per-command time limit): the stages that passed there are
-# kept with their numbers, the others run; install, models and build_cpu_adam run
-# again when a stage that needs them runs. Refused (exit 2) for a run of another
-# card, GPU count or mode. The table then says which call ran each stage.
+# kept with their numbers, the others run when chosen (a failed stage not chosen
+# keeps its record); install, models and build_cpu_adam run again when a stage
+# that needs them runs. Refused (exit 2) for a run of another card, GPU count or
+# mode. The table then says which call ran each stage.
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -96,14 +97,16 @@ fi
 
 # ---- a new run clears the results dir; a resumed one keeps the stages that passed there (KEPT)
 mkdir -p "$OUT/logs" "$SITE"
-KEPT=" "
+KEPT=" " FAILED_BEFORE=" "
 if [ "$RESUME" = 1 ]; then
-  kept_names="$("$PY" "$HELPER" begin --out "$OUT" --mode "$MODE" --run "$RUN" --resume)" || exit 2
-  KEPT=" $kept_names "
+  earlier="$("$PY" "$HELPER" begin --out "$OUT" --mode "$MODE" --run "$RUN" --resume)" || exit 2
+  KEPT=" $(sed -n 1p <<< "$earlier") " FAILED_BEFORE=" $(sed -n 2p <<< "$earlier") "
 else
   "$PY" "$HELPER" begin --out "$OUT" --mode "$MODE" --run "$RUN" || exit 2
 fi
-kept() { case "$KEPT" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+kept() { case "$KEPT" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }   # passed in an earlier call
+# the earlier record stays: passed, or failed/timed out and not chosen in this call
+keeps() { kept "$1" || { ! selected "$1" && case "$FAILED_BEFORE" in *" $1 "*) true ;; *) false ;; esac; }; }
 runs_now() { selected "$1" && ! kept "$1"; }
 need() { selected "$1" || SELECTED+="$1 "; KEPT="${KEPT/ $1 / }"; }   # run this prerequisite in this call
 if [ "$RESUME" = 1 ]; then   # prerequisites run again for the stages that run in this call (maybe on a new machine)
@@ -155,7 +158,7 @@ reap() {
 REC=()
 stage() {
   local name="$1" limit="$2" what="$3"; shift 3
-  if kept "$name"; then
+  if keeps "$name"; then
     REC=(); "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$name"; return
   fi
   if ! selected "$name"; then skip "$name" "$what" "not selected (RLT_GPU_CHECK_STAGES)"; return; fi
@@ -185,7 +188,7 @@ stage() {
 }
 skip() {  # skip NAME WHAT REASON (a stage kept from an earlier call stays as it was)
   REC=()
-  if kept "$1"; then "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$1"; return; fi
+  if keeps "$1"; then "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$1"; return; fi
   "$PY" "$HELPER" record --stages "$STAGES" --run "$RUN" --name "$1" --what "$2" --status skip --reason "$3"
 }
 

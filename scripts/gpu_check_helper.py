@@ -299,8 +299,9 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def cmd_begin(args) -> None:
-    """Start a call: a fresh run clears OUT's earlier results; a resumed one (--resume) keeps the stages that
-    passed in the earlier calls, refuses another kind of machine, and prints the kept stages' names."""
+    """Start a call: a fresh run clears OUT's earlier results; a resumed one (--resume) refuses another kind of
+    machine, gathers each stage's last outcome of the earlier calls into kept.jsonl and prints two lines: the
+    stages that passed, then those that failed or timed out."""
     out = Path(args.out)
     runs, stages, kept = out / "runs.jsonl", out / "stages.jsonl", out / "kept.jsonl"
     this = {"run": args.run, "mode": args.mode, **machine_info()}
@@ -319,31 +320,28 @@ def cmd_begin(args) -> None:
             return f"{r.get('card')} x{r.get('gpus')} ({r.get('mode')})"
         raise ResumeError(f"the run in {out} is on {desc(first)}, this machine is {desc(this)}: resume on the same "
                           f"kind of machine, or move {out} away to start anew")
-    passed: dict[str, dict] = {}   # name -> the latest passing record (kept ones first, then the last call's)
+    latest: dict[str, dict] = {}   # name -> its last outcome (kept records first, then the last call's)
     for rec in read_jsonl(kept) + read_jsonl(stages):
-        if rec["status"] == "pass":
-            passed[rec["name"]] = {**rec, "run": rec.get("run", first["run"])}
-    for rec in read_jsonl(stages):   # what did not pass is run again: its files go
-        if rec["name"] not in passed:
-            log = rec.get("log")
-            for rel in (log, log and str(Path(log).with_suffix(".mem")), rec.get("result")):
-                if rel:
-                    (out / rel).unlink(missing_ok=True)
-    kept.write_text("".join(json.dumps(r) + "\n" for r in passed.values()))
+        if rec["status"] != "skip":
+            latest[rec["name"]] = {**rec, "run": rec.get("run", first["run"])}
+    kept.write_text("".join(json.dumps(r) + "\n" for r in latest.values()))
     stages.unlink(missing_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     (out / "summary.md").unlink(missing_ok=True)
     with open(runs, "a") as f:
         f.write(json.dumps(this) + "\n")
-    print(" ".join(passed))  # noqa: print  (read by gpu_check.sh)
+    # read by gpu_check.sh: the stages that passed (never run again), then those that failed or timed out
+    # (run again when chosen, else their record stays)
+    print(" ".join(n for n, r in latest.items() if r["status"] == "pass"))  # noqa: print
+    print(" ".join(n for n, r in latest.items() if r["status"] != "pass"))  # noqa: print
 
 
 def cmd_keep(args) -> None:
-    """Append the kept record of stage NAME (from an earlier call) to the stages file."""
+    """Append the record of stage NAME from an earlier call (kept.jsonl) to the stages file."""
     rec = next(r for r in read_jsonl(Path(args.kept)) if r["name"] == args.name)
     with open(args.stages, "a") as f:
         f.write(json.dumps(rec) + "\n")
-    logger.info("%s: passed in the call of %s, kept", rec["name"], rec["run"])
+    logger.info("%s: %s in the call of %s, kept", rec["name"], rec["status"], rec["run"])
 
 
 def cmd_record(args) -> None:

@@ -219,9 +219,8 @@ def test_gpu_check_resume_keeps_what_passed_and_reruns_the_rest(tmp_path, capsys
     capsys.readouterr()
 
     helper.main(["begin", "--out", str(out), "--mode", "gpu", "--run", "R2", "--resume"])
-    assert capsys.readouterr().out.split() == ["a"]
+    assert capsys.readouterr().out.splitlines() == ["a", "b"]   # passed; failed (c was skipped: no record kept)
     assert (out / "logs" / "a.log").exists() and (out / "logs" / "a.mem").exists()
-    assert not (out / "logs" / "b.log").exists() and not (out / "logs" / "b.mem").exists() and not bench.exists()
     assert not stages.exists()
 
     # the second call: a is kept, b runs again and passes, c is skipped again
@@ -242,7 +241,7 @@ def test_gpu_check_resume_keeps_what_passed_and_reruns_the_rest(tmp_path, capsys
     capsys.readouterr()
     (out / "summary.json").unlink()
     helper.main(["begin", "--out", str(out), "--mode", "gpu", "--run", "R3", "--resume"])
-    assert capsys.readouterr().out.split() == ["a", "b"]
+    assert capsys.readouterr().out.splitlines() == ["a b", ""]
 
 
 def test_gpu_check_resume_refuses_another_machine_in_one_line(tmp_path, capsys):
@@ -263,26 +262,28 @@ def test_gpu_check_resume_refuses_another_machine_in_one_line(tmp_path, capsys):
 
 @pytest.mark.skipif(BASH is None, reason="needs bash")
 def test_gpu_check_script_resumed_runs_only_what_did_not_pass(tmp_path):
-    """The shell side: a resumed call copies the kept stage in place, records the rest, runs nothing here."""
+    """The shell side: a resumed call copies the earlier records in place (the stage that passed, and the failed
+    one not chosen now), records the rest, and here runs nothing; its verdict still counts the kept failure."""
     helper = load_gpu_check_helper()
     out = tmp_path / "out"
     out.mkdir()
     me = {"run": "R0", "mode": "cpu-smoke", **helper.machine_info()}
     (out / "runs.jsonl").write_text(json.dumps(me) + "\n")
-    (out / "stages.jsonl").write_text(json.dumps({"name": "bench_output_layer", "status": "pass", "seconds": 9.0,
-                                                  "run": "R0", "what": "head"}) + "\n")
+    earlier = [{"name": "bench_output_layer", "status": "pass", "seconds": 9.0, "run": "R0", "what": "head"},
+               {"name": "sft_zero3", "status": "fail", "seconds": 5.0, "run": "R0", "what": "sft"}]
+    (out / "stages.jsonl").write_text("".join(json.dumps(r) + "\n" for r in earlier))
     env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_RESUME": "1",
            "RLT_GPU_CHECK_STAGES": "bench_output_layer", "TMPDIR": str(tmp_path)}
     proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     by_name = {s["name"]: s for s in summary["stages"]}
-    assert by_name["bench_output_layer"] == {"name": "bench_output_layer", "status": "pass", "seconds": 9.0,
-                                             "run": "R0", "what": "head"}
-    assert by_name["sft_zero3"]["status"] == "skip" and by_name["sft_zero3"]["run"] != "R0"
+    assert by_name["bench_output_layer"] == earlier[0] and by_name["sft_zero3"] == earlier[1]
+    assert by_name["sft_zero1"]["status"] == "skip" and by_name["sft_zero1"]["run"] != "R0"
+    assert by_name["install"]["status"] == "skip"   # nothing runs in this call, so nothing needs it
     assert [s["name"] for s in summary["stages"]][:3] == ["install", "cuda_tests", "bench_output_layer"]
-    assert [c["run"] for c in summary["calls"]][0] == "R0" and len(summary["calls"]) == 2
+    assert summary["failed"] == ["sft_zero3"] and [c["run"] for c in summary["calls"]][0] == "R0"
     assert not list(tmp_path.glob("rlt-gpu-check.*"))   # the work dir is gone
 
     env["RLT_GPU_CHECK_RESUME"] = "yes"
