@@ -159,11 +159,13 @@ def plan(n_rows: int, vocab: int, programs: int, min_splits: int = MIN_SPLITS,
 def kernel_settings(dtype: torch.dtype, has_bias: bool, block_n: int, tiles: Tiles = Tiles()) -> dict:
     """The kernel's compile-time arguments and launch options for ``dtype`` inputs (one place: launches and the
     compile test use it). Half precision: tensor-core dots (default 3 pipeline stages, 96 KB of shared memory);
-    float32: exact (``ieee``) dots (default 2 stages, 128 KB)."""
+    float32: exact (``ieee``) dots (default 2 stages, 128 KB). Multiply-adds are fused (FMA) by choice, not by
+    triton's default, which changes in triton 3.10."""
     half = dtype in (torch.float16, torch.bfloat16)
     stages = tiles.num_stages or (3 if half else 2)
     return dict(HAS_BIAS=has_bias, UPCAST=half and interpreting(), IEEE=dtype == torch.float32, BLOCK_N=block_n,
-                BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=stages)
+                BLOCK_V=tiles.block_v, BLOCK_K=tiles.block_k, num_warps=tiles.num_warps, num_stages=stages,
+                enable_fp_fusion=True)
 
 
 def fused_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
