@@ -295,7 +295,18 @@ class ResumeError(SystemExit):
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The records of a JSON-lines file ([] when it is missing); a bad line stops with one line naming it."""
+    if not path.exists():
+        return []
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"gpu_check: {path}, line {number}: not a JSON record ({e.msg}); "
+                                 f"remove the line or the file") from None
+    return out
 
 
 def cmd_begin(args) -> None:

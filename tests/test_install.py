@@ -258,6 +258,9 @@ def test_gpu_check_resume_refuses_another_machine_in_one_line(tmp_path, capsys):
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "NVIDIA H200 x1 (gpu)" in err and "resume on the same kind of machine" in err
     assert (tmp_path / "stages.jsonl").exists()   # nothing lost
+    (tmp_path / "stages.jsonl").write_text('{"name": "a", "status": "pass"}\n{"name": "b", "sta\n')
+    with pytest.raises(SystemExit, match=r"stages.jsonl, line 2: not a JSON record"):
+        helper.read_jsonl(tmp_path / "stages.jsonl")
 
 
 @pytest.mark.skipif(BASH is None, reason="needs bash")
