@@ -60,7 +60,8 @@ if [ -n "${RLT_GPU_CHECK_STAGES:-}" ]; then
   case "$SELECTED" in *" rl_0.5b "*|*" rl_7b_offload_step "*) SELECTED+="models " ;; esac
   case "$SELECTED" in *" sft_offload "*|*" rl_7b_offload_step "*) SELECTED+="build_cpu_adam " ;; esac
 fi
-selected() { case "$SELECTED" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+has() { case "$1" in *" $2 "*) return 0 ;; *) return 1 ;; esac; }   # has " a b " b: a word of a list
+selected() { has "$SELECTED" "$1"; }
 OUT="${RLT_GPU_CHECK_OUT:-$ROOT/results/gpu_check}"
 SITE="$OUT/site"
 HELPER="$ROOT/scripts/gpu_check_helper.py"
@@ -104,9 +105,9 @@ if [ "$RESUME" = 1 ]; then
 else
   "$PY" "$HELPER" begin --out "$OUT" --mode "$MODE" --run "$RUN" || exit 2
 fi
-kept() { case "$KEPT" in *" $1 "*) return 0 ;; *) return 1 ;; esac; }   # passed in an earlier call
+kept() { has "$KEPT" "$1"; }   # passed in an earlier call
 # the earlier record stays: passed, or failed/timed out and not chosen in this call
-keeps() { kept "$1" || { ! selected "$1" && case "$FAILED_BEFORE" in *" $1 "*) true ;; *) false ;; esac; }; }
+keeps() { kept "$1" || { ! selected "$1" && has "$FAILED_BEFORE" "$1"; }; }
 runs_now() { selected "$1" && ! kept "$1"; }
 need() { selected "$1" || SELECTED+="$1 "; KEPT="${KEPT/ $1 / }"; }   # run this prerequisite in this call
 if [ "$RESUME" = 1 ]; then   # prerequisites run again for the stages that run in this call (maybe on a new machine)
@@ -158,10 +159,7 @@ reap() {
 REC=()
 stage() {
   local name="$1" limit="$2" what="$3"; shift 3
-  if keeps "$name"; then
-    REC=(); "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$name"; return
-  fi
-  if ! selected "$name"; then skip "$name" "$what" "not selected (RLT_GPU_CHECK_STAGES)"; return; fi
+  if keeps "$name" || ! selected "$name"; then skip "$name" "$what" "not selected (RLT_GPU_CHECK_STAGES)"; return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) ))
   if [ "$left" -lt 30 ]; then
     skip "$name" "$what" "not run: the ${BUDGET}s budget is spent"; return
@@ -220,7 +218,7 @@ resumed=""; [ "$RESUME" = 1 ] && resumed=", resumed (kept from earlier calls:${K
 say "mode $MODE, python $PY, results in $OUT, budget ${BUDGET}s$resumed"
 stage install "$L_INSTALL" "missing packages into results/gpu_check/site (never torch)" \
   "$PY" "$HELPER" install --site "$SITE" ${RLT_WHEELS:+--wheels "$RLT_WHEELS"}
-"$PY" "$HELPER" environment > "$OUT/environment.json" 2>> "$OUT/logs/install.log" || echo "{}" > "$OUT/environment.json"
+"$PY" "$HELPER" environment --runs "$OUT/runs.jsonl" > "$OUT/environment.json" 2>> "$OUT/logs/install.log" || echo "{}" > "$OUT/environment.json"
 GPUS="$("$PY" -c 'import json,sys; print(json.load(open(sys.argv[1])).get("gpus", 0))' "$OUT/environment.json" 2>/dev/null || echo 0)"
 
 if [ "$MODE" = gpu ] && ! "$PY" -c 'import pytest' >/dev/null 2>&1; then

