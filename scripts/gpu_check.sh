@@ -25,7 +25,8 @@
 # Other settings: RLT_GPU_CHECK_STAGES (comma-separated stage names to run, default
 # all; the others are recorded as skipped; models is added when an RL stage on
 # built models is chosen, build_cpu_adam when an offload stage is), RLT_GPU_CHECK_OUT
-# (results dir), RLT_GPU_CHECK_BUDGET (seconds, default 1200 on GPU),
+# (results dir), RLT_GPU_CHECK_BUDGET (seconds, default 1200 on GPU; a stage starts only when the
+# budget left covers its usual time, EXPECT below, and is otherwise skipped, saying so),
 # RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model, default 8: a
 # full-depth 7.6B policy with Adam states does not fit one 80 GB
 # card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs).
@@ -34,7 +35,8 @@
 # kept with their numbers, the others run when chosen (a failed stage not chosen
 # keeps its record); install, models and build_cpu_adam run again when a stage
 # that needs them runs. Refused (exit 2) for a run of another card, GPU count or
-# mode. The table then says which call ran each stage.
+# mode. The table then says which call ran each stage, and each call's commit of the project
+# (git; RLT_GPU_CHECK_COMMIT names it for a copy of the tree without .git).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -160,9 +162,9 @@ REC=()
 stage() {
   local name="$1" limit="$2" what="$3"; shift 3
   if keeps "$name" || ! selected "$name"; then skip "$name" "$what" "not selected (RLT_GPU_CHECK_STAGES)"; return; fi
-  local left=$(( BUDGET - ($(date +%s) - T0) ))
-  if [ "$left" -lt 30 ]; then
-    skip "$name" "$what" "not run: the ${BUDGET}s budget is spent"; return
+  local left=$(( BUDGET - ($(date +%s) - T0) )) need="${EXPECT[$name]}"
+  if [ "$left" -lt "$need" ]; then   # would be cut short: leave it to a later call, try the next stages
+    skip "$name" "$what" "not run: it takes about ${need}s, ${left}s of the ${BUDGET}s budget left"; return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   local log="$OUT/logs/$name.log" mem="$OUT/logs/$name.mem" start rc
@@ -190,8 +192,9 @@ skip() {  # skip NAME WHAT REASON (a stage kept from an earlier call stays as it
   "$PY" "$HELPER" record --stages "$STAGES" --run "$RUN" --name "$1" --what "$2" --status skip --reason "$3"
 }
 
-# ---- shapes and lengths per mode (stage names stay the same in both modes)
+# ---- shapes, lengths, limits and expected seconds per mode (stage names stay the same in both modes)
 SMOKE=""
+declare -A EXPECT
 if [ "$MODE" = gpu ]; then
   PREC=(bf16=true); STEPS=2
   MID_SHAPE=0.5b; MID_RUN=(train_batch_size=32 per_device_train_batch_size=8 num_generations=8 max_completion_length=512
@@ -200,6 +203,12 @@ if [ "$MODE" = gpu ]; then
   DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16 --also-backend fused); BENCH_MID=(--shape 0.5b --dtype float32 --also-backend fused)
   BENCH_HEAD=(--shape 7b --dtype bfloat16 --rows 4096,32768 --backends rowchunk,fused --fused-tiles sweep)
   L_INSTALL=240 L_TESTS=180 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
+  # about how long each stage takes (s; measured on the H200 where it ran, else docs/gpu.md's H100 estimate): a
+  # stage starts only when that much of the budget is left, so a short budget skips it instead of cutting it off
+  EXPECT=([install]=30 [cuda_tests]=60 [bench_output_layer]=60 [bench_reward_7b_bf16]=150
+          [bench_reward_0.5b_fp32]=100 [models]=60 [build_cpu_adam]=70 [sft_zero3]=60 [sft_zero1]=55
+          [sft_offload]=70 [rl_tiny]=80 [score_tiny]=40 [rl_0.5b]=150 [rl_7b_offload_step]=240
+          [vllm_server_nccl]=120 [vllm_server_filesystem]=120)
 else
   PREC=(bf16=false); STEPS=1
   MID_SHAPE=tiny; MID_RUN=(max_completion_length=32 reward_micro_batch_size=8)
@@ -207,6 +216,10 @@ else
   DEV=cpu; BENCH_BIG=(--shape tiny --dtype bfloat16 --quick); BENCH_MID=(--shape tiny --dtype float32 --quick)
   BENCH_HEAD=(--shape bench --dtype float32 --rows 256 --backends online,rowchunk)
   L_INSTALL=300 L_TESTS=300 L_MODELS=600 L_SFT=900 L_RL=900 L_RL_MID=900 L_BENCH=900 L_BIG=900 L_VLLM=900
+  EXPECT=([install]=15 [cuda_tests]=30 [bench_output_layer]=10 [bench_reward_7b_bf16]=160   # measured on the
+          [bench_reward_0.5b_fp32]=110 [models]=35 [build_cpu_adam]=75 [sft_zero3]=90 [sft_zero1]=30   # 2-core VM
+          [sft_offload]=40 [rl_tiny]=50 [score_tiny]=20 [rl_0.5b]=40 [rl_7b_offload_step]=40
+          [vllm_server_nccl]=120 [vllm_server_filesystem]=120)
   SMOKE=" [cpu-smoke: tiny shapes]"
 fi
 M="$WORK/models"

@@ -163,6 +163,23 @@ def machine_info() -> dict:
     }
 
 
+def project_commit() -> str:
+    """The checkout's commit, ``+changes`` when tracked files differ from it; $RLT_GPU_CHECK_COMMIT for a copy of
+    the tree without its .git (a machine the tree was sent to); ``unknown`` when neither says."""
+    if os.environ.get("RLT_GPU_CHECK_COMMIT"):
+        return os.environ["RLT_GPU_CHECK_COMMIT"]
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        if head.returncode != 0:
+            return "unknown"
+        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if changed.returncode != 0 or changed.stdout.strip() else "")
+
+
 def cmd_environment(args) -> None:
     """One JSON line: the card, device count, date, interpreter and versions (for the summary). With --runs, the
     card, device count and host also go into this call's line of that file (what a resumed call checks)."""
@@ -325,7 +342,8 @@ def cmd_begin(args) -> None:
     stages that passed, then those that failed or timed out."""
     out = Path(args.out)
     runs, stages, kept = out / "runs.jsonl", out / "stages.jsonl", out / "kept.jsonl"
-    this = {"run": args.run, "mode": args.mode}   # card, GPUs and host: added by `environment` after install
+    # card, GPUs and host: added by `environment` after install
+    this = {"run": args.run, "mode": args.mode, "commit": project_commit()}
     if not args.resume:
         for f in [runs, stages, kept, out / "summary.json", out / "summary.md", *out.glob("bench_*.json"),
                   *(out / "logs").glob("*")]:
@@ -470,16 +488,18 @@ def cmd_summary(args) -> None:
     several = len(calls) > 1
     timing = (f"total {total:.0f} s in {len(calls)} calls (RLT_GPU_CHECK_RESUME)" if several
               else f"total {args.total:.0f} s (budget {args.budget:.0f} s)")
+    seen = list(dict.fromkeys(c.get("commit", "unknown") for c in calls))
+    commits = f"commit {seen[0]}" if len(seen) == 1 else f"commits {', '.join(seen)} (see the calls)"
     lines = [
         f"# GPU check: {env.get('card', '?')}",
         "",
         f"{env.get('date', '?')} | mode {args.mode} | {env.get('gpus', 0)} GPU(s) | Python {env.get('python', '?')} | "
-        f"torch {env.get('torch', '?')} | {timing} | **{verdict}**",
+        f"torch {env.get('torch', '?')} | {commits} | {timing} | **{verdict}**",
         "",
     ]
     if several:
         lines += ["calls: " + "; ".join(
-            f"{i} = {c['run']} on {c.get('host', '?')}, {c['total_s']:.0f} s"
+            f"{i} = {c['run']} on {c.get('host', '?')} at commit {c.get('commit', 'unknown')}, {c['total_s']:.0f} s"
             + (" (stopped before its summary: its stages' seconds)" if c.get("stopped_early") else
                f" of its {c['budget_s']:.0f} s budget") for i, c in enumerate(calls, 1)), ""]
     index = {c["run"]: i for i, c in enumerate(calls, 1)}

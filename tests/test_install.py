@@ -293,3 +293,38 @@ def test_gpu_check_script_resumed_runs_only_what_did_not_pass(tmp_path):
     proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "RLT_GPU_CHECK_RESUME=yes: accepted 0" in proc.stderr
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_gpu_check_short_budget_skips_a_long_stage_and_runs_a_later_short_one(tmp_path):
+    """A stage whose usual time (EXPECT in the script) exceeds the budget left is skipped with a reason naming both
+    numbers, not started and cut off; a later, shorter stage still runs. Each call records the project's commit."""
+    out = tmp_path / "out"
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_BUDGET": "150", "TMPDIR": str(tmp_path),
+           "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16,score_tiny", "RLT_GPU_CHECK_COMMIT": "abc1234"}
+    proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    by_name = {s["name"]: s for s in summary["stages"]}
+    big = by_name["bench_reward_7b_bf16"]
+    assert big["status"] == "skip" and big["seconds"] == 0
+    assert big["reason"].startswith("not run: it takes about 160s, ") and "of the 150s budget left" in big["reason"]
+    assert not (out / "bench_7b_bf16.json").exists()
+    assert by_name["score_tiny"]["status"] == "pass" and summary["passed_stages"] == ["score_tiny"]
+    assert summary["calls"][0]["commit"] == "abc1234"
+    assert "| commit abc1234 | total " in (out / "summary.md").read_text()
+    assert not list(tmp_path.glob("rlt-gpu-check.*"))
+
+
+def test_gpu_check_commit_names_the_checkout(monkeypatch):
+    helper = load_gpu_check_helper()
+    monkeypatch.delenv("RLT_GPU_CHECK_COMMIT", raising=False)
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True,
+                          text=True)
+    if head.returncode != 0:
+        assert helper.project_commit() == "unknown"
+    else:
+        assert helper.project_commit().split("+")[0] == head.stdout.strip()
+    monkeypatch.setenv("RLT_GPU_CHECK_COMMIT", "v1-on-a-copy")
+    assert helper.project_commit() == "v1-on-a-copy"
