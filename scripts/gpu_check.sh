@@ -63,6 +63,24 @@ if [ -n "${RLT_GPU_CHECK_STAGES:-}" ]; then
   case "$SELECTED" in *" sft_offload "*|*" rl_7b_offload_step "*) SELECTED+="build_cpu_adam " ;; esac
 fi
 has() { case "$1" in *" $2 "*) return 0 ;; *) return 1 ;; esac; }   # has " a b " b: a word of a list
+# about how long each stage takes (s): a stage starts only when that much of the budget is left, so a short
+# budget skips it (a later call picks it up) instead of cutting it off. GPU: measured on the H200 where the
+# stage ran there, else docs/gpu.md's H100 estimate; cpu-smoke: measured on the 2-core development VM.
+declare -A EXPECT
+if [ "$MODE" = gpu ]; then
+  EXPECT=([install]=30 [cuda_tests]=60 [bench_output_layer]=60 [bench_reward_7b_bf16]=150
+          [bench_reward_0.5b_fp32]=100 [models]=60 [build_cpu_adam]=70 [sft_zero3]=60 [sft_zero1]=55
+          [sft_offload]=70 [rl_tiny]=80 [score_tiny]=40 [rl_0.5b]=150 [rl_7b_offload_step]=240
+          [vllm_server_nccl]=120 [vllm_server_filesystem]=120)
+else
+  EXPECT=([install]=15 [cuda_tests]=30 [bench_output_layer]=10 [bench_reward_7b_bf16]=160
+          [bench_reward_0.5b_fp32]=110 [models]=35 [build_cpu_adam]=75 [sft_zero3]=90 [sft_zero1]=30
+          [sft_offload]=40 [rl_tiny]=50 [score_tiny]=20 [rl_0.5b]=40 [rl_7b_offload_step]=40
+          [vllm_server_nccl]=120 [vllm_server_filesystem]=120)
+fi
+for n in "${ALL_STAGES[@]}"; do
+  [ -n "${EXPECT[$n]:-}" ] || { echo "gpu_check.sh: stage $n has no expected time in EXPECT ($MODE)" >&2; exit 2; }
+done
 selected() { has "$SELECTED" "$1"; }
 OUT="${RLT_GPU_CHECK_OUT:-$ROOT/results/gpu_check}"
 SITE="$OUT/site"
@@ -192,9 +210,8 @@ skip() {  # skip NAME WHAT REASON (a stage kept from an earlier call stays as it
   "$PY" "$HELPER" record --stages "$STAGES" --run "$RUN" --name "$1" --what "$2" --status skip --reason "$3"
 }
 
-# ---- shapes, lengths, limits and expected seconds per mode (stage names stay the same in both modes)
+# ---- shapes, lengths and limits per mode (stage names stay the same in both modes)
 SMOKE=""
-declare -A EXPECT
 if [ "$MODE" = gpu ]; then
   PREC=(bf16=true); STEPS=2
   MID_SHAPE=0.5b; MID_RUN=(train_batch_size=32 per_device_train_batch_size=8 num_generations=8 max_completion_length=512
@@ -203,12 +220,6 @@ if [ "$MODE" = gpu ]; then
   DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16 --also-backend fused); BENCH_MID=(--shape 0.5b --dtype float32 --also-backend fused)
   BENCH_HEAD=(--shape 7b --dtype bfloat16 --rows 4096,32768 --backends rowchunk,fused --fused-tiles sweep)
   L_INSTALL=240 L_TESTS=180 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
-  # about how long each stage takes (s; measured on the H200 where it ran, else docs/gpu.md's H100 estimate): a
-  # stage starts only when that much of the budget is left, so a short budget skips it instead of cutting it off
-  EXPECT=([install]=30 [cuda_tests]=60 [bench_output_layer]=60 [bench_reward_7b_bf16]=150
-          [bench_reward_0.5b_fp32]=100 [models]=60 [build_cpu_adam]=70 [sft_zero3]=60 [sft_zero1]=55
-          [sft_offload]=70 [rl_tiny]=80 [score_tiny]=40 [rl_0.5b]=150 [rl_7b_offload_step]=240
-          [vllm_server_nccl]=120 [vllm_server_filesystem]=120)
 else
   PREC=(bf16=false); STEPS=1
   MID_SHAPE=tiny; MID_RUN=(max_completion_length=32 reward_micro_batch_size=8)
@@ -216,10 +227,6 @@ else
   DEV=cpu; BENCH_BIG=(--shape tiny --dtype bfloat16 --quick); BENCH_MID=(--shape tiny --dtype float32 --quick)
   BENCH_HEAD=(--shape bench --dtype float32 --rows 256 --backends online,rowchunk)
   L_INSTALL=300 L_TESTS=300 L_MODELS=600 L_SFT=900 L_RL=900 L_RL_MID=900 L_BENCH=900 L_BIG=900 L_VLLM=900
-  EXPECT=([install]=15 [cuda_tests]=30 [bench_output_layer]=10 [bench_reward_7b_bf16]=160   # measured on the
-          [bench_reward_0.5b_fp32]=110 [models]=35 [build_cpu_adam]=75 [sft_zero3]=90 [sft_zero1]=30   # 2-core VM
-          [sft_offload]=40 [rl_tiny]=50 [score_tiny]=20 [rl_0.5b]=40 [rl_7b_offload_step]=40
-          [vllm_server_nccl]=120 [vllm_server_filesystem]=120)
   SMOKE=" [cpu-smoke: tiny shapes]"
 fi
 M="$WORK/models"

@@ -328,3 +328,18 @@ def test_gpu_check_commit_names_the_checkout(monkeypatch):
         assert helper.project_commit().split("+")[0] == head.stdout.strip()
     monkeypatch.setenv("RLT_GPU_CHECK_COMMIT", "v1-on-a-copy")
     assert helper.project_commit() == "v1-on-a-copy"
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_gpu_check_stage_without_expected_time_is_refused_before_anything_runs(tmp_path):
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    assert script.count("[score_tiny]=") == 2   # one expected time per mode
+    (tmp_path / "scripts").mkdir()
+    copy = tmp_path / "scripts" / "gpu_check.sh"
+    copy.write_text(script.replace("[score_tiny]=20 ", ""))   # the cpu-smoke entry
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(tmp_path / "out")}
+    proc = subprocess.run([BASH, str(copy), "--cpu-smoke"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "gpu_check.sh: stage score_tiny has no expected time in EXPECT (cpu-smoke)"
+    assert not (tmp_path / "out").exists()
