@@ -29,7 +29,9 @@
 # budget left covers its usual time, EXPECT below, and is otherwise skipped, saying so),
 # RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model, default 8: a
 # full-depth 7.6B policy with Adam states does not fit one 80 GB
-# card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs).
+# card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs),
+# RLT_GPU_CHECK_ARCHIVE=FILE writes the results dir (less site/ and torch_extensions/) to FILE as a .tgz
+# after every stage (what a call killed from outside still leaves; unpack it into the results dir to resume).
 # RLT_GPU_CHECK_RESUME=1 continues the run in the results dir (a check in several
 # calls, e.g. under a per-command time limit): the stages that passed there are
 # kept with their numbers, the others run when chosen (a failed stage not chosen
@@ -83,6 +85,7 @@ for n in "${ALL_STAGES[@]}"; do
 done
 selected() { has "$SELECTED" "$1"; }
 OUT="${RLT_GPU_CHECK_OUT:-$ROOT/results/gpu_check}"
+case "$OUT" in /*) ;; *) OUT="$ROOT/$OUT" ;; esac   # a relative path is taken from the checkout's root
 SITE="$OUT/site"
 HELPER="$ROOT/scripts/gpu_check_helper.py"
 STAGES="$OUT/stages.jsonl"
@@ -95,6 +98,21 @@ case "$RESUME" in
           "the results dir)" >&2
      exit 2 ;;
 esac
+ARCHIVE="${RLT_GPU_CHECK_ARCHIVE:-}"
+if [ -n "$ARCHIVE" ]; then
+  case "$ARCHIVE" in /*) ;; *) ARCHIVE="$ROOT/$ARCHIVE" ;; esac
+  case "$ARCHIVE/" in
+    "${OUT%/}/"*) echo "gpu_check.sh: RLT_GPU_CHECK_ARCHIVE=$ARCHIVE is inside the results dir $OUT; name a file elsewhere" >&2
+                  exit 2 ;;
+  esac
+  [ -d "$(dirname "$ARCHIVE")" ] || { echo "gpu_check.sh: RLT_GPU_CHECK_ARCHIVE=$ARCHIVE: its folder does not exist" >&2; exit 2; }
+fi
+# the results dir as one file (what a resumed call needs: not site/ or torch_extensions/), replaced whole after
+# every stage, so a call killed from outside (a lent machine's time running out) still leaves what it finished
+archive() {
+  [ -n "$ARCHIVE" ] || return 0
+  tar -czf "$ARCHIVE.part" -C "$OUT" --exclude=./site --exclude=./torch_extensions . && mv -f "$ARCHIVE.part" "$ARCHIVE"
+}
 RUN="$(date -Iseconds)"   # this call's id in the stage records
 say() { echo "[gpu_check] $(( $(date +%s) - T0 ))s | $*"; }
 T0=$(date +%s)
@@ -203,6 +221,7 @@ stage() {
     --seconds "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{print b - a}')" --rc "$rc" --log "$log" \
     --mem "$mem" ${reason:+--reason "$reason"} ${REC[@]+"${REC[@]}"}
   REC=()
+  archive
 }
 skip() {  # skip NAME WHAT REASON (a stage kept from an earlier call stays as it was)
   REC=()
@@ -310,4 +329,5 @@ done
 
 "$PY" "$HELPER" summary --stages "$STAGES" --env "$OUT/environment.json" --out "$OUT" --mode "$MODE" \
   --budget "$BUDGET" --total "$(( $(date +%s) - T0 ))"
+archive
 "$PY" -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["passed"] else 1)' "$OUT/summary.json"

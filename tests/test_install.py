@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -301,7 +302,8 @@ def test_gpu_check_short_budget_skips_a_long_stage_and_runs_a_later_short_one(tm
     numbers, not started and cut off; a later, shorter stage still runs. Each call records the project's commit."""
     out = tmp_path / "out"
     env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_BUDGET": "150", "TMPDIR": str(tmp_path),
-           "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16,score_tiny", "RLT_GPU_CHECK_COMMIT": "abc1234"}
+           "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16,score_tiny", "RLT_GPU_CHECK_COMMIT": "abc1234",
+           "RLT_GPU_CHECK_ARCHIVE": str(tmp_path / "check.tgz")}
     proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
@@ -315,6 +317,19 @@ def test_gpu_check_short_budget_skips_a_long_stage_and_runs_a_later_short_one(tm
     assert summary["calls"][0]["commit"] == "abc1234"
     assert "| commit abc1234 | total " in (out / "summary.md").read_text()
     assert not list(tmp_path.glob("rlt-gpu-check.*"))
+    # the archive holds what a resumed call needs, as of the end of the call, and none of the rebuilt folders
+    with tarfile.open(tmp_path / "check.tgz") as tar:
+        names = {n.removeprefix("./") for n in tar.getnames()}
+        assert json.load(tar.extractfile("./summary.json")) == summary
+    assert {"runs.jsonl", "stages.jsonl", "summary.md", "logs/score_tiny.log"} <= names
+    assert (out / "site").is_dir() and not any(n.startswith(("site", "torch_extensions")) for n in names)
+    assert not (tmp_path / "check.tgz.part").exists()
+
+    env["RLT_GPU_CHECK_ARCHIVE"] = str(out / "check.tgz")
+    proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "is inside the results dir" in proc.stderr
+    assert json.loads((out / "summary.json").read_text()) == summary   # refused before anything was touched
 
 
 def test_gpu_check_commit_names_the_checkout(monkeypatch):
@@ -343,3 +358,34 @@ def test_gpu_check_stage_without_expected_time_is_refused_before_anything_runs(t
     assert proc.returncode == 2
     assert proc.stderr.strip() == "gpu_check.sh: stage score_tiny has no expected time in EXPECT (cpu-smoke)"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_gpu_check_archive_of_a_killed_call_holds_the_stages_it_finished(tmp_path):
+    """What a lent machine does when its time runs out: the call is killed from outside (no trap runs). The
+    archive written after each stage still holds the records of the stages that finished before."""
+    import signal
+    import time
+
+    out, archive = tmp_path / "out", tmp_path / "check.tgz"
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_ARCHIVE": str(archive),
+           "RLT_GPU_CHECK_STAGES": "install,score_tiny", "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "logs" / "score_tiny.log").exists():   # install finished, score_tiny started
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        # the stage runs in its own process group under timeout; a SIGKILL of the script leaves it: stop it here
+        subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "rlt-gpu-check.")], check=False)
+    with tarfile.open(archive) as tar:
+        records = [json.loads(line) for line in tar.extractfile("./stages.jsonl").read().decode().splitlines()]
+        names = {n.removeprefix("./") for n in tar.getnames()}
+    assert [(r["name"], r["status"]) for r in records] == [("install", "pass")]   # as of the end of install
+    assert "runs.jsonl" in names and "summary.json" not in names
