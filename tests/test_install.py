@@ -389,3 +389,20 @@ def test_gpu_check_archive_of_a_killed_call_holds_the_stages_it_finished(tmp_pat
         names = {n.removeprefix("./") for n in tar.getnames()}
     assert [(r["name"], r["status"]) for r in records] == [("install", "pass")]   # as of the end of install
     assert "runs.jsonl" in names and "summary.json" not in names
+
+
+def test_gpu_check_expected_times_never_skip_a_prerequisite_before_its_stage():
+    """The budget only shrinks, so a stage can be skipped for time while a later one runs only when the later one
+    expects less; a prerequisite must therefore expect no more than every stage that needs it, in both modes."""
+    import re
+
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    tables = [dict((k, int(v)) for k, v in re.findall(r"\[([\w.]+)\]=(\d+)", block))
+              for block in re.findall(r"EXPECT=\((.*?)\)", script, flags=re.S)]
+    stages = re.search(r"ALL_STAGES=\((.*?)\)", script, flags=re.S).group(1).split()
+    assert len(tables) == 2 and all(set(t) == set(stages) for t in tables)
+    needs = {"install": [s for s in stages if s != "install"], "models": ["rl_0.5b", "rl_7b_offload_step"],
+             "build_cpu_adam": ["sft_offload", "rl_7b_offload_step"]}
+    for table in tables:
+        for pre, users in needs.items():
+            assert all(table[pre] <= table[u] for u in users), (pre, {u: table[u] for u in users}, table[pre])
