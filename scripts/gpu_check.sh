@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU acceptance run: the whole training machinery on random-weight models built
-# here (no hub), on any CUDA machine; about 15 minutes on one H100, never more
-# than its budget (20 minutes; later stages are skipped and say so).
+# here (no hub), on any CUDA machine. Its stages' expected times (EXPECT) add up to
+# about 20 minutes on one H100; it never runs past its budget (default 20 minutes):
+# a stage that no longer fits is skipped and says so (RLT_GPU_CHECK_RESUME=1 runs it later).
 #   scripts/gpu_check.sh               on CUDA
 #   scripts/gpu_check.sh --cpu-smoke   the same stages at tiny shapes on CPU (checks the script itself)
 # Stages, in this order: install what is missing; the CUDA-only tests
@@ -100,20 +101,26 @@ case "$RESUME" in
           "the results dir)" >&2
      exit 2 ;;
 esac
-ARCHIVE="${RLT_GPU_CHECK_ARCHIVE:-}"
+ARCHIVE="${RLT_GPU_CHECK_ARCHIVE:-}"   # a relative path is taken from the checkout's root, like OUT
 if [ -n "$ARCHIVE" ]; then
   case "$ARCHIVE" in /*) ;; *) ARCHIVE="$ROOT/$ARCHIVE" ;; esac
+  ARCHIVE="$(realpath -m -- "$ARCHIVE")"
   case "$ARCHIVE/" in
-    "${OUT%/}/"*) echo "gpu_check.sh: RLT_GPU_CHECK_ARCHIVE=$ARCHIVE is inside the results dir $OUT; name a file elsewhere" >&2
-                  exit 2 ;;
+    "$(realpath -m -- "$OUT")/"*)
+      echo "gpu_check.sh: RLT_GPU_CHECK_ARCHIVE=$ARCHIVE is inside the results dir $OUT; name a file elsewhere" >&2
+      exit 2 ;;
   esac
-  [ -d "$(dirname "$ARCHIVE")" ] || { echo "gpu_check.sh: RLT_GPU_CHECK_ARCHIVE=$ARCHIVE: its folder does not exist" >&2; exit 2; }
+  if [ -d "$ARCHIVE" ] || [ ! -d "$(dirname "$ARCHIVE")" ]; then
+    echo "gpu_check.sh: RLT_GPU_CHECK_ARCHIVE=$ARCHIVE: accepted a file name (not a folder) in an existing folder" >&2
+    exit 2
+  fi
 fi
 # the results dir as one file (what a resumed call needs: not site/ or torch_extensions/), replaced whole after
 # every stage, so a call killed from outside (a lent machine's time running out) still leaves what it finished
 archive() {
   [ -n "$ARCHIVE" ] || return 0
-  tar -czf "$ARCHIVE.part" -C "$OUT" --exclude=./site --exclude=./torch_extensions . && mv -f "$ARCHIVE.part" "$ARCHIVE"
+  tar -czf "$ARCHIVE.part" -C "$OUT" --exclude=./site --exclude=./torch_extensions . && mv -fT "$ARCHIVE.part" "$ARCHIVE" \
+    || say "could not write the archive $ARCHIVE (see the tar message above); the results dir is unchanged"
 }
 RUN="$(date -Iseconds)"   # this call's id in the stage records
 say() { echo "[gpu_check] $(( $(date +%s) - T0 ))s | $*"; }
@@ -138,10 +145,11 @@ fi
 
 # ---- a new run clears the results dir; a resumed one keeps the stages that passed there (KEPT)
 mkdir -p "$OUT/logs" "$SITE"
-KEPT=" " FAILED_BEFORE=" "
+KEPT=" " FAILED_BEFORE=" " EARLIER=" "
 if [ "$RESUME" = 1 ]; then
   earlier="$("$PY" "$HELPER" begin --out "$OUT" --mode "$MODE" --run "$RUN" --resume)" || exit 2
   KEPT=" $(sed -n 1p <<< "$earlier") " FAILED_BEFORE=" $(sed -n 2p <<< "$earlier") "
+  EARLIER="$KEPT$FAILED_BEFORE"   # every stage with a record from an earlier call
 else
   "$PY" "$HELPER" begin --out "$OUT" --mode "$MODE" --run "$RUN" || exit 2
 fi
@@ -202,6 +210,10 @@ stage() {
   if keeps "$name" || ! selected "$name"; then skip "$name" "$what" "not selected (RLT_GPU_CHECK_STAGES)"; return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) )) need="${EXPECT[$name]}"
   if [ "$left" -lt "$need" ]; then   # would be cut short: leave it to a later call, try the next stages
+    if has "$EARLIER" "$name"; then   # its earlier record stays (a failure is never hidden by a skip)
+      say "$name: not run again (it takes about ${need}s, ${left}s left); its record from an earlier call stays"
+      "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$name"; REC=(); return
+    fi
     skip "$name" "$what" "not run: it takes about ${need}s, ${left}s of the ${BUDGET}s budget left"; return
   fi
   [ "$limit" -gt "$left" ] && limit=$left

@@ -406,3 +406,40 @@ def test_gpu_check_expected_times_never_skip_a_prerequisite_before_its_stage():
     for table in tables:
         for pre, users in needs.items():
             assert all(table[pre] <= table[u] for u in users), (pre, {u: table[u] for u in users}, table[pre])
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_gpu_check_resumed_failure_chosen_again_but_out_of_budget_keeps_its_record(tmp_path):
+    """A stage that failed in an earlier call, chosen again in a call whose budget no longer covers it, keeps its
+    failed record: the table and the exit code never turn an unresolved failure into a skip."""
+    helper = load_gpu_check_helper()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.jsonl").write_text(json.dumps({"run": "R0", "mode": "cpu-smoke", **helper.machine_info()}) + "\n")
+    failed = {"name": "bench_reward_7b_bf16", "status": "fail", "seconds": 5.0, "run": "R0", "what": "bench",
+              "reason": "exit code 1"}
+    (out / "stages.jsonl").write_text(json.dumps(failed) + "\n")
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_RESUME": "1", "RLT_GPU_CHECK_BUDGET": "150",
+           "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16", "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "bench_reward_7b_bf16: not run again (it takes about 160s" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert {s["name"]: s for s in summary["stages"]}["bench_reward_7b_bf16"] == failed
+    assert summary["failed"] == ["bench_reward_7b_bf16"] and summary["passed_stages"] == ["install"]
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+@pytest.mark.parametrize("where", ["inside", "inside_dotted", "folder", "no_folder"])
+def test_gpu_check_archive_path_refused_in_one_line(tmp_path, where):
+    out = tmp_path / "out"
+    (tmp_path / "adir").mkdir()
+    archive = {"inside": out / "a.tgz", "inside_dotted": tmp_path / "x" / ".." / "out" / "." / "a.tgz",
+               "folder": tmp_path / "adir", "no_folder": tmp_path / "missing" / "a.tgz"}[where]
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": f"{out}//", "RLT_GPU_CHECK_ARCHIVE": str(archive)}
+    proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert ("is inside the results dir" if where.startswith("inside") else "accepted a file name") in proc.stderr
+    assert not out.exists()
