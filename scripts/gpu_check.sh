@@ -155,7 +155,6 @@ else
 fi
 kept() { has "$KEPT" "$1"; }   # passed in an earlier call
 # the earlier record stays: passed, or failed/timed out and not chosen in this call
-keeps() { kept "$1" || { ! selected "$1" && has "$FAILED_BEFORE" "$1"; }; }
 runs_now() { selected "$1" && ! kept "$1"; }
 need() { selected "$1" || SELECTED+="$1 "; KEPT="${KEPT/ $1 / }"; }   # run this prerequisite in this call
 if [ "$RESUME" = 1 ]; then   # prerequisites run again for the stages that run in this call (maybe on a new machine)
@@ -207,13 +206,11 @@ reap() {
 REC=()
 stage() {
   local name="$1" limit="$2" what="$3"; shift 3
-  if keeps "$name" || ! selected "$name"; then skip "$name" "$what" "not selected (RLT_GPU_CHECK_STAGES)"; return; fi
+  if kept "$name" || ! selected "$name"; then skip "$name" "$what" "not selected (RLT_GPU_CHECK_STAGES)"; return; fi
   local left=$(( BUDGET - ($(date +%s) - T0) )) need="${EXPECT[$name]}"
   if [ "$left" -lt "$need" ]; then   # would be cut short: leave it to a later call, try the next stages
-    if has "$EARLIER" "$name"; then   # its earlier record stays (a failure is never hidden by a skip)
+    has "$EARLIER" "$name" &&
       say "$name: not run again (it takes about ${need}s, ${left}s left); its record from an earlier call stays"
-      "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$name"; REC=(); return
-    fi
     skip "$name" "$what" "not run: it takes about ${need}s, ${left}s of the ${BUDGET}s budget left"; return
   fi
   [ "$limit" -gt "$left" ] && limit=$left
@@ -237,9 +234,9 @@ stage() {
   REC=()
   archive
 }
-skip() {  # skip NAME WHAT REASON (a stage kept from an earlier call stays as it was)
-  REC=()
-  if keeps "$1"; then "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$1"; return; fi
+skip() {  # skip NAME WHAT REASON: a stage not run in this call keeps its record from an earlier call, if any
+  REC=()   # (a failure is never hidden by a skip)
+  if has "$EARLIER" "$1"; then "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$1"; return; fi
   "$PY" "$HELPER" record --stages "$STAGES" --run "$RUN" --name "$1" --what "$2" --status skip --reason "$3"
 }
 

@@ -168,16 +168,12 @@ def project_commit() -> str:
     the tree without its .git (a machine the tree was sent to); ``unknown`` when neither says."""
     if os.environ.get("RLT_GPU_CHECK_COMMIT"):
         return os.environ["RLT_GPU_CHECK_COMMIT"]
-    try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True,
-                              text=True, timeout=30)
-        if head.returncode != 0:
-            return "unknown"
-        changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=30)
+    try:   # --exclude='*': no tag names, the bare commit (as rev-parse --short=10)
+        proc = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--abbrev=10", "--dirty=+changes",
+                               "--exclude=*"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return head.stdout.strip() + ("+changes" if changed.returncode != 0 or changed.stdout.strip() else "")
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
 def cmd_environment(args) -> None:
