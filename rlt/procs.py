@@ -105,8 +105,13 @@ def descendants(root: int, table: dict[int, tuple[int, int, int]]) -> dict[int, 
 
 
 def shm_segments(pids) -> set[str]:
-    """The /dev/shm segments (``psm_*``, ``sem.mp-*``) that ``pids`` have mapped, from /proc/PID/maps."""
-    found = set()
+    """The /dev/shm segments (``psm_*``, ``sem.mp-*``) that ``pids`` have mapped, from /proc/PID/maps.
+
+    A named semaphore's creator maps it under a temporary name that glibc's ``sem_open`` unlinks once the file
+    is linked as ``sem.mp-*``, so its line reads ``/dev/shm/sem.XXXXXX (deleted)``; such files are found by
+    device and inode among the names /dev/shm has now.
+    """
+    found, deleted = set(), set()
     for pid in pids:
         try:
             maps = Path(f"/proc/{pid}/maps").read_text()
@@ -115,10 +120,27 @@ def shm_segments(pids) -> set[str]:
         for line in maps.splitlines():
             parts = line.split(None, 5)
             path = parts[5] if len(parts) == 6 else ""
-            if path.startswith("/dev/shm/") and not path.endswith("(deleted)"):
-                name = path[len("/dev/shm/"):]
-                if "/" not in name and name.startswith(SHM_PREFIXES):
-                    found.add(str(SHM / name))
+            if not path.startswith("/dev/shm/"):
+                continue
+            if path.endswith(" (deleted)"):
+                major, minor = parts[3].split(":")
+                deleted.add((os.makedev(int(major, 16), int(minor, 16)), int(parts[4])))
+                continue
+            name = path[len("/dev/shm/"):]
+            if "/" not in name and name.startswith(SHM_PREFIXES):
+                found.add(str(SHM / name))
+    if deleted:
+        try:
+            names = [e for e in os.scandir(SHM) if e.name.startswith(SHM_PREFIXES)]
+        except OSError:
+            names = []
+        for entry in names:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in deleted:
+                found.add(str(SHM / entry.name))
     return found
 
 

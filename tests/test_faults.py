@@ -22,11 +22,12 @@ from rlt import procs
 LAUNCH = ["./launch_with_server.sh", "1", "2", "cfgs/run_cfg/tiny_teacher_rlt.yaml"]
 PY = sys.executable
 SHM_CHILD = """
-import subprocess, sys, time
+import multiprocessing, subprocess, sys, time
 from multiprocessing import shared_memory
 seg = shared_memory.SharedMemory(create=True, size=1 << 16)
+lock = multiprocessing.get_context("spawn").Lock()  # a named semaphore, mapped by its creator under a temporary name
 sub = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)  # as torchrun
-print(seg.name, flush=True)
+print("/dev/shm/" + seg.name, "/dev/shm/sem." + lock._semlock.name[1:], flush=True)
 time.sleep(600)
 """
 
@@ -74,32 +75,33 @@ def test_guard_dies_with_its_owner_and_removes_the_groups_shared_memory(tmp_path
                              start_new_session=True)
     try:
         pgid = int(owner.stdout.readline())
-        segment = "/dev/shm/" + owner.stdout.readline().strip()
+        segments = owner.stdout.readline().split()
         tree = procs.Tree(pgid)
-        assert Path(segment).exists() and len(tree.scan()) == 4  # guard, child, tracker, sleeper
+        assert all(map(os.path.exists, segments)) and len(tree.scan()) == 4  # guard, child, tracker, sleeper
         os.kill(owner.pid, signal.SIGKILL)
         owner.wait()
         wait_until(lambda: all_gone(tree), 30, "the guarded processes stop")
-        assert not Path(segment).exists()
+        assert not any(map(os.path.exists, segments))
     finally:
         if owner.poll() is None:
             os.killpg(owner.pid, signal.SIGKILL)
 
 
 def test_group_killed_outright_is_cleaned_up_by_its_owner():
-    """SIGKILL of the whole group (guard and resource tracker included): the owner's records unlink the segment."""
+    """SIGKILL of the whole group (guard and resource tracker included): the owner's records unlink the shared
+    memory segment and the named semaphore (which /proc/PID/maps shows only under its deleted temporary name)."""
     recorder = procs.TreeRecorder(interval=0.2)
     g = procs.Guarded([PY, "-c", SHM_CHILD], recorder, stdout=subprocess.PIPE, text=True)
     try:
-        segment = "/dev/shm/" + g.proc.stdout.readline().strip()
-        wait_until(lambda: segment in g.tree.segments, 10, "the segment is recorded")
+        segments = g.proc.stdout.readline().split()
+        wait_until(lambda: set(segments) <= g.tree.segments, 10, f"{segments} are recorded")
         assert len(g.tree.scan()) == 4  # guard, child, resource tracker, sleeper in a session of its own
         os.killpg(g.pgid, signal.SIGKILL)
         g.proc.wait()
         wait_until(lambda: len(g.tree.scan()) == 1, 10, "only the sleeper in its own session is left")
-        assert Path(segment).exists()  # nobody could clean up
+        assert all(map(os.path.exists, segments))  # nobody could clean up
         assert g.stop() == -signal.SIGKILL
-        assert not Path(segment).exists() and all_gone(g.tree)
+        assert not any(map(os.path.exists, segments)) and all_gone(g.tree)
     finally:
         g.stop()
         recorder.close()
@@ -108,11 +110,11 @@ def test_group_killed_outright_is_cleaned_up_by_its_owner():
 def test_guard_stops_its_group_on_sigterm_with_the_exit_code_of_the_signal():
     recorder = procs.TreeRecorder()
     g = procs.Guarded([PY, "-c", SHM_CHILD], recorder, grace=2, stdout=subprocess.PIPE, text=True)
-    segment = "/dev/shm/" + g.proc.stdout.readline().strip()
+    segments = g.proc.stdout.readline().split()
     g.tree.scan()
     assert g.stop() == 128 + signal.SIGTERM
     recorder.close()
-    assert all_gone(g.tree) and not Path(segment).exists()
+    assert all_gone(g.tree) and not any(map(os.path.exists, segments))
 
 
 def test_guard_reaps_the_orphans_it_adopted_so_its_group_is_gone_when_it_is():
@@ -136,13 +138,13 @@ def test_supervised_command_is_stopped_with_its_supervisor(sig):
     sup = subprocess.Popen([PY, "-m", "rlt.procs", "run", "--", PY, "-c", SHM_CHILD], cwd=ROOT, stdout=subprocess.PIPE,
                            text=True, start_new_session=True)
     try:
-        segment = "/dev/shm/" + sup.stdout.readline().strip()
+        segments = sup.stdout.readline().split()
         tree = procs.Tree(_children(sup.pid)[0])  # the guard
         assert len(tree.scan()) == 4
         os.kill(sup.pid, sig)
         assert sup.wait(timeout=30) == (-sig if sig == signal.SIGKILL else 128 + sig)
         wait_until(lambda: all_gone(tree), 30, "the supervised processes stop")
-        assert not Path(segment).exists()
+        assert not any(map(os.path.exists, segments))
     finally:
         if sup.poll() is None:
             os.killpg(sup.pid, signal.SIGKILL)
