@@ -15,12 +15,17 @@ fi
 NPROC="$1"; RUN="$2"; shift 2
 case "$NPROC" in ''|*[!0-9]*|0) echo "launch.sh: NUM_PROCESSES must be a positive integer, got '$NPROC'" >&2; exit 2 ;; esac
 
-DS=zero3; OVERRIDES=()
+DS=zero3; FLAG=; OVERRIDES=()
 for a in "$@"; do
   case "$a" in
-    offload) DS=zero3_offload ;;
-    zero1) DS=zero1 ;;
-    *) OVERRIDES+=("$a") ;;
+    offload|zero1)
+      if [ -n "$FLAG" ] && [ "$FLAG" != "$a" ]; then
+        echo "launch.sh: error: $FLAG and $a exclude each other: give at most one of offload|zero1" >&2; exit 2
+      fi
+      FLAG="$a"; if [ "$a" = offload ]; then DS=zero3_offload; else DS=zero1; fi ;;
+    *=*|~*) OVERRIDES+=("$a") ;;
+    *) echo "launch.sh: error: unexpected argument '$a': give key=value overrides and at most one of offload|zero1" >&2
+       exit 2 ;;
   esac
 done
 

@@ -38,5 +38,7 @@ def check_writable(path: str | Path, what: str = "output_dir") -> None:
 
 
 def check_writable_file(path: str | Path, what: str = "output") -> None:
-    """The directory of a file to be written exists (or is created) and is writable."""
+    """``path`` is not a directory, and the directory it is written in exists (or is created) and is writable."""
+    if Path(path).is_dir():
+        raise ConfigError(f"{what}={path} is a directory: give a file path")
     check_writable(Path(path).parent if str(Path(path).parent) else ".", what=f"{what}={path}: its directory")

@@ -15,19 +15,22 @@ The defaults of each concern are registered with Hydra's ConfigStore as
 values and every key can be overridden as ``key=value``. After composition
 the flat config is split: each key goes to the one concern that declares it
 (values are type-checked against its dataclass), to the trl config class of
-the run (SFTConfig / GRPOConfig), or is an error naming the key.
+the run (SFTConfig / GRPOConfig; int/float/bool/str values are converted and
+checked against its field types, and ranges trl does not check are refused), or
+is an error naming the key.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import sys
+import types
 import typing
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import BooleanNode, FloatNode, IntegerNode, OmegaConf, StringNode
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from rlt.data.config import DataConfig, FormatConfig
 from rlt.errors import ConfigError
@@ -135,6 +138,84 @@ def split(cfg: dict[str, Any], concerns: tuple[type, ...], trl_cls: type | None 
         raise ConfigError(f"unknown key(s) {sorted(unknown)}: not rlt settings{where}; check the spelling "
                           "(--help lists every key)")
     return {c: typed(c, per[c]) for c in concerns}, kwargs
+
+
+# ----------------------------------------------------------------------------------------- trl settings
+# Scalar field types of trl's config classes, converted as OmegaConf converts rlt's own fields.
+SCALAR_NODES = {int: IntegerNode, float: FloatNode, bool: BooleanNode, str: StringNode}
+SCALAR_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+NULL_IS_DERIVED = ("gradient_accumulation_steps",)  # null: derived by build_train_settings
+LENGTHS = ("max_length", "max_completion_length")  # trl's; max_prompt_length is checked by DataConfig
+
+
+def scalar_type(tp) -> tuple[type | None, bool]:
+    """(int, float, bool or str; whether null is allowed) of a field annotated with one of them, optionally
+    Optional; (None, ...) for any other annotation (unions with str, enums, lists: left to trl)."""
+    union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    members = typing.get_args(tp) if union else (tp,)
+    rest = [m for m in members if m is not type(None)]
+    scalar = rest[0] if len(rest) == 1 and rest[0] in SCALAR_NODES else None
+    return scalar, len(rest) < len(members)
+
+
+def coerce_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with the int/float/bool/str fields of the dataclass ``cls`` converted ("1e-5" for a float,
+    "8" for an int); a value that does not convert is a ConfigError naming the key, the value and the type."""
+    hints = typing.get_type_hints(cls)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        tp, nullable = scalar_type(hints[key])
+        if tp is None:
+            continue
+        nullable = nullable or defaults[key] is None or key in NULL_IS_DERIVED
+        if value is None and nullable:
+            continue
+        try:
+            out[key] = SCALAR_NODES[tp]().validate_and_convert(value)
+        except ValidationError:
+            accepted = SCALAR_WORDS[tp] + (" or null" if nullable else "")
+            raise ConfigError(f"{key}={value!r}: {cls.__name__}.{key} takes {accepted}") from None
+        if out[key] is None:
+            raise ConfigError(f"{key}=null: {cls.__name__}.{key} takes {SCALAR_WORDS[tp]}")
+    return out
+
+
+def check_trl_ranges(kw: dict[str, Any]) -> None:
+    """Values trl accepts but a run cannot use (or that trl divides by), refused before its config is built."""
+    steps = kw.get("max_steps")
+    if steps is not None and steps != -1 and steps < 1:
+        raise ConfigError(f"max_steps={steps}: give -1 (train num_train_epochs) or a number of steps >= 1")
+    for key in LENGTHS:
+        if kw.get(key) is not None and kw[key] < 1:
+            raise ConfigError(f"{key}={kw[key]} must be >= 1 (tokens; null: no limit)")
+    g = kw.get("num_generations")
+    if g is not None and g < 2:
+        raise ConfigError(f"num_generations={g}: GRPO needs at least 2 completions per prompt")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+        if kw.get(key) is not None and kw[key] < 1:
+            raise ConfigError(f"{key}={kw[key]} must be >= 1")
+
+
+def build_args(args_cls: type, kw: dict[str, Any], num_processes: int | None, n: int):
+    """trl's config object from ``kw``; its own errors become one line naming the key(s)."""
+    try:
+        if num_processes is None:
+            return args_cls(**kw)
+        # trl's batch checks in __post_init__ count `num_processes`; the result is a plain args_cls
+        args = sized_for(args_cls, num_processes)(**kw)
+        args.__class__ = args_cls
+        return args
+    except (ValueError, TypeError) as e:  # trl/transformers name the field in their messages
+        msg = str(e).strip().splitlines()[0]
+        if "generation_batch_size" in msg:
+            msg += (f" (generation_batch_size = per_device_train_batch_size x {n} processes x "
+                    "generation_aggregation_steps; change generation_aggregation_steps or num_generations)")
+        raise ConfigError(msg) from None
+    except ArithmeticError as e:  # e.g. a count trl divides by is 0
+        zero = sorted(k for k, v in kw.items() if v == 0 and not isinstance(v, bool))
+        raise ConfigError(f"{args_cls.__name__} cannot use these settings ({e}); keys set to 0: {zero}; "
+                          "counts and batch sizes must be >= 1") from None
 
 
 # ----------------------------------------------------------------------------------------- training runs
@@ -269,7 +350,11 @@ def build_train_settings(cfg: dict, num_processes: int | None = None, **forced) 
     objs, kw = split(cfg, tuple(CONCERNS[n] for n in names), args_cls)
     parts = {n: objs[CONCERNS[n]] for n in names}
     run: RunConfig = parts["run"]
-    n = num_processes or num_processes_from_env()
+    kw = coerce_fields(args_cls, kw)
+    check_trl_ranges(kw)
+    n = num_processes_from_env() if num_processes is None else num_processes
+    if n < 1:
+        raise ConfigError(f"number of training processes ({n}) must be >= 1")
     per_device = kw.get("per_device_train_batch_size", 8)
     derived = gradient_accumulation(run.train_batch_size, per_device, n)
     if kw.get("gradient_accumulation_steps") is None:
@@ -288,18 +373,7 @@ def build_train_settings(cfg: dict, num_processes: int | None = None, **forced) 
     if kw.get("report_to") in (None, "none", []):
         kw["report_to"] = "none"
     kw.update(forced)
-    try:
-        if num_processes is None:
-            args = args_cls(**kw)
-        else:  # trl's batch checks in __post_init__ count `num_processes`; the result is a plain args_cls
-            args = sized_for(args_cls, num_processes)(**kw)
-            args.__class__ = args_cls
-    except (ValueError, TypeError) as e:  # trl/transformers name the field in their messages
-        msg = str(e).strip().splitlines()[0]
-        if "generation_batch_size" in msg:
-            msg += (f" (generation_batch_size = per_device_train_batch_size x {n} processes x "
-                    "generation_aggregation_steps; change generation_aggregation_steps or num_generations)")
-        raise ConfigError(msg) from None
+    args = build_args(args_cls, kw, num_processes, n)
     return TrainSettings(args=args, composed=cfg, **parts)
 
 

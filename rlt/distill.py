@@ -16,8 +16,14 @@ Stratos-format (system + conversations) plus `source_index`, `question_rows`
 
 Crash safety: each question's rows are appended in one write and flushed; on a
 rerun a torn last line is cut off (logged), a question with fewer rows than its
-`question_rows` is removed and redone, and finished questions are skipped. An
-output ending in .parquet is written from the jsonl progress file at the end.
+`question_rows` is removed and redone, and finished questions are skipped; a
+row whose question is not the dataset's question at its `source_index` stops the
+run (the file is someone else's) before anything is changed. An output ending
+in .parquet is written from the jsonl progress file at the end. Prompts longer
+than max_prompt_length tokens are dropped (counted in the log), as in training.
+OUT.summary.json describes the whole file: its rows and questions, the dataset's
+questions without a row, the explanations generated for it (over the calls that
+finished) and `last_call`, the counts of the call that wrote the summary.
 """
 from __future__ import annotations
 
@@ -72,8 +78,9 @@ class DistillConfig:
         for key in ("num_explanations", "max_completion_length", "chunk_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]")
+        from rlt.generation.offline import check_sampling
+
+        check_sampling(self.temperature, self.top_p, "num_explanations", self.num_explanations)
 
 
 def scorer_device(setting: str, servers: bool, gpus: int | None = None) -> str:
@@ -99,12 +106,13 @@ def scorer_device(setting: str, servers: bool, gpus: int | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------- progress file
-def load_progress(progress: Path) -> set[int]:
+def load_progress(progress: Path, questions: list[str] | None = None) -> set[int]:
     """Finished question indices of a progress file, after repairing it.
 
     A torn last line (no newline: the writer died mid-write) is cut off; questions with fewer rows than
     their ``question_rows`` are removed (they are redone). Both are logged. Any other unreadable line is
-    an error naming the file and line.
+    an error naming the file and line. ``questions`` (the dataset's, by index): a row whose question is not
+    the one at its ``source_index`` is an error naming the file and line, raised before anything is changed.
     """
     if not progress.exists():
         return set()
@@ -123,6 +131,8 @@ def load_progress(progress: Path) -> set[int]:
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"{progress}, line {lineno}: not a row written by rlt.distill ({e}); move the file "
                               "away or fix that line") from None
+        if questions is not None:
+            check_row_question(progress, lineno, row, questions)
     have = Counter(i for i, _, _ in rows)
     partial = {i for i, n, _ in rows if have[i] != n}
     if partial:
@@ -134,6 +144,24 @@ def load_progress(progress: Path) -> set[int]:
         tmp.write_bytes(keep)
         os.replace(tmp, progress)
     return {i for i, _, _ in rows if i not in partial}
+
+
+def row_question(row: dict) -> str | None:
+    """The question (first user turn) of a Stratos row, or None."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list):
+        return None
+    return next((t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "user"), None)
+
+
+def check_row_question(progress: Path, lineno: int, row: dict, questions: list[str]) -> None:
+    """A row at ``source_index`` i holds the dataset's question i (an index past the dataset's end is left
+    alone: a rerun with a smaller max_samples); else the file holds rows of other data."""
+    i = int(row["source_index"])
+    if i < len(questions) and row_question(row) != questions[i]:
+        raise ConfigError(f"{progress}, line {lineno}: its question is not question {i} (source_index) of the "
+                          "dataset, so this file was written from other data; give another output or move the file "
+                          "away (nothing was changed)")
 
 
 def append_question_rows(f, rows: list[dict]) -> None:
@@ -218,6 +246,7 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
             rollout: RolloutConfig, engine=None) -> dict:
     """Run distillation; ``engine`` (with .generate(prompt_ids, n, max_tokens, temperature, top_p, seed))
     defaults to vLLM (offline, or the servers at vllm_host). Returns the counts of this run."""
+    device = None
     if cfg.select == "best_of_k":
         from rlt.rewards.logprobs import check_reward_device
 
@@ -228,31 +257,27 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     from tqdm import tqdm
 
     from rlt.data.loading import load_dataset_examples
-    from rlt.data.text import teacher_prompt
     from rlt.generation.offline import make_engine
     from rlt.models import load_tokenizer, resolve_model_path
 
-    out = Path(cfg.output)
-    if out.suffix not in (".jsonl", ".parquet"):
-        raise ConfigError(f"output={cfg.output}: use a .jsonl or .parquet path")
-    check_writable_file(out)
+    out, progress, summary = output_paths(cfg.output)
+    teacher = resolve_model_path(model.require_model(), "teacher")
+    student = resolve_model_path(reward.student_model, "student") if cfg.select == "best_of_k" else None
     examples, fmt = load_dataset_examples(data, fmt_cfg)
-    teacher = resolve_model_path(model.require_model())
     tok = load_tokenizer(teacher)
-    progress = out if out.suffix == ".jsonl" else out.with_suffix(out.suffix + ".progress.jsonl")
-    done = load_progress(progress)
+    done = load_progress(progress, [ex.question for ex in examples])
     todo = [(i, ex) for i, ex in enumerate(examples) if i not in done]
     logger.info("%d questions, %d already written, %d to do", len(examples), len(done), len(todo))
-    prompts = {i: teacher_prompt(tok, ex.question, ex.solution, fmt) for i, ex in todo}
+    todo, prompts, longest = fitting_todo(todo, tok, fmt, data.max_prompt_length)
     scorer = None
     if cfg.select == "best_of_k" and todo:
         from rlt.rewards.teacher_reward import load_scorer
 
-        scorer = load_scorer(teacher, reward.student_model, tok, fmt, reward, cfg.temperature, model.dtype, device)
+        scorer = load_scorer(teacher, student, tok, fmt, reward, cfg.temperature, model.dtype, device)
     totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
     if todo and engine is None:
         engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
-                             model.dtype)
+                             model.dtype, longest_prompt=longest)
     with open(progress, "a") as f:
         starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
         distill_chunks(engine, tok, todo, prompts, fmt, cfg, scorer, f, totals, starts)
@@ -267,11 +292,65 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
         import datasets
 
         datasets.Dataset.from_json(str(progress)).to_parquet(str(out))
-    summary = out.with_suffix(".summary.json")
-    summary.write_text(json.dumps({**totals, "select": cfg.select, "num_explanations": cfg.num_explanations},
-                                  indent=2))
+    write_summary(summary, progress, totals, cfg, len(examples), resumed=bool(done))
     logger.info("distilled dataset: %s", out)
     return totals
+
+
+def output_paths(output: str) -> tuple[Path, Path, Path]:
+    """(output, jsonl progress file, summary) of ``output=...``, each checked to be a writable file path."""
+    out = Path(output)
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise ConfigError(f"output={output}: use a .jsonl or .parquet path")
+    progress = out if out.suffix == ".jsonl" else out.with_suffix(out.suffix + ".progress.jsonl")
+    summary = out.with_suffix(".summary.json")
+    check_writable_file(out)
+    for path in {progress, summary} - {out}:
+        if path.is_dir():
+            raise ConfigError(f"output={output}: {path}, written next to it, is a directory; move it away or give "
+                              "another output")
+    return out, progress, summary
+
+
+def fitting_todo(todo: list, tokenizer, fmt, max_prompt_length: int) -> tuple[list, dict[int, str], int]:
+    """(the questions of ``todo`` whose teacher prompt has at most ``max_prompt_length`` tokens, {index: prompt},
+    the longest kept prompt in tokens); longer ones are dropped and counted in the log, as rlt.train does."""
+    from rlt.data.text import teacher_prompt
+    from rlt.generation.offline import fitting_prompts
+
+    if not todo:
+        return todo, {}, 0
+    prompts = [teacher_prompt(tokenizer, ex.question, ex.solution, fmt) for _, ex in todo]
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    keep = fitting_prompts(lengths, max_prompt_length)
+    return [todo[k] for k in keep], {todo[k][0]: prompts[k] for k in keep}, max(lengths[k] for k in keep)
+
+
+def write_summary(path: Path, progress: Path, totals: dict, cfg: DistillConfig, n_questions: int,
+                  resumed: bool) -> None:
+    """``path`` describes the whole output file: its rows and questions, the dataset's questions without a row,
+    and the explanations (and those without end tag) generated for it over the finished calls (this call's
+    counts plus the earlier summary's when this call resumed the file); ``last_call``: this call's counts."""
+    rows = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
+    questions = {r["source_index"] for r in rows}
+    earlier = previous_counts(path) if resumed else {}
+    summary = {"rows": len(rows), "questions": len(questions),
+               "questions_without_rows": sum(i not in questions for i in range(n_questions)),
+               **{k: earlier.get(k, 0) + totals[k] for k in ("explanations", "no_end_tag")},
+               "select": cfg.select, "num_explanations": cfg.num_explanations, "last_call": totals}
+    path.write_text(json.dumps(summary, indent=2))
+
+
+def previous_counts(path: Path) -> dict:
+    """The counts of an earlier summary (empty when there is none or it is unreadable, logged)."""
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        return {k: int(old[k]) for k in ("explanations", "no_end_tag")}
+    except (ValueError, KeyError, TypeError):
+        logger.warning("%s: earlier summary unreadable; its counts are not carried over", path)
+        return {}
 
 
 if __name__ == "__main__":

@@ -49,11 +49,12 @@ class EvalConfig:
     def __post_init__(self):
         if not self.output_dir:
             raise ConfigError("output_dir=... is required")
-        if self.n_samples < 1 or self.max_completion_length < 1:
-            raise ConfigError(f"n_samples={self.n_samples} and max_completion_length={self.max_completion_length} "
-                              "must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]")
+        for key in ("n_samples", "max_completion_length"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}={getattr(self, key)} must be >= 1")
+        from rlt.generation.offline import check_sampling
+
+        check_sampling(self.temperature, self.top_p, "n_samples", self.n_samples)
 
 
 def eval_rows(data: DataConfig, fmt_cfg: FormatConfig) -> tuple[list[dict], object]:
@@ -128,21 +129,45 @@ def main(argv: list[str] | None = None) -> None:
         run_eval(objs[EvalConfig], objs[ModelConfig], objs[DataConfig], objs[FormatConfig], objs[RolloutConfig])
 
 
+def check_output_dir(out: Path) -> None:
+    """``out`` is a writable directory and the files written there are not directories."""
+    check_writable(out, "output_dir")
+    for name in ("results.jsonl", "summary.json"):
+        if (out / name).is_dir():
+            raise ConfigError(f"output_dir={out}: {name} there is a directory; move it away or choose another "
+                              "output_dir")
+
+
+def fitting_rows(rows: list[dict], tokenizer, fmt, max_prompt_length: int) -> tuple[list[dict], dict[str, list[int]]]:
+    """(the rows whose student prompt has at most ``max_prompt_length`` tokens, {prompt text: token ids});
+    longer ones are dropped and counted in the log, as rlt.train does."""
+    from rlt.data.text import render_student_prompt
+    from rlt.generation.offline import fitting_prompts
+
+    prompts = [render_student_prompt(tokenizer, r["question"], r["system"], fmt) for r in rows]
+    all_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    keep = fitting_prompts([len(x) for x in all_ids], max_prompt_length)
+    ids = {prompts[i]: all_ids[i] for i in keep}
+    return [rows[i] for i in keep], ids
+
+
 def run_eval(cfg: EvalConfig, model_cfg: ModelConfig, data: DataConfig, fmt_cfg: FormatConfig,
              rollout: RolloutConfig) -> dict:
     from rlt.generation.offline import make_engine
     from rlt.models import load_tokenizer, resolve_model_path
 
     out = Path(cfg.output_dir)
-    check_writable(out, "output_dir")
+    check_output_dir(out)
+    model = resolve_model_path(model_cfg.require_model(), "model")
     rows, fmt = eval_rows(data, fmt_cfg)
-    model = resolve_model_path(model_cfg.require_model())
     tok = load_tokenizer(model)
-    engine = make_engine(model, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed, model_cfg.dtype)
+    rows, ids = fitting_rows(rows, tok, fmt, data.max_prompt_length)
+    engine = make_engine(model, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed, model_cfg.dtype,
+                         longest_prompt=max(map(len, ids.values())))
 
     def generate(prompts, n):
-        ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        outs = engine.generate(ids, n, cfg.max_completion_length, cfg.temperature, cfg.top_p, seed=cfg.seed)
+        outs = engine.generate([ids[p] for p in prompts], n, cfg.max_completion_length, cfg.temperature, cfg.top_p,
+                               seed=cfg.seed)
         return [[tok.decode(c, skip_special_tokens=True) for c in per] for per in outs]
 
     results, summary = evaluate(rows, generate, tok, fmt, cfg.n_samples)

@@ -38,6 +38,27 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost")
 SET_HERE = ("vllm_host", "vllm_port", "vllm_num_servers", "vllm_log_dir")  # given to the trainer by the launcher
 
 
+def parse_counts(num_vllm: str, num_train: str) -> tuple[int, int]:
+    """NUM_VLLM and NUM_TRAIN as integers >= 1, or a ConfigError with the usage."""
+    for what, value in (("NUM_VLLM", num_vllm), ("NUM_TRAIN", num_train)):
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"{what} must be an integer >= 1, got {value!r}; {USAGE}")
+    return int(num_vllm), int(num_train)
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides, [the DeepSpeed flag] or []) from the arguments after RECIPE; two different flags, or a bare
+    word that is neither a flag nor an override, is a ConfigError saying what is accepted."""
+    flags = sorted({a for a in args if a in FLAGS})
+    if len(flags) > 1:
+        raise ConfigError(f"{' and '.join(flags)} exclude each other: give at most one of {'|'.join(FLAGS)}")
+    for a in args:
+        if a not in FLAGS and "=" not in a and not a.startswith("~"):
+            raise ConfigError(f"unexpected argument {a!r}: give key=value overrides and at most one of "
+                              f"{'|'.join(FLAGS)}")
+    return [a for a in args if a not in FLAGS], flags
+
+
 def visible_gpus() -> list[str] | None:
     import torch
 
@@ -109,8 +130,9 @@ def validate(recipe: str, overrides: list[str], num_vllm: int, num_train: int):
     from rlt.train import check
 
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
-    extra = [] if "vllm_host" in given else ["vllm_host=127.0.0.1"]
-    cfg = compose(recipe, [*overrides, *extra, f"vllm_num_servers={num_vllm}"])
+    # `++`: added even where the recipe has no such key, so a recipe of another kind is named as such below
+    extra = [] if "vllm_host" in given else ["++vllm_host=127.0.0.1"]
+    cfg = compose(recipe, [*overrides, *extra, f"++vllm_num_servers={num_vllm}"])
     if cfg.get("trainer") != "teacher_grpo":
         raise ConfigError(f"{recipe} is not a teacher RL recipe (trainer={cfg.get('trainer')}); use ./launch.sh")
     s = build_train_settings(cfg, num_processes=num_train)
@@ -148,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(f"{USAGE}\n\n{__doc__}\n{train_help()}")
         return 0
-    if len(argv) < 3 or not argv[0].isdigit() or not argv[1].isdigit():
+    if len(argv) < 3:
         sys.stderr.write(f"launch_with_server.sh: error: {USAGE}\n")
         return 2
-    num_vllm, num_train, run_cfg, rest = int(argv[0]), int(argv[1]), argv[2], argv[3:]
-    overrides = [a for a in rest if a not in FLAGS]
+    with user_errors("launch_with_server.sh"):
+        num_vllm, num_train = parse_counts(argv[0], argv[1])
+        overrides, flags = split_flags(argv[3:])
+    run_cfg = argv[2]
     from rlt.generation.client import API_KEY_ENV
     from rlt.generation.server import ServerProcess, ServerStartError, wait_until_healthy
     from rlt.generation.weight_sync import SYNC_DIR_ENV, private_sync_dir
@@ -184,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         server_args = [f"vllm_host={specs[0].connect_host}", f"vllm_port={specs[0].port}",
                        f"vllm_num_servers={num_vllm}", f"vllm_log_dir={log_dir}"]
         kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in SET_HERE]
-        cmd = [str(ROOT / "launch.sh"), str(num_train), run_cfg, *kept, *server_args, *[a for a in rest if a in FLAGS]]
+        cmd = [str(ROOT / "launch.sh"), str(num_train), run_cfg, *kept, *server_args, *flags]
         logger.info("training: %s", " ".join(cmd))
         trainer = Guarded(cmd, recorder, remove=(str(sync_dir),) if sync_dir else (), env=env)
         logger.info("training: process group %d", trainer.pgid)

@@ -51,17 +51,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLT_CACHE_DIR", Path.home() / ".cache" / "rlt"))
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A loadable path or hub id; builds ``rlt-tiny:SEED`` atomically if absent."""
+def resolve_model_path(name_or_path: str, key: str | None = None) -> str:
+    """A loadable path or hub id; builds ``rlt-tiny:SEED`` atomically if absent.
+
+    A local path must be a model directory (with config.json). ``key`` (the setting that names the model, e.g.
+    ``teacher``) is named in the errors, and with it a hub id is checked too: its config.json must be
+    fetchable (or cached), so a wrong id or a missing network is one line here, before anything loads.
+    """
     m = TINY_RE.match(str(name_or_path))
     if not m:
         p = Path(name_or_path)
         if p.exists():
-            refuse_adapter_dir(p)
+            check_model_dir(p, key)
             return str(name_or_path)
         hub_like = re.match(r"^[\w.-]+(/[\w.-]+)?$", str(name_or_path)) and not Path(p.parts[0]).is_dir()
         if not hub_like:
-            raise ConfigError(f"model path {name_or_path!r} does not exist (and is not a hub id)")
+            raise ConfigError(f"{_named(key, name_or_path)} does not exist (and is not a hub id)")
+        if key:
+            check_hub_model(str(name_or_path), key)
         return str(name_or_path)
     target = cache_dir() / "tiny_models" / f"seed{m.group(1)}-{TINY_VERSION}"
     if not (target / "config.json").exists():
@@ -78,6 +85,33 @@ def resolve_model_path(name_or_path: str) -> str:
         except OSError:  # another process finished first: same deterministic content
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def _named(key: str | None, value) -> str:
+    return f"{key}={value}" if key else f"model path {str(value)!r}"
+
+
+MODEL_FORMS = "give a checkpoint directory (with config.json), a hub id or rlt-tiny:SEED"
+
+
+def check_model_dir(path: Path, key: str | None = None) -> None:
+    """An existing local ``path`` is a model directory: not a LoRA adapter, not a file, config.json inside."""
+    refuse_adapter_dir(path)
+    if not path.is_dir():
+        raise ConfigError(f"{_named(key, path)} is a file, not a model directory: {MODEL_FORMS}")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{_named(key, path)} has no config.json, so it is not a model: {MODEL_FORMS}")
+
+
+def check_hub_model(repo_id: str, key: str) -> None:
+    """The hub (or its local cache) gives ``repo_id``'s config.json; else one line naming ``key`` and the id."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(repo_id, "config.json")
+    except (OSError, ValueError) as e:  # not found, gated, offline and not cached, malformed id
+        raise ConfigError(f"{key}={repo_id}: not a local path, and no config.json for it on the hub or in its "
+                          f"cache ({type(e).__name__}); {MODEL_FORMS}") from None
 
 
 def refuse_adapter_dir(path: Path) -> None:

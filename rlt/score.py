@@ -50,9 +50,10 @@ class ScoreConfig:
         for key in ("input", "output"):
             if not getattr(self, key):
                 raise ConfigError(f"{key}=... is required")
-        if self.teacher_temperature <= 0 or self.batch_size < 1:
-            raise ConfigError(f"teacher_temperature={self.teacher_temperature} must be > 0 and "
-                              f"batch_size={self.batch_size} >= 1")
+        if self.teacher_temperature <= 0:
+            raise ConfigError(f"teacher_temperature={self.teacher_temperature} must be > 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be >= 1")
 
 
 def read_items(path: str, tokenizer, fmt, skip_bad_rows: bool):
@@ -102,7 +103,7 @@ def score(cfg: ScoreConfig, model: ModelConfig, fmt_cfg: FormatConfig, reward: R
     from tqdm import tqdm
 
     from rlt.data.formats import resolve_format
-    from rlt.models import load_tokenizer, resolve_device
+    from rlt.models import load_tokenizer, resolve_device, resolve_model_path
     from rlt.rewards.logprobs import check_reward_device
     from rlt.rewards.teacher_reward import load_scorer
 
@@ -110,13 +111,16 @@ def score(cfg: ScoreConfig, model: ModelConfig, fmt_cfg: FormatConfig, reward: R
         raise ConfigError("student=... (student_model) is required: the reward's frozen student")
     device = resolve_device(cfg.device, "device")
     check_reward_device(reward, device)
+    if not Path(cfg.input).is_file():
+        raise ConfigError(f"input={cfg.input}: no such file")
     check_writable_file(cfg.output)
+    teacher = resolve_model_path(model.require_model(), "teacher")
+    student = resolve_model_path(reward.student_model, "student")
     fmt = resolve_format(fmt_cfg.data_format, student_system_prompt=fmt_cfg.student_system_prompt,
                          teacher_system_prompt=fmt_cfg.teacher_system_prompt)
-    tokenizer = load_tokenizer(model.require_model())
+    tokenizer = load_tokenizer(teacher)
     rows = read_items(cfg.input, tokenizer, fmt, cfg.skip_bad_rows)
-    scorer = load_scorer(model.model_name_or_path, reward.student_model, tokenizer, fmt, reward,
-                         cfg.teacher_temperature, model.dtype, device)
+    scorer = load_scorer(teacher, student, tokenizer, fmt, reward, cfg.teacher_temperature, model.dtype, device)
     scored = []
     for s in tqdm(range(0, len(rows), cfg.batch_size), desc="scoring", unit="batch"):
         chunk = rows[s:s + cfg.batch_size]

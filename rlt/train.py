@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -19,6 +20,42 @@ from rlt.errors import ConfigError
 from rlt.logging_utils import setup_logging
 
 logger = logging.getLogger("rlt.train")
+MODEL_FORMS = "a checkpoint directory with config.json, a hub id (org/name) or rlt-tiny:SEED"
+LOCAL_PREFIXES = ("/", "./", "../", "~")  # never the start of a hub id
+
+
+def check_model_source(key: str, name: str) -> None:
+    """A model setting that cannot load, refused before anything starts: a local path must be a checkpoint
+    directory (config.json); hub ids and rlt-tiny:SEED pass (the tiny model is built when the run loads it)."""
+    from rlt.models import TINY_RE, refuse_adapter_dir, resolve_model_path
+
+    if TINY_RE.match(name):
+        return
+    path = Path(name)  # as the loader reads it (no ~ expansion)
+    if path.is_dir():
+        refuse_adapter_dir(path)
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"{key}={name}: no config.json in this directory; give {MODEL_FORMS}")
+        return
+    if path.exists():
+        raise ConfigError(f"{key}={name}: a file, not a model directory; give {MODEL_FORMS}")
+    if name.startswith(LOCAL_PREFIXES):
+        raise ConfigError(f"{key}={name}: no such directory; give {MODEL_FORMS}")
+    try:
+        resolve_model_path(name)  # a hub id is returned as it is; anything else is refused
+    except ConfigError:
+        raise ConfigError(f"{key}={name}: no such directory and not a hub id; give {MODEL_FORMS}") from None
+
+
+def check_inputs(s) -> None:
+    """The models and the checkpoint a run will load exist (no model is loaded)."""
+    from rlt.runs import last_checkpoint
+
+    check_model_source("model_name_or_path", s.model.require_model())
+    if s.run.trainer == "teacher_grpo" and s.reward.student_model:
+        check_model_source("student_model", s.reward.student_model)
+    if s.run.resume_from:
+        last_checkpoint(s.args.output_dir, s.run.resume_from)  # refuses a directory without trainer_state.json
 
 
 def check(cfg: dict, num_processes: int | None = None):
@@ -27,13 +64,13 @@ def check(cfg: dict, num_processes: int | None = None):
     from rlt.data.loading import load_dataset_examples
     from rlt.trainers.grpo_run import validate_grpo
 
-    n = num_processes or num_processes_from_env()
+    n = num_processes_from_env() if num_processes is None else num_processes
     # num_processes is given by launchers checking a run before it starts (a plain process); inside a
     # launched rank it is None and the settings are derived from the launch (gloo on CPU).
     s = build_train_settings(cfg, num_processes=num_processes)
-    s.model.require_model()
     if s.run.trainer == "teacher_grpo":
         validate_grpo(s, n)
+    check_inputs(s)
     examples, fmt = load_dataset_examples(s.data, s.format)
     check_writable(s.args.output_dir)
     return s, examples, fmt

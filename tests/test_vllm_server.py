@@ -45,7 +45,7 @@ def test_launch_with_server_end_to_end(tmp_path):
 def test_missing_model_fails_before_training(tmp_path):
     proc = run_cmd(LAUNCH + [f"output_dir={tmp_path}", "model_name_or_path=/no/such/model"], check=False)
     assert proc.returncode != 0
-    assert "model path '/no/such/model' does not exist" in proc.stderr
+    assert "model_name_or_path=/no/such/model: no such directory" in proc.stderr
     assert "starting vLLM server" not in proc.stderr and "training:" not in proc.stderr
 
 

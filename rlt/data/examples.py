@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from rlt.data.formats import DataFormat
 from rlt.errors import ConfigError
@@ -99,8 +99,9 @@ def parse_custom_row(row: dict[str, Any], qcol: str, fmt: DataFormat) -> Example
 
 
 def parse_rows(rows: Iterable[dict[str, Any]], fmt: DataFormat, *, source: str = "dataset",
-               drop_bad_rows: bool = False) -> list[Example]:
-    """Parse every row; a bad row raises :class:`RowError` naming ``source`` and its index.
+               drop_bad_rows: bool = False, lines: Sequence[int] | None = None) -> list[Example]:
+    """Parse every row; a bad row raises :class:`RowError` naming ``source`` and the row's index, or its
+    1-based file line when ``lines`` (one per row, as read from a JSON-lines file) is given.
 
     With ``drop_bad_rows`` the bad rows are skipped and their count is logged.
     """
@@ -116,11 +117,12 @@ def parse_rows(rows: Iterable[dict[str, Any]], fmt: DataFormat, *, source: str =
         try:
             ex = parse_stratos_row(row, fmt) if fmt.row_schema == "stratos" else parse_custom_row(row, qcol, fmt)
         except RowError as e:
+            where = f"row {i}" if lines is None else f"line {lines[i]}"
             if not drop_bad_rows:
-                raise RowError(f"{source}, row {i}: {e} (set drop_bad_rows=true to skip such rows)") from None
-            bad.append(i)
+                raise RowError(f"{source}, {where}: {e} (set drop_bad_rows=true to skip such rows)") from None
+            bad.append(where)
             continue
         out.append(ex)
     if bad:
-        logger.warning("%s: dropped %d unparseable row(s) (first: %s)", source, len(bad), bad[:10])
+        logger.warning("%s: dropped %d unparseable row(s) (first: %s)", source, len(bad), ", ".join(bad[:10]))
     return out

@@ -1,10 +1,16 @@
-"""Loading question/solution datasets from local files or the hub."""
+"""Loading question/solution datasets from local files or the hub.
+
+Every problem with the input (a missing file, a malformed line, a value of the wrong type, a split that does
+not exist) is a :class:`~rlt.errors.ConfigError` of one line naming the file, its line and column, and what is
+accepted, raised before any model is loaded.
+"""
 from __future__ import annotations
 
 import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 from rlt.data.examples import Example, RowError, parse_rows
 from rlt.data.formats import DataFormat, resolve_format
@@ -13,7 +19,13 @@ from rlt.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 COUNTDOWN_RE = re.compile(r"^rlt-countdown:(\d+):(\d+)$")
+COUNTDOWN_FORM = "rlt-countdown:N:SEED (N >= 1 questions, SEED an integer >= 0)"
+BUILTIN_RE = re.compile(r"^rlt-(countdown|arith)(:|$)")
+DEFAULT_SPLIT = "train"
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
+TEXT_COLUMNS = ("question", "prompt", "solution", "reasoning_trace", "system")  # a JSON string or null
+SKIP_HINT = "(set drop_bad_rows=true to skip such rows)"
 
 
 def read_jsonl(path: str | Path, skip_bad: bool = False, bad: list[int] | None = None):
@@ -44,51 +56,277 @@ def read_jsonl(path: str | Path, skip_bad: bool = False, bad: list[int] | None =
                 bad.append(lineno)
 
 
-def load_rows(dataset_id_or_path: str, split: str = "train"):
-    """Rows of a dataset as a `datasets.Dataset`: ``rlt-countdown:N:SEED``
-    (embedded Countdown, Stratos schema), a local jsonl/json/parquet/csv file,
-    a directory saved with `save_to_disk`, a directory of data files, or a hub id."""
+# --- checking the values of JSON-lines rows before Arrow stores them -------------------------------------------
+
+def _describe(value: Any) -> str:
+    """A JSON value as the user wrote it, in words: 'a number (5)', 'a list', 'text'."""
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return "text"
+    if value is None:
+        return "null"
+    return "a list" if isinstance(value, list) else "an object"
+
+
+def _value_problem(column: str, value: Any) -> str | None:
+    """Why ``value`` cannot be the ``column`` of a row (None: it can). Only columns the loaders read are
+    checked here; any column must also hold one type in all rows (:func:`_first_mixed_row`)."""
+    if value is None:
+        return None
+    if column in TEXT_COLUMNS and not isinstance(value, str):
+        return f"column {column!r} is {_describe(value)}; it takes text (a JSON string) or null"
+    if column == "answer" and isinstance(value, (bool, list, dict)):
+        return f"column 'answer' is {_describe(value)}; it takes text or a number"
+    if column == "conversations" and not _is_turn_list(value):
+        return ("column 'conversations' takes a list of {\"from\": ..., \"value\": ...} objects with text "
+                f"values; found {_describe(value)}" + (" holding something else" if isinstance(value, list) else ""))
+    return None
+
+
+def _is_turn_list(value: Any) -> bool:
+    """Whether ``value`` is a list of objects whose values are all text (or null)."""
+    return isinstance(value, list) and all(
+        isinstance(turn, dict) and all(v is None or isinstance(v, str) for v in turn.values()) for turn in value)
+
+
+def _first_mixed_row(values: list) -> int | None:
+    """Index of the first value Arrow cannot store in one column with those before it (None: all fit)."""
+    import pyarrow as pa
+
+    def fits(n: int) -> bool:
+        try:
+            pa.array(values[:n])
+        except (pa.ArrowException, TypeError, ValueError, OverflowError):
+            return False
+        return True
+
+    if fits(len(values)):
+        return None
+    lo, hi = 1, len(values)  # the shortest prefix that does not fit has hi values
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if fits(mid) else (lo, mid)
+    return lo - 1
+
+
+def _mixed_message(column: str, values: list, lines: list[int], i: int) -> str:
+    """The one-line reason the value at ``i`` cannot share ``column`` with the earlier values."""
+    earlier = next(((v, n) for v, n in zip(values[:i], lines[:i]) if v is not None), None)
+    here, there = _describe(values[i]), _describe(earlier[0]) if earlier else ""
+    if earlier and here == there:
+        there = f"{there} of other values"
+    where = f" but {there} on line {earlier[1]}" if earlier else ""
+    return f"column {column!r} is {here}{where}; a column holds one type of value (or null)"
+
+
+def _union_columns(rows: list[dict]) -> list[str]:
+    """Every column any row has, in the order they first appear."""
+    return list(dict.fromkeys(key for row in rows for key in row))
+
+
+def check_rows(path: str | Path, numbered: list[tuple[int, dict]], drop_bad_rows: bool = False,
+               bad: list[int] | None = None) -> list[tuple[int, dict]]:
+    """The (line, row) pairs whose values fit their columns: text columns hold text, and each column one type.
+
+    A bad value raises :class:`RowError` naming the file, line and column and what the column takes, or with
+    ``drop_bad_rows`` its row is skipped and the line appended to ``bad``.
+    """
+    bad = [] if bad is None else bad
+
+    def reject(lineno: int, message: str) -> None:
+        if not drop_bad_rows:
+            raise RowError(f"{path}, line {lineno}: {message} {SKIP_HINT}")
+        bad.append(lineno)
+
+    kept = []
+    for lineno, row in numbered:
+        problem = next(filter(None, (_value_problem(c, v) for c, v in row.items())), None)
+        if problem:
+            reject(lineno, problem)
+        else:
+            kept.append((lineno, row))
+    for column in _union_columns([row for _, row in kept]):
+        while (i := _first_mixed_row([row.get(column) for _, row in kept])) is not None:
+            values, lines = [row.get(column) for _, row in kept], [n for n, _ in kept]
+            reject(lines[i], _mixed_message(column, values, lines, i))
+            del kept[i]
+    return kept
+
+
+def read_jsonl_table(path: Path, drop_bad_rows: bool = False):
+    """(`datasets.Dataset`, 1-based file line of each row) of a JSON-lines file; every column of any row
+    (a row without it: None), each value checked first (:func:`check_rows`)."""
     import datasets
 
-    m = COUNTDOWN_RE.match(str(dataset_id_or_path))
-    if m:
+    bad: list[int] = []
+    kept = check_rows(path, list(read_jsonl(path, skip_bad=drop_bad_rows, bad=bad)), drop_bad_rows, bad)
+    if bad:
+        logger.warning("%s: dropped %d bad line(s) (first lines: %s)", path, len(bad), sorted(bad)[:10])
+    if not kept:
+        raise RowError(f"{path}: no rows" if not bad else f"{path}: no usable rows (all {len(bad)} are bad)")
+    rows = [row for _, row in kept]
+    columns = {c: [row.get(c) for row in rows] for c in _union_columns(rows)}
+    try:
+        ds = datasets.Dataset.from_dict(columns)
+    except Exception as e:  # noqa: BLE001 - check_rows should have caught it; still name the file
+        raise ConfigError(f"{path}: cannot store its rows as a table ({_one_line(e)})") from None
+    return ds, [n for n, _ in kept]
+
+
+# --- where the rows come from ------------------------------------------------------------------------------------
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type when it has none), at most 300 characters."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def _require_default_split(split: str, source: str, what: str) -> None:
+    """Refuse a ``dataset_split`` for a source without splits rather than ignore it; ``what`` says why the
+    source has none (e.g. "is a single file")."""
+    if split != DEFAULT_SPLIT:
+        raise ConfigError(f"dataset_split={split}: {source} {what}; leave dataset_split at {DEFAULT_SPLIT!r} "
+                          "(splits exist only for hub datasets and directories)")
+
+
+def _builtin_rows(spec: str) -> list[dict]:
+    """Rows of an embedded dataset id (``rlt-countdown:N:SEED`` or ``rlt-arith:SPLIT:N:SEED[:...]``)."""
+    if spec.startswith("rlt-countdown"):
         from rlt.data.countdown import generate_rows, to_stratos
 
-        rows = generate_rows(int(m.group(1)), seed=int(m.group(2)))
-        return datasets.Dataset.from_list([to_stratos(r) for r in rows])
-    if str(dataset_id_or_path).startswith("rlt-arith:"):  # embedded running-sum task (rlt/data/arithmetic.py)
-        from rlt.data.arithmetic import stratos_rows_of_id
+        m = COUNTDOWN_RE.match(spec)
+        if m is None or int(m.group(1)) < 1:
+            size = f"N={m.group(1)} must be >= 1; " if m else ""
+            raise ConfigError(f"dataset_id_or_path={spec}: {size}write {COUNTDOWN_FORM}")
+        return [to_stratos(r) for r in generate_rows(int(m.group(1)), seed=int(m.group(2)))]
+    from rlt.data.arithmetic import SPLITS, parse_id, stratos_rows_of_id
 
-        return datasets.Dataset.from_list(stratos_rows_of_id(str(dataset_id_or_path)))
-    path = Path(dataset_id_or_path)
-    if path.is_file() and path.suffix == ".jsonl":  # read here: errors name the line
-        rows = [row for _, row in read_jsonl(path)]
-        if not rows:
-            raise RowError(f"{path}: no rows")
-        return datasets.Dataset.from_list(rows)
-    if path.is_file():
-        builder = _FILE_BUILDERS.get(path.suffix)
-        if builder is None:
-            raise ConfigError(f"dataset_id_or_path={dataset_id_or_path}: unsupported file type {path.suffix!r}; "
-                             f"use one of {sorted(_FILE_BUILDERS)}")
+    form = f"rlt-arith:SPLIT:N:SEED[:key-value+...] (SPLIT one of {list(SPLITS)}, N >= 1)"
+    parsed = parse_id(spec) if spec.startswith("rlt-arith:") else None
+    if parsed is None or parsed[1] < 1:
+        size = f"N={parsed[1]} must be >= 1; " if parsed else ""
+        raise ConfigError(f"dataset_id_or_path={spec}: {size}write {form}")
+    return stratos_rows_of_id(spec)
+
+
+def looks_local(spec: str) -> bool:
+    """Whether a source that does not exist was meant as a local path rather than a hub id (``org/name``):
+    it starts with '.', '/' or '~', ends with a data-file suffix, has more than two parts, or its first
+    part is a local directory."""
+    parts = Path(spec).parts
+    return (spec.startswith((".", "/", "~")) or Path(spec).suffix in _FILE_BUILDERS or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+
+
+def _json_syntax_problem(path: Path) -> str | None:
+    """Where a .json file (one JSON document, or JSON lines) breaks JSON syntax; None when it does not.
+    A JSON-lines file with a bad line raises :class:`RowError` naming the line."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 (byte {e.start})"
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":
+            return f"line {e.lineno}, column {e.colno}: not valid JSON ({e.msg})"
+        for _ in read_jsonl(path):  # several documents: JSON lines, each checked
+            pass
+    return None
+
+
+def _file_rows(path: Path):
+    """A local .json, .parquet or .csv file as a `datasets.Dataset`; an unreadable one is a ConfigError."""
+    import datasets
+    import pyarrow as pa
+
+    builder = _FILE_BUILDERS.get(path.suffix)
+    if builder is None:
+        raise ConfigError(f"dataset_id_or_path={path}: unsupported file type {path.suffix!r}; "
+                          f"use one of {sorted(_FILE_BUILDERS)}")
+    try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            ds = datasets.load_from_disk(str(path))
-            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    except (datasets.exceptions.DatasetsError, pa.ArrowException, StopIteration) as e:
+        error = e
+    if path.stat().st_size == 0 or isinstance(error, StopIteration):
+        raise ConfigError(f"{path}: empty file, no rows")
+    syntax = _json_syntax_problem(path) if path.suffix == ".json" else None
+    reason = syntax or _one_line(error.__cause__ or error.__context__ or error)
+    raise ConfigError(f"{path}: cannot read it as a {path.suffix} file: {reason}")
+
+
+def _dir_rows(path: Path, split: str):
+    """A directory saved with `save_to_disk`, or a directory of data files, as a `datasets.Dataset`."""
+    import datasets
+    from datasets.data_files import EmptyDatasetError
+
+    if any((path / marker).exists() for marker in SAVED_MARKERS):
+        ds = datasets.load_from_disk(str(path))
+        if not isinstance(ds, datasets.DatasetDict):
+            _require_default_split(split, str(path), "is a saved dataset without splits")
+            return ds
+        if split not in ds:
+            raise ConfigError(f"dataset_split={split}: {path} has the splits {sorted(ds)}")
+        return ds[split]
+    try:
         return datasets.load_dataset(str(path), split=split)
-    if path.suffix in _FILE_BUILDERS or str(dataset_id_or_path).startswith(("/", ".")):
-        raise ConfigError(f"dataset_id_or_path={dataset_id_or_path}: no such file or directory")
-    return datasets.load_dataset(str(dataset_id_or_path), split=split)
+    except EmptyDatasetError:
+        raise ConfigError(f"{path}: no data files in this directory (give .jsonl/.json/.parquet/.csv files or a "
+                          "dataset saved with save_to_disk)") from None
+    except datasets.exceptions.DatasetsError as e:
+        raise ConfigError(f"{path}: cannot read its data files: {_one_line(e.__cause__ or e)}") from None
+    except ValueError as e:
+        if "split" not in str(e).lower():
+            raise
+        raise ConfigError(f"dataset_split={split}: {path} has no such split ({_one_line(e)})") from None
 
 
-def load_examples(dataset_id_or_path: str, fmt: DataFormat, split: str = "train",
+def load_table(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_rows: bool = False):
+    """(rows as a `datasets.Dataset`, 1-based file line of each row or None) of ``rlt-countdown:N:SEED`` or
+    ``rlt-arith:...`` (embedded, Stratos schema), a local jsonl/json/parquet/csv file, a directory saved with
+    `save_to_disk`, a directory of data files, or a hub id. Line numbers exist for JSON-lines files only;
+    there ``drop_bad_rows`` skips malformed lines and values of the wrong type (count and lines logged)."""
+    import datasets
+
+    spec = str(dataset_id_or_path)
+    if BUILTIN_RE.match(spec):
+        rows = _builtin_rows(spec)
+        _require_default_split(split, spec, "has its split in the id (rlt-arith:SPLIT:N:SEED)"
+                               if spec.startswith("rlt-arith") else "is a built-in dataset without splits")
+        return datasets.Dataset.from_list(rows), None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        _require_default_split(split, spec, "is a single file, without splits")
+        return read_jsonl_table(path, drop_bad_rows) if path.suffix == ".jsonl" else (_file_rows(path), None)
+    if path.is_dir():
+        return _dir_rows(path, split), None
+    if looks_local(spec):
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ConfigError(f"dataset_id_or_path={spec}: no such file or directory{where}")
+    return datasets.load_dataset(spec, split=split), None
+
+
+def load_rows(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_rows: bool = False):
+    """Rows of a dataset as a `datasets.Dataset` (see :func:`load_table`, which also gives line numbers)."""
+    return load_table(dataset_id_or_path, split, drop_bad_rows)[0]
+
+
+def _first(ds, lines: list[int] | None, max_samples: int | None):
+    """The first ``max_samples`` rows (None: all) and their line numbers."""
+    if max_samples is None:
+        return ds, lines
+    n = min(max_samples, len(ds))
+    return ds.select(range(n)), None if lines is None else lines[:n]
+
+
+def load_examples(dataset_id_or_path: str, fmt: DataFormat, split: str = DEFAULT_SPLIT,
                   drop_bad_rows: bool = False, max_samples: int | None = None) -> list[Example]:
-    """Load and parse a dataset into examples (errors name the source and row)."""
-    ds = load_rows(dataset_id_or_path, split)
-    if max_samples is not None:
-        ds = ds.select(range(min(max_samples, len(ds))))
-    examples = parse_rows(ds, fmt, source=str(dataset_id_or_path), drop_bad_rows=drop_bad_rows)
+    """Load and parse a dataset into examples (errors name the source and the row, or a file's line)."""
+    ds, lines = _first(*load_table(dataset_id_or_path, split, drop_bad_rows), max_samples)
+    examples = parse_rows(ds, fmt, source=str(dataset_id_or_path), drop_bad_rows=drop_bad_rows, lines=lines)
     if not examples:
         raise RowError(f"{dataset_id_or_path}: no usable rows")
     logger.info("loaded %d examples from %s (%s format)", len(examples), dataset_id_or_path, fmt.name)
@@ -99,13 +337,11 @@ def load_dataset_examples(data, fmt_cfg) -> tuple[list[Example], DataFormat]:
     """Examples and their format from the data settings (:class:`~rlt.data.config.DataConfig`,
     :class:`~rlt.data.config.FormatConfig`); with ``data_format: auto`` the format comes from the columns."""
     source = data.require_dataset()
-    ds = load_rows(source, data.dataset_split)
-    if data.max_samples is not None:
-        ds = ds.select(range(min(data.max_samples, len(ds))))
+    ds, lines = _first(*load_table(source, data.dataset_split, data.drop_bad_rows), data.max_samples)
     fmt = resolve_format(fmt_cfg.data_format, ds.column_names, source=source,
                          student_system_prompt=fmt_cfg.student_system_prompt,
                          teacher_system_prompt=fmt_cfg.teacher_system_prompt)
-    examples = parse_rows(ds, fmt, source=source, drop_bad_rows=data.drop_bad_rows)
+    examples = parse_rows(ds, fmt, source=source, drop_bad_rows=data.drop_bad_rows, lines=lines)
     if not examples:
         raise RowError(f"{source}: no usable rows")
     logger.info("loaded %d examples from %s (%s format)", len(examples), source, fmt.name)

@@ -84,12 +84,41 @@ def clamp_model_len(model: str, wanted: int, longest_prompt: int | None = None) 
     return context
 
 
-def make_engine(model: str, rollout, max_model_len: int, seed: int, dtype: str):
+def check_sampling(temperature: float, top_p: float, n_key: str, n: int) -> None:
+    """temperature >= 0, top_p in (0, 1], and one sample per prompt when greedy (temperature 0: vLLM refuses more).
+    ``n_key``: the setting that asks for ``n`` samples per prompt."""
+    from rlt.errors import ConfigError
+
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0: greedy)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
+    if temperature == 0 and n > 1:
+        raise ConfigError(f"{n_key}={n} with temperature=0: greedy decoding gives one answer per prompt; set "
+                          f"{n_key}=1 or temperature > 0")
+
+
+def fitting_prompts(lengths: list[int], max_prompt_length: int) -> list[int]:
+    """Indices of the prompts of at most ``max_prompt_length`` tokens. Longer ones are dropped as rlt.train
+    drops them (rlt.data.loading.drop_longer): the count logged, an error naming the key when none is left."""
+    from rlt.errors import ConfigError
+
+    keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
+    if len(keep) < len(lengths):
+        logger.warning("dropped %d of %d prompts longer than max_prompt_length=%d tokens", len(lengths) - len(keep),
+                       len(lengths), max_prompt_length)
+    if not keep:
+        raise ConfigError(f"no prompt fits max_prompt_length={max_prompt_length} tokens; raise max_prompt_length")
+    return keep
+
+
+def make_engine(model: str, rollout, max_model_len: int, seed: int, dtype: str, longest_prompt: int | None = None):
     """Running servers when ``rollout.vllm_host`` is set (:class:`~rlt.generation.config.RolloutConfig`),
-    else vLLM's offline engine on ``model``."""
+    else vLLM's offline engine on ``model``; ``longest_prompt`` (tokens) must fit the model's context."""
     if rollout.vllm_host:
         logger.info("generating with the vLLM server(s) at %s:%d", rollout.vllm_host, rollout.vllm_port)
         return ServerEngine(rollout.vllm_host, rollout.vllm_port, rollout.vllm_num_servers)
     logger.info("generating with vLLM's offline engine on %s", model)
-    return OfflineEngine(model, max_model_len=clamp_model_len(model, max_model_len), seed=seed, dtype=dtype,
+    max_model_len = clamp_model_len(model, max_model_len, longest_prompt)
+    return OfflineEngine(model, max_model_len=max_model_len, seed=seed, dtype=dtype,
                          enforce_eager=rollout.vllm_enforce_eager)

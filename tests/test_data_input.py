@@ -1,0 +1,155 @@
+"""Bad dataset input: one ConfigError line naming the file, line, column or key and what is accepted."""
+import json
+
+import pytest
+
+from rlt.data.config import DataConfig, FormatConfig
+from rlt.data.loading import load_dataset_examples, load_table
+from rlt.errors import ConfigError
+
+
+def write_jsonl(path, rows):
+    """Rows (dicts, or raw strings written as they are) as lines of a file; returns its path as text."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def load(source, **data):
+    """(examples, format) as the trainers load them."""
+    return load_dataset_examples(DataConfig(dataset_id_or_path=source, **data), FormatConfig())
+
+
+def error_of(source, **data) -> str:
+    with pytest.raises(ConfigError) as e:
+        load(source, **data)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """Fail the test if anything asks the hub (or datasets' generic loader) for a dataset."""
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or pytest.fail(f"hub: {a}"))
+    return calls
+
+
+def ok(i):
+    return {"question": f"q{i}", "solution": f"s{i}"}
+
+
+# 1. values of the wrong type are named before Arrow sees them
+
+def test_wrong_type_values_name_file_line_and_column(tmp_path):
+    src = write_jsonl(tmp_path / "bad.jsonl", [ok(1), ok(2), {"question": "q3", "solution": 5}])
+    msg = error_of(src)
+    assert msg.startswith(f"{src}, line 3: column 'solution' is a number (5); it takes text")
+    src = write_jsonl(tmp_path / "listq.jsonl", [ok(1), {"question": ["a", "b"], "solution": "s"}])
+    assert error_of(src).startswith(f"{src}, line 2: column 'question' is a list; it takes text")
+
+
+def test_a_column_of_mixed_types_names_both_lines(tmp_path):
+    src = write_jsonl(tmp_path / "meta.jsonl", [{**ok(1), "meta": "x"}, ok(2), {**ok(3), "meta": 7}])
+    assert error_of(src).startswith(f"{src}, line 3: column 'meta' is a number (7) but text on line 1")
+
+
+def test_drop_bad_rows_skips_wrong_types_and_bad_json(tmp_path, caplog):
+    src = write_jsonl(tmp_path / "bad.jsonl", [ok(1), "{not json", {"question": "q3", "solution": 5}, ok(4),
+                                               {**ok(5), "meta": "x"}, {**ok(6), "meta": [1]}])
+    examples, _ = load(src, drop_bad_rows=True)
+    assert [e.question for e in examples] == ["q1", "q4", "q5"]
+    assert "dropped 3 bad line(s) (first lines: [2, 3, 6])" in caplog.text
+
+
+# 2. columns that only later rows have are kept (None where a row lacks them)
+
+def test_optional_columns_missing_from_the_first_row_are_kept(tmp_path):
+    src = write_jsonl(tmp_path / "mixed.jsonl", [ok(1), {**ok(2), "reasoning_trace": "t2", "system": "S",
+                                                         "answer": "42"}])
+    ds, lines = load_table(src)
+    assert ds.column_names == ["question", "solution", "reasoning_trace", "system", "answer"]
+    assert ds[0]["reasoning_trace"] is None and ds[1]["answer"] == "42" and lines == [1, 2]
+    examples, _ = load(src)
+    assert examples[0].thought == "\n\ns1\n\n" and examples[0].system is None
+    assert examples[1].thought == "\n\nt2\n\n" and examples[1].system == "S"
+
+
+# 3. row errors use the file's own 1-based line numbers
+
+def test_row_errors_name_the_file_line(tmp_path):
+    src = write_jsonl(tmp_path / "rows.jsonl", [ok(1), ok(2), {"question": "q3", "solution": ""}])
+    assert error_of(src).startswith(f"{src}, line 3: empty, missing or non-text 'solution'")
+    src = write_jsonl(tmp_path / "blank.jsonl", ["", "", ok(3), {"question": "q4"}])
+    assert error_of(src).startswith(f"{src}, line 4: empty, missing or non-text 'solution'")
+    examples, _ = load(src, drop_bad_rows=True, max_samples=5)
+    assert [e.question for e in examples] == ["q3"]
+
+
+# 4. unreadable .json / .csv files and empty folders
+
+def test_malformed_json_and_csv_files_and_empty_folders(tmp_path):
+    lines = tmp_path / "lines.json"
+    lines.write_text(json.dumps(ok(1)) + '\n{"question": "q2"\n')
+    assert error_of(str(lines)).startswith(f"{lines}, line 2: not valid JSON")
+    doc = tmp_path / "doc.json"
+    doc.write_text('[\n  {"question": "q1", "solution": "s1"},\n  {"question": "q2",, }\n]\n')
+    assert error_of(str(doc)).startswith(f"{doc}: cannot read it as a .json file: line 3, column 21: not valid JSON")
+    csv = tmp_path / "bad.csv"
+    csv.write_text('question,solution\n"q1,s1\n')
+    assert error_of(str(csv)).startswith(f"{csv}: cannot read it as a .csv file: ")
+    for name in ("empty.json", "empty.csv"):
+        (tmp_path / name).write_text("")
+        assert error_of(str(tmp_path / name)) == f"{tmp_path / name}: empty file, no rows"
+    (tmp_path / "folder").mkdir()
+    assert error_of(str(tmp_path / "folder")).startswith(f"{tmp_path / 'folder'}: no data files in this directory")
+
+
+# 5. local paths that do not exist, and built-in ids, never reach the hub
+
+@pytest.mark.parametrize("source", ["results/no_such_distilled", "./no_such", "no_such.jsonl", "a/b/c"])
+def test_missing_local_paths_say_no_such_file(tmp_path, monkeypatch, no_hub, source):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    assert error_of(source) == (f"dataset_id_or_path={source}: no such file or directory (relative to "
+                                f"{tmp_path})")
+
+
+def test_hub_ids_still_go_to_the_hub(tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pytest.fail.Exception):
+        load("some-org/some-data")
+    assert no_hub == [("some-org/some-data",)]
+
+
+@pytest.mark.parametrize("source, start", [
+    ("rlt-countdown:abc", "dataset_id_or_path=rlt-countdown:abc: write rlt-countdown:N:SEED (N >= 1"),
+    ("rlt-countdown:0:0", "dataset_id_or_path=rlt-countdown:0:0: N=0 must be >= 1; write rlt-countdown:N:SEED"),
+    ("rlt-arith", "dataset_id_or_path=rlt-arith: write rlt-arith:SPLIT:N:SEED"),
+    ("rlt-arith:train:0:0", "dataset_id_or_path=rlt-arith:train:0:0: N=0 must be >= 1; write rlt-arith:SPLIT"),
+])
+def test_bad_builtin_ids_name_the_accepted_form(no_hub, source, start):
+    assert error_of(source).startswith(start)
+
+
+# 6. a split other than the default is refused where there are no splits
+
+def test_a_split_is_refused_for_sources_without_splits(tmp_path):
+    src = write_jsonl(tmp_path / "data.jsonl", [ok(1)])
+    assert error_of(src, dataset_split="tset").startswith(
+        f"dataset_split=tset: {src} is a single file, without splits; leave dataset_split at 'train'")
+    assert error_of("rlt-countdown:2:0", dataset_split="test").startswith(
+        "dataset_split=test: rlt-countdown:2:0 is a built-in dataset without splits")
+    assert error_of("rlt-arith:train:2:0", dataset_split="test").startswith(
+        "dataset_split=test: rlt-arith:train:2:0 has its split in the id")
+
+
+def test_a_saved_dataset_names_its_splits(tmp_path):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([ok(1)])}).save_to_disk(str(tmp_path / "saved"))
+    assert [e.question for e in load(str(tmp_path / "saved"))[0]] == ["q1"]
+    assert error_of(str(tmp_path / "saved"), dataset_split="tset") == (
+        f"dataset_split=tset: {tmp_path / 'saved'} has the splits ['train']")

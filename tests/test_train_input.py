@@ -1,0 +1,122 @@
+"""Bad training input is one line naming the key, refused by --check (and its validate functions) before any
+model loads or process starts."""
+import pytest
+
+from conftest import ROOT, run_cmd
+from rlt import launch_with_server
+from rlt.config import build_train_settings, compose
+from rlt.errors import ConfigError
+from rlt.train import check
+
+
+def settings(tmp_path, recipe, *overrides):
+    return build_train_settings(compose(recipe, [f"output_dir={tmp_path / 'out'}", *overrides]), num_processes=1)
+
+
+def refused(fn, *args, match: str):
+    with pytest.raises(ConfigError, match=match) as e:
+        fn(*args)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+# ----------------------------------------------------------------------------------------- 1. field types
+@pytest.mark.parametrize("recipe, override, match", [
+    ("tiny_teacher_sft", "max_steps=abc", r"max_steps='abc': SFTConfig\.max_steps takes an integer"),
+    ("tiny_teacher_sft", "learning_rate=abc", r"learning_rate='abc': SFTConfig\.learning_rate takes a number"),
+    ("tiny_teacher_sft", "per_device_train_batch_size=x", r"per_device_train_batch_size='x': .* takes an integer"),
+    ("tiny_teacher_sft", "gradient_checkpointing=maybe", r"gradient_checkpointing='maybe': .* takes true or false"),
+    ("tiny_teacher_rlt", "temperature=abc", r"temperature='abc': GRPOConfig\.temperature takes a number"),
+])
+def test_trl_values_are_type_checked(tmp_path, recipe, override, match):
+    refused(settings, tmp_path, recipe, override, match=match)
+
+
+def test_trl_values_convert_as_a_user_expects(tmp_path):
+    s = settings(tmp_path, "tiny_teacher_sft", "learning_rate=1e-5", "max_steps='7'", "run_name=123")
+    assert (s.args.learning_rate, s.args.max_steps, s.args.run_name) == (1e-5, 7, "123")
+
+
+# ----------------------------------------------------------------------------------------- 2, 4, 8. ranges
+@pytest.mark.parametrize("recipe, override, match", [
+    ("tiny_teacher_rlt", "num_generations=0", r"num_generations=0: GRPO needs at least 2"),
+    ("tiny_teacher_sft", "max_length=0", r"max_length=0 must be >= 1"),
+    ("tiny_teacher_rlt", "max_completion_length=0", r"max_completion_length=0 must be >= 1"),
+    ("tiny_teacher_sft", "max_steps=-5", r"max_steps=-5: give -1 .* or a number of steps >= 1"),
+    ("tiny_teacher_sft", "max_steps=0", r"max_steps=0: give -1"),
+])
+def test_values_trl_cannot_use_are_refused_before_it_builds(tmp_path, recipe, override, match):
+    refused(settings, tmp_path, recipe, override, match=match)
+
+
+def test_max_steps_minus_one_means_epochs(tmp_path):
+    assert settings(tmp_path, "tiny_teacher_sft", "max_steps=-1").args.max_steps == -1
+
+
+# ----------------------------------------------------------------------------------------- 3, 4. paths
+def test_missing_models_and_checkpoints_fail_check(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = tmp_path / "nothing"
+    for recipe, override, match in [
+        ("tiny_teacher_sft", f"model_name_or_path={nothing}", r"model_name_or_path=\S+nothing: no such directory"),
+        ("tiny_teacher_sft", f"model_name_or_path={empty}", r"model_name_or_path=\S+empty: no config\.json"),
+        ("tiny_teacher_sft", "model_name_or_path=./no_such_model", r"model_name_or_path=\./no_such_model: no such"),
+        ("tiny_teacher_rlt", f"student_model={nothing}", r"student_model=\S+nothing: no such directory"),
+        ("tiny_teacher_sft", f"resume_from={nothing}", r"resume_from=\S+nothing: not a checkpoint"),
+    ]:
+        cfg = compose(recipe, [f"output_dir={tmp_path / 'out'}", override])
+        refused(check, cfg, 1, match=match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_ids_and_tiny_specs_pass_check(tmp_path):
+    cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'out'}", "model_name_or_path=Qwen/Qwen2.5-7B-Instruct"])
+    assert check(cfg, 1)[0].model.model_name_or_path == "Qwen/Qwen2.5-7B-Instruct"
+    cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'out'}"])
+    assert check(cfg, 1)[0].model.model_name_or_path == "rlt-tiny:0"
+
+
+def test_launch_sh_refuses_a_missing_model_in_one_line(tmp_path):
+    proc = run_cmd([str(ROOT / "launch.sh"), "1", "tiny_teacher_sft", f"output_dir={tmp_path / 'out'}",
+                    f"model_name_or_path={tmp_path / 'nomodel'}"], timeout=300, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("rlt.train: error: model_name_or_path=")
+    assert "Traceback" not in proc.stderr and "[launch]" not in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------- 5, 6. launch_with_server
+def test_launch_with_server_names_a_recipe_of_another_kind(tmp_path):
+    refused(launch_with_server.validate, "tiny_teacher_sft", [f"output_dir={tmp_path}"], 1, 1,
+            match=r"tiny_teacher_sft is not a teacher RL recipe \(trainer=sft\); use \./launch\.sh")
+
+
+@pytest.mark.parametrize("counts, key", [(("1", "0"), "NUM_TRAIN"), (("0", "1"), "NUM_VLLM")])
+def test_launch_with_server_counts_are_at_least_one(counts, key, capsys):
+    with pytest.raises(SystemExit) as e:
+        launch_with_server.main([*counts, "tiny_teacher_rlt"])
+    assert e.value.code == 2
+    assert f"launch_with_server.sh: error: {key} must be an integer >= 1, got '0'" in capsys.readouterr().err
+
+
+def test_zero_processes_is_not_unset(tmp_path):
+    cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path}"])
+    refused(build_train_settings, cfg, 0, match=r"number of training processes \(0\) must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------- 7. DeepSpeed flags
+@pytest.mark.parametrize("flags, match", [
+    (["offload", "zero1"], "launch.sh: error: offload and zero1 exclude each other: give at most one of offload|zero1"),
+    (["ofload"], "launch.sh: error: unexpected argument 'ofload': give key=value overrides and at most one of "
+                 "offload|zero1"),
+])
+def test_launch_sh_flags(tmp_path, flags, match):
+    proc = run_cmd([str(ROOT / "launch.sh"), "1", "tiny_teacher_sft", f"output_dir={tmp_path}", *flags],
+                   timeout=60, check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == match, proc.stderr
+
+
+def test_launch_with_server_flags():
+    refused(launch_with_server.split_flags, ["x=1", "offload", "zero1"], match="offload and zero1 exclude each other")
+    refused(launch_with_server.split_flags, ["ofload"], match=r"unexpected argument 'ofload'.*offload\|zero1")
+    assert launch_with_server.split_flags(["x=1", "zero1", "~y"]) == (["x=1", "~y"], ["zero1"])
