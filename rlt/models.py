@@ -64,8 +64,7 @@ def resolve_model_path(name_or_path: str, key: str | None = None) -> str:
         if p.exists():
             check_model_dir(p, key)
             return str(name_or_path)
-        hub_like = re.match(r"^[\w.-]+(/[\w.-]+)?$", str(name_or_path)) and not Path(p.parts[0]).is_dir()
-        if not hub_like:
+        if not looks_like_hub_id(str(name_or_path)):
             raise ConfigError(f"{_named(key, name_or_path)} does not exist (and is not a hub id)")
         if key:
             check_hub_model(str(name_or_path), key)
@@ -85,6 +84,11 @@ def resolve_model_path(name_or_path: str, key: str | None = None) -> str:
         except OSError:  # another process finished first: same deterministic content
             shutil.rmtree(tmp, ignore_errors=True)
     return str(target)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """``name`` or ``org/name`` (letters, digits, ``_.-``) whose first part is not a local folder."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not Path(Path(name).parts[0]).is_dir()
 
 
 def _named(key: str | None, value) -> str:

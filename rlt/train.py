@@ -20,31 +20,24 @@ from rlt.errors import ConfigError
 from rlt.logging_utils import setup_logging
 
 logger = logging.getLogger("rlt.train")
-MODEL_FORMS = "a checkpoint directory with config.json, a hub id (org/name) or rlt-tiny:SEED"
 LOCAL_PREFIXES = ("/", "./", "../", "~")  # never the start of a hub id
 
 
 def check_model_source(key: str, name: str) -> None:
     """A model setting that cannot load, refused before anything starts: a local path must be a checkpoint
-    directory (config.json); hub ids and rlt-tiny:SEED pass (the tiny model is built when the run loads it)."""
-    from rlt.models import TINY_RE, refuse_adapter_dir, resolve_model_path
+    directory (config.json); hub ids and rlt-tiny:SEED pass unchecked (no network here; the tiny model is built
+    when the run loads it)."""
+    from rlt.models import MODEL_FORMS, TINY_RE, check_model_dir, looks_like_hub_id
 
+    path = Path(name)  # as the loader reads it (no ~ expansion)
     if TINY_RE.match(name):
         return
-    path = Path(name)  # as the loader reads it (no ~ expansion)
-    if path.is_dir():
-        refuse_adapter_dir(path)
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{key}={name}: no config.json in this directory; give {MODEL_FORMS}")
-        return
     if path.exists():
-        raise ConfigError(f"{key}={name}: a file, not a model directory; give {MODEL_FORMS}")
-    if name.startswith(LOCAL_PREFIXES):
-        raise ConfigError(f"{key}={name}: no such directory; give {MODEL_FORMS}")
-    try:
-        resolve_model_path(name)  # a hub id is returned as it is; anything else is refused
-    except ConfigError:
-        raise ConfigError(f"{key}={name}: no such directory and not a hub id; give {MODEL_FORMS}") from None
+        check_model_dir(path, key)
+    elif name.startswith(LOCAL_PREFIXES):
+        raise ConfigError(f"{key}={name}: no such directory; {MODEL_FORMS}")
+    elif not looks_like_hub_id(name):
+        raise ConfigError(f"{key}={name}: no such directory and not a hub id; {MODEL_FORMS}")
 
 
 def check_inputs(s) -> None:

@@ -60,7 +60,7 @@ def test_missing_models_and_checkpoints_fail_check(tmp_path):
     nothing = tmp_path / "nothing"
     for recipe, override, match in [
         ("tiny_teacher_sft", f"model_name_or_path={nothing}", r"model_name_or_path=\S+nothing: no such directory"),
-        ("tiny_teacher_sft", f"model_name_or_path={empty}", r"model_name_or_path=\S+empty: no config\.json"),
+        ("tiny_teacher_sft", f"model_name_or_path={empty}", r"model_name_or_path=\S+empty has no config\.json"),
         ("tiny_teacher_sft", "model_name_or_path=./no_such_model", r"model_name_or_path=\./no_such_model: no such"),
         ("tiny_teacher_rlt", f"student_model={nothing}", r"student_model=\S+nothing: no such directory"),
         ("tiny_teacher_sft", f"resume_from={nothing}", r"resume_from=\S+nothing: not a checkpoint"),
