@@ -114,8 +114,9 @@ def score(cfg: ScoreConfig, model: ModelConfig, fmt_cfg: FormatConfig, reward: R
     if not Path(cfg.input).is_file():
         raise ConfigError(f"input={cfg.input}: no such file")
     check_writable_file(cfg.output)
-    teacher = resolve_model_path(model.require_model(), "teacher")
-    student = resolve_model_path(reward.student_model, "student")
+    teacher, student = model.require_model(), reward.student_model
+    resolve_model_path(teacher, "teacher")  # a wrong path or id: one line before anything loads
+    resolve_model_path(student, "student")
     fmt = resolve_format(fmt_cfg.data_format, student_system_prompt=fmt_cfg.student_system_prompt,
                          teacher_system_prompt=fmt_cfg.teacher_system_prompt)
     tokenizer = load_tokenizer(teacher)

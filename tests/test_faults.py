@@ -286,7 +286,7 @@ def test_launcher_refuses_before_starting_anything(tmp_path, fake_service, case)
     extra, expect = {
         "bad_key": (["no_such_key=1"], r"unknown key 'no_such_key'"),
         "bad_row": ([f"dataset_id_or_path={bad_rows_file(tmp_path)}", "data_format=custom"],
-                    r"bad\.jsonl, row 1: .*'question'"),
+                    r"bad\.jsonl, line 2: .*'question'"),
         "not_loopback": (["vllm_host=0.0.0.0"], r"vllm_host=0\.0\.0\.0: .*vllm_bind_all=true"),
         "port_in_use": ([], r"vllm_port: port (\d+) on 127\.0\.0\.1 is already in use .* choose another vllm_port"),
     }[case]
