@@ -208,15 +208,15 @@ def select_rows(examples, completions, fmt, cfg: DistillConfig, scorer=None, tea
     return per_question, counts
 
 
-def distill_chunks(engine, tok, todo, prompts, fmt, cfg: DistillConfig, scorer, f, totals: dict, starts=None) -> None:
-    """Generate ``cfg.num_explanations`` per question of ``todo`` (``cfg.chunk_size`` questions per call), select
-    the rows, append each question's rows to ``f`` and add the counts to ``totals``. ``starts``: the chunk
-    offsets to iterate (e.g. wrapped in a progress bar)."""
+def distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg: DistillConfig, scorer, f, totals: dict,
+                   starts=None) -> None:
+    """Generate ``cfg.num_explanations`` per question of ``todo`` (``cfg.chunk_size`` questions per call) from
+    ``prompt_ids`` ({index: token ids} of ``prompts``), select the rows, append each question's rows to ``f`` and
+    add the counts to ``totals``. ``starts``: the chunk offsets to iterate (e.g. wrapped in a progress bar)."""
     for s in starts if starts is not None else range(0, len(todo), cfg.chunk_size):
         chunk = todo[s:s + cfg.chunk_size]
-        ids = [tok(prompts[i], add_special_tokens=False)["input_ids"] for i, _ in chunk]
-        gen = engine.generate(ids, cfg.num_explanations, cfg.max_completion_length, cfg.temperature, cfg.top_p,
-                              seed=cfg.seed + s)
+        gen = engine.generate([prompt_ids[i] for i, _ in chunk], cfg.num_explanations, cfg.max_completion_length,
+                              cfg.temperature, cfg.top_p, seed=cfg.seed + s)
         texts = [[tok.decode(c, skip_special_tokens=True) for c in per_q] for per_q in gen]
         per_question, counts = select_rows(chunk, texts, fmt, cfg, scorer, prompts)
         for _, rows in per_question:
@@ -268,7 +268,7 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     done = load_progress(progress, [ex.question for ex in examples])
     todo = [(i, ex) for i, ex in enumerate(examples) if i not in done]
     logger.info("%d questions, %d already written, %d to do", len(examples), len(done), len(todo))
-    todo, prompts, longest = fitting_todo(todo, tok, fmt, data.max_prompt_length)
+    todo, prompts, prompt_ids = fitting_todo(todo, tok, fmt, data.max_prompt_length)
     scorer = None
     if cfg.select == "best_of_k" and todo:
         from rlt.rewards.teacher_reward import load_scorer
@@ -277,10 +277,10 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
     if todo and engine is None:
         engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
-                             model.dtype, longest_prompt=longest)
+                             model.dtype, longest_prompt=max(map(len, prompt_ids.values())))
     with open(progress, "a") as f:
         starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
-        distill_chunks(engine, tok, todo, prompts, fmt, cfg, scorer, f, totals, starts)
+        distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts)
     logger.info("explanations %d, without end tag %d (%s), questions with no row %d, rows written %d",
                 totals["explanations"], totals["no_end_tag"], cfg.missing_end_tag,
                 totals["questions_without_rows"], totals["rows"])
@@ -312,18 +312,18 @@ def output_paths(output: str) -> tuple[Path, Path, Path]:
     return out, progress, summary
 
 
-def fitting_todo(todo: list, tokenizer, fmt, max_prompt_length: int) -> tuple[list, dict[int, str], int]:
+def fitting_todo(todo: list, tokenizer, fmt, max_prompt_length: int) -> tuple[list, dict[int, str], dict[int, list[int]]]:
     """(the questions of ``todo`` whose teacher prompt has at most ``max_prompt_length`` tokens, {index: prompt},
-    the longest kept prompt in tokens); longer ones are dropped and counted in the log, as rlt.train does."""
+    {index: prompt token ids}); longer ones are dropped and counted in the log, as rlt.train does."""
+    from rlt.data.loading import prompt_ids_within
     from rlt.data.text import teacher_prompt
-    from rlt.generation.offline import fitting_prompts
 
     if not todo:
-        return todo, {}, 0
+        return todo, {}, {}
     prompts = [teacher_prompt(tokenizer, ex.question, ex.solution, fmt) for _, ex in todo]
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    keep = fitting_prompts(lengths, max_prompt_length)
-    return [todo[k] for k in keep], {todo[k][0]: prompts[k] for k in keep}, max(lengths[k] for k in keep)
+    kept = prompt_ids_within(tokenizer, prompts, max_prompt_length)
+    return ([todo[k] for k in kept], {todo[k][0]: prompts[k] for k in kept},
+            {todo[k][0]: ids for k, ids in kept.items()})
 
 
 def write_summary(path: Path, progress: Path, totals: dict, cfg: DistillConfig, n_questions: int,

@@ -141,14 +141,12 @@ def check_output_dir(out: Path) -> None:
 def fitting_rows(rows: list[dict], tokenizer, fmt, max_prompt_length: int) -> tuple[list[dict], dict[str, list[int]]]:
     """(the rows whose student prompt has at most ``max_prompt_length`` tokens, {prompt text: token ids});
     longer ones are dropped and counted in the log, as rlt.train does."""
+    from rlt.data.loading import prompt_ids_within
     from rlt.data.text import render_student_prompt
-    from rlt.generation.offline import fitting_prompts
 
     prompts = [render_student_prompt(tokenizer, r["question"], r["system"], fmt) for r in rows]
-    all_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    keep = fitting_prompts([len(x) for x in all_ids], max_prompt_length)
-    ids = {prompts[i]: all_ids[i] for i in keep}
-    return [rows[i] for i in keep], ids
+    kept = prompt_ids_within(tokenizer, prompts, max_prompt_length)
+    return [rows[i] for i in kept], {prompts[i]: ids for i, ids in kept.items()}
 
 
 def run_eval(cfg: EvalConfig, model_cfg: ModelConfig, data: DataConfig, fmt_cfg: FormatConfig,

@@ -60,13 +60,8 @@ def resolve_model_path(name_or_path: str, key: str | None = None) -> str:
     """
     m = TINY_RE.match(str(name_or_path))
     if not m:
-        p = Path(name_or_path)
-        if p.exists():
-            check_model_dir(p, key)
-            return str(name_or_path)
-        if not looks_like_hub_id(str(name_or_path)):
-            raise ConfigError(f"{_named(key, name_or_path)} does not exist (and is not a hub id)")
-        if key:
+        check_model_source(str(name_or_path), key)
+        if key and not Path(name_or_path).exists():
             check_hub_model(str(name_or_path), key)
         return str(name_or_path)
     target = cache_dir() / "tiny_models" / f"seed{m.group(1)}-{TINY_VERSION}"
@@ -87,8 +82,21 @@ def resolve_model_path(name_or_path: str, key: str | None = None) -> str:
 
 
 def looks_like_hub_id(name: str) -> bool:
-    """``name`` or ``org/name`` (letters, digits, ``_.-``) whose first part is not a local folder."""
-    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not Path(Path(name).parts[0]).is_dir()
+    """``name`` or ``org/name`` (letters, digits, ``_.-``; not starting with '.', '/' or '~') whose first part is
+    not a local folder."""
+    return (not name.startswith((".", "/", "~")) and bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name))
+            and not Path(Path(name).parts[0]).is_dir())
+
+
+def check_model_source(name: str, key: str | None = None) -> None:
+    """``name`` can name a model, checked without the network and without building anything: ``rlt-tiny:SEED``,
+    an existing model directory (:func:`check_model_dir`) or something shaped like a hub id."""
+    if TINY_RE.match(name):
+        return
+    if Path(name).exists():
+        check_model_dir(Path(name), key)
+    elif not looks_like_hub_id(name):
+        raise ConfigError(f"{_named(key, name)}: no such directory and not a hub id; {MODEL_FORMS}")
 
 
 def _named(key: str | None, value) -> str:

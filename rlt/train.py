@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -20,33 +19,16 @@ from rlt.errors import ConfigError
 from rlt.logging_utils import setup_logging
 
 logger = logging.getLogger("rlt.train")
-LOCAL_PREFIXES = ("/", "./", "../", "~")  # never the start of a hub id
-
-
-def check_model_source(key: str, name: str) -> None:
-    """A model setting that cannot load, refused before anything starts: a local path must be a checkpoint
-    directory (config.json); hub ids and rlt-tiny:SEED pass unchecked (no network here; the tiny model is built
-    when the run loads it)."""
-    from rlt.models import MODEL_FORMS, TINY_RE, check_model_dir, looks_like_hub_id
-
-    path = Path(name)  # as the loader reads it (no ~ expansion)
-    if TINY_RE.match(name):
-        return
-    if path.exists():
-        check_model_dir(path, key)
-    elif name.startswith(LOCAL_PREFIXES):
-        raise ConfigError(f"{key}={name}: no such directory; {MODEL_FORMS}")
-    elif not looks_like_hub_id(name):
-        raise ConfigError(f"{key}={name}: no such directory and not a hub id; {MODEL_FORMS}")
 
 
 def check_inputs(s) -> None:
     """The models and the checkpoint a run will load exist (no model is loaded)."""
+    from rlt.models import check_model_source
     from rlt.runs import last_checkpoint
 
-    check_model_source("model_name_or_path", s.model.require_model())
+    check_model_source(s.model.require_model(), "model_name_or_path")
     if s.run.trainer == "teacher_grpo" and s.reward.student_model:
-        check_model_source("student_model", s.reward.student_model)
+        check_model_source(s.reward.student_model, "student_model")
     if s.run.resume_from:
         last_checkpoint(s.args.output_dir, s.run.resume_from)  # refuses a directory without trainer_state.json
 

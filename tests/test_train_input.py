@@ -20,33 +20,28 @@ def refused(fn, *args, match: str):
     return str(e.value)
 
 
-# ----------------------------------------------------------------------------------------- 1. field types
+# ----------------------------------------------------------------------------------------- 1, 2, 4, 8. values
 @pytest.mark.parametrize("recipe, override, match", [
+    # field types
     ("tiny_teacher_sft", "max_steps=abc", r"max_steps='abc': SFTConfig\.max_steps takes an integer"),
     ("tiny_teacher_sft", "learning_rate=abc", r"learning_rate='abc': SFTConfig\.learning_rate takes a number"),
     ("tiny_teacher_sft", "per_device_train_batch_size=x", r"per_device_train_batch_size='x': .* takes an integer"),
     ("tiny_teacher_sft", "gradient_checkpointing=maybe", r"gradient_checkpointing='maybe': .* takes true or false"),
     ("tiny_teacher_rlt", "temperature=abc", r"temperature='abc': GRPOConfig\.temperature takes a number"),
-])
-def test_trl_values_are_type_checked(tmp_path, recipe, override, match):
-    refused(settings, tmp_path, recipe, override, match=match)
-
-
-def test_trl_values_convert_as_a_user_expects(tmp_path):
-    s = settings(tmp_path, "tiny_teacher_sft", "learning_rate=1e-5", "max_steps='7'", "run_name=123")
-    assert (s.args.learning_rate, s.args.max_steps, s.args.run_name) == (1e-5, 7, "123")
-
-
-# ----------------------------------------------------------------------------------------- 2, 4, 8. ranges
-@pytest.mark.parametrize("recipe, override, match", [
+    # ranges trl cannot use, refused before it builds its config
     ("tiny_teacher_rlt", "num_generations=0", r"num_generations=0: GRPO needs at least 2"),
     ("tiny_teacher_sft", "max_length=0", r"max_length=0 must be >= 1"),
     ("tiny_teacher_rlt", "max_completion_length=0", r"max_completion_length=0 must be >= 1"),
     ("tiny_teacher_sft", "max_steps=-5", r"max_steps=-5: give -1 .* or a number of steps >= 1"),
     ("tiny_teacher_sft", "max_steps=0", r"max_steps=0: give -1"),
 ])
-def test_values_trl_cannot_use_are_refused_before_it_builds(tmp_path, recipe, override, match):
+def test_trl_values_are_type_and_range_checked(tmp_path, recipe, override, match):
     refused(settings, tmp_path, recipe, override, match=match)
+
+
+def test_trl_values_convert_as_a_user_expects(tmp_path):
+    s = settings(tmp_path, "tiny_teacher_sft", "learning_rate=1e-5", "max_steps='7'", "run_name=123")
+    assert (s.args.learning_rate, s.args.max_steps, s.args.run_name) == (1e-5, 7, "123")
 
 
 def test_max_steps_minus_one_means_epochs(tmp_path):

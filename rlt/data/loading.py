@@ -149,10 +149,10 @@ def check_rows(path: str | Path, numbered: list[tuple[int, dict]], drop_bad_rows
         else:
             kept.append((lineno, row))
     for column in _union_columns([row for _, row in kept]):
-        while (i := _first_mixed_row([row.get(column) for _, row in kept])) is not None:
-            values, lines = [row.get(column) for _, row in kept], [n for n, _ in kept]
-            reject(lines[i], _mixed_message(column, values, lines, i))
-            del kept[i]
+        values = [row.get(column) for _, row in kept]
+        while (i := _first_mixed_row(values)) is not None:
+            reject(kept[i][0], _mixed_message(column, values, [n for n, _ in kept], i))
+            del kept[i], values[i]
     return kept
 
 
@@ -213,12 +213,11 @@ def _builtin_rows(spec: str) -> list[dict]:
 
 
 def looks_local(spec: str) -> bool:
-    """Whether a source that does not exist was meant as a local path rather than a hub id (``org/name``):
-    it starts with '.', '/' or '~', ends with a data-file suffix, has more than two parts, or its first
-    part is a local directory."""
-    parts = Path(spec).parts
-    return (spec.startswith((".", "/", "~")) or Path(spec).suffix in _FILE_BUILDERS or len(parts) > 2
-            or (len(parts) == 2 and Path(parts[0]).is_dir()))
+    """Whether a source that does not exist was meant as a local path: not shaped like a hub id
+    (:func:`rlt.models.looks_like_hub_id`), or ending with a data-file suffix."""
+    from rlt.models import looks_like_hub_id
+
+    return not looks_like_hub_id(spec) or Path(spec).suffix in _FILE_BUILDERS
 
 
 def _json_syntax_problem(path: Path) -> str | None:
@@ -348,15 +347,26 @@ def load_dataset_examples(data, fmt_cfg) -> tuple[list[Example], DataFormat]:
     return examples, fmt
 
 
-def drop_longer(ds, length, limit: int | None, what: str, key: str):
-    """``ds`` (a `datasets.Dataset`) without the rows whose ``length(row)`` exceeds ``limit`` (None: keep all),
-    the count logged; a ConfigError naming ``key`` when no row is left. ``what``: a row, in the singular."""
-    if limit is not None:
-        kept = ds.filter(lambda r: length(r) <= limit)
-        if len(kept) < len(ds):
-            logger.warning("dropped %d of %d %ss longer than %s=%s tokens", len(ds) - len(kept), len(ds), what, key,
-                           limit)
-        ds = kept
-    if len(ds) == 0:
+def fitting(lengths: list[int], limit: int | None, what: str, key: str) -> list[int]:
+    """Indices of the ``lengths`` (tokens) of at most ``limit`` (None: all); the count of the others is logged,
+    and a ConfigError names ``key`` when none is left. ``what``: one item, in the singular."""
+    keep = [i for i, n in enumerate(lengths) if limit is None or n <= limit]
+    if len(keep) < len(lengths):
+        logger.warning("dropped %d of %d %ss longer than %s=%s tokens", len(lengths) - len(keep), len(lengths), what,
+                       key, limit)
+    if not keep:
         raise ConfigError(f"no {what} fits {key}={limit} tokens; raise {key}")
-    return ds
+    return keep
+
+
+def drop_longer(ds, length, limit: int | None, what: str, key: str):
+    """``ds`` (a `datasets.Dataset`) without the rows whose ``length(row)`` exceeds ``limit`` (:func:`fitting`)."""
+    keep = fitting([length(r) for r in ds] if limit is not None else [0] * len(ds), limit, what, key)
+    return ds if len(keep) == len(ds) else ds.select(keep)
+
+
+def prompt_ids_within(tokenizer, prompts: list[str], max_prompt_length: int) -> dict[int, list[int]]:
+    """{index: token ids} of the ``prompts`` of at most ``max_prompt_length`` tokens; longer ones are dropped as
+    training drops them (:func:`fitting`)."""
+    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return {i: ids[i] for i in fitting([len(x) for x in ids], max_prompt_length, "prompt", "max_prompt_length")}

@@ -326,11 +326,12 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
         return result
 
     prompts = {i: teacher_prompt(tok, ex.question, ex.solution, fmt) for i, ex in enumerate(examples)}
+    prompt_ids = {i: tok(p, add_special_tokens=False)["input_ids"] for i, p in prompts.items()}
     output.parent.mkdir(parents=True, exist_ok=True)
     totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
     todo = list(enumerate(examples))
     with open(output, "w") as f:
-        distill_chunks(engine, tok, todo, prompts, fmt, cfg, scorer, f, totals)
+        distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals)
     with open(output.with_suffix(".explanations.jsonl"), "w") as f:
         for row in scored:
             f.write(json.dumps(row) + "\n")

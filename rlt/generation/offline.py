@@ -98,20 +98,6 @@ def check_sampling(temperature: float, top_p: float, n_key: str, n: int) -> None
                           f"{n_key}=1 or temperature > 0")
 
 
-def fitting_prompts(lengths: list[int], max_prompt_length: int) -> list[int]:
-    """Indices of the prompts of at most ``max_prompt_length`` tokens. Longer ones are dropped as rlt.train
-    drops them (rlt.data.loading.drop_longer): the count logged, an error naming the key when none is left."""
-    from rlt.errors import ConfigError
-
-    keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
-    if len(keep) < len(lengths):
-        logger.warning("dropped %d of %d prompts longer than max_prompt_length=%d tokens", len(lengths) - len(keep),
-                       len(lengths), max_prompt_length)
-    if not keep:
-        raise ConfigError(f"no prompt fits max_prompt_length={max_prompt_length} tokens; raise max_prompt_length")
-    return keep
-
-
 def make_engine(model: str, rollout, max_model_len: int, seed: int, dtype: str, longest_prompt: int | None = None):
     """Running servers when ``rollout.vllm_host`` is set (:class:`~rlt.generation.config.RolloutConfig`),
     else vLLM's offline engine on ``model``; ``longest_prompt`` (tokens) must fit the model's context."""
