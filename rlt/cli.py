@@ -37,6 +37,14 @@ def check_writable(path: str | Path, what: str = "output_dir") -> None:
         raise ConfigError(f"{what}={path}: cannot write there ({e.strerror or e})") from None
 
 
+def refuse_directories(paths, what: str) -> None:
+    """None of ``paths`` (files a run writes beside its output) is a directory; else one line that starts with
+    ``what`` (the setting, e.g. ``output_dir=DIR``)."""
+    for path in paths:
+        if Path(path).is_dir():
+            raise ConfigError(f"{what}: {path}, written there, is a directory; move it away or choose another")
+
+
 def check_writable_file(path: str | Path, what: str = "output") -> None:
     """``path`` is not a directory, and the directory it is written in exists (or is created) and is writable."""
     if Path(path).is_dir():

@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import field
 from pathlib import Path
 
-from rlt.cli import check_writable_file, user_errors
+from rlt.cli import check_writable_file, refuse_directories, user_errors
 from rlt.config import compose_tool
 from rlt.data.config import DataConfig, FormatConfig
 from rlt.errors import ConfigError
@@ -305,10 +305,7 @@ def output_paths(output: str) -> tuple[Path, Path, Path]:
     progress = out if out.suffix == ".jsonl" else out.with_suffix(out.suffix + ".progress.jsonl")
     summary = out.with_suffix(".summary.json")
     check_writable_file(out)
-    for path in {progress, summary} - {out}:
-        if path.is_dir():
-            raise ConfigError(f"output={output}: {path}, written next to it, is a directory; move it away or give "
-                              "another output")
+    refuse_directories(sorted({progress, summary} - {out}), f"output={output}")
     return out, progress, summary
 
 

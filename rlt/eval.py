@@ -23,7 +23,7 @@ import sys
 from dataclasses import field
 from pathlib import Path
 
-from rlt.cli import check_writable, user_errors
+from rlt.cli import check_writable, refuse_directories, user_errors
 from rlt.config import compose_tool
 from rlt.data.config import DataConfig, FormatConfig
 from rlt.errors import ConfigError
@@ -58,36 +58,39 @@ class EvalConfig:
 
 
 def eval_rows(data: DataConfig, fmt_cfg: FormatConfig) -> tuple[list[dict], object]:
-    """([{question, answer, system, numbers, target}], format) from a dataset of any supported format."""
+    """([{question, answer, system, numbers, target}], format) from a dataset of any supported format. Errors
+    name the row's file line for JSON-lines files; ``drop_bad_rows`` skips bad rows (counted in the log)."""
     from rlt.answers import last_boxed
-    from rlt.data.examples import RowError, parse_rows
+    from rlt.data.examples import RowError, row_parser, row_place
     from rlt.data.formats import resolve_format
-    from rlt.data.loading import load_rows
+    from rlt.data.loading import load_data_table
 
     source = data.require_dataset()
-    ds = load_rows(source, data.dataset_split)
-    if data.max_samples is not None:
-        ds = ds.select(range(min(data.max_samples, len(ds))))
+    ds, lines = load_data_table(data)
     fmt = resolve_format(fmt_cfg.data_format, ds.column_names, source=source,
                          student_system_prompt=fmt_cfg.student_system_prompt)
+    parse = row_parser(fmt, ds.column_names, source)
     rows, bad = [], []
     for i, raw in enumerate(ds):
         try:
-            [ex] = parse_rows([raw], fmt, source=source)
+            ex = parse(raw)
             answer = raw.get("answer")
             if answer is None or not str(answer).strip():
                 answer = last_boxed(ex.solution)
             if answer is None or not str(answer).strip():
                 raise RowError("no gold answer (an 'answer' column, or a \\boxed{} in the solution)")
         except RowError as e:
+            where = row_place(i, lines)
             if not data.drop_bad_rows:
-                raise RowError(f"{source}, row {i}: {str(e).split('row 0: ')[-1]}") from None
-            bad.append(i)
+                raise RowError(f"{source}, {where}: {e} "
+                               "(set drop_bad_rows=true to skip such rows)") from None
+            bad.append(where)
             continue
         rows.append({"question": ex.question, "answer": str(answer).strip(), "system": ex.system,
                      "numbers": raw.get("numbers"), "target": raw.get("target")})
     if bad:
-        logger.warning("%s: dropped %d row(s) without a question or gold answer (first: %s)", source, len(bad), bad[:10])
+        logger.warning("%s: dropped %d row(s) without a question or gold answer (first: %s)", source, len(bad),
+                       ", ".join(bad[:10]))
     if not rows:
         raise RowError(f"{source}: no row to evaluate")
     return rows, fmt
@@ -132,10 +135,7 @@ def main(argv: list[str] | None = None) -> None:
 def check_output_dir(out: Path) -> None:
     """``out`` is a writable directory and the files written there are not directories."""
     check_writable(out, "output_dir")
-    for name in ("results.jsonl", "summary.json"):
-        if (out / name).is_dir():
-            raise ConfigError(f"output_dir={out}: {name} there is a directory; move it away or choose another "
-                              "output_dir")
+    refuse_directories([out / "results.jsonl", out / "summary.json"], f"output_dir={out}")
 
 
 def fitting_rows(rows: list[dict], tokenizer, fmt, max_prompt_length: int) -> tuple[list[dict], dict[str, list[int]]]:

@@ -116,14 +116,21 @@ def check_model_dir(path: Path, key: str | None = None) -> None:
 
 
 def check_hub_model(repo_id: str, key: str) -> None:
-    """The hub (or its local cache) gives ``repo_id``'s config.json; else one line naming ``key`` and the id."""
-    from huggingface_hub import hf_hub_download
+    """``repo_id``'s config.json is in the local hub cache, or the hub has it; else one line naming ``key`` and
+    the id. The hub is asked once, without huggingface_hub's download retries (about 25 s when offline)."""
+    import huggingface_hub
 
     try:
-        hf_hub_download(repo_id, "config.json")
-    except (OSError, ValueError) as e:  # not found, gated, offline and not cached, malformed id
+        if isinstance(huggingface_hub.try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+        found = huggingface_hub.file_exists(repo_id, "config.json")
+    except Exception as e:  # malformed id, gated, offline mode, no network: each is named by its type
+        why = type(e).__name__
+    else:
+        why = None if found else "not on the hub"
+    if why:
         raise ConfigError(f"{key}={repo_id}: not a local path, and no config.json for it on the hub or in its "
-                          f"cache ({type(e).__name__}); {MODEL_FORMS}") from None
+                          f"cache ({why}); {MODEL_FORMS}")
 
 
 def refuse_adapter_dir(path: Path) -> None:

@@ -88,7 +88,7 @@ def test_distill_refuses_a_directory_output_before_any_model_loads(tmp_path):
     with pytest.raises(ConfigError, match=rf"^output={tmp_path / 'dir.jsonl'} is a directory"):
         distill(*distill_args(teacher="nosuchorg/never-resolved", dataset="y", output=tmp_path / "dir.jsonl"))
     (tmp_path / "d.summary.json").mkdir()
-    with pytest.raises(ConfigError, match=r"d.summary.json, written next to it, is a directory"):
+    with pytest.raises(ConfigError, match=r"d.summary.json, written there, is a directory"):
         distill(*distill_args(teacher="nosuchorg/never-resolved", dataset="y", output=tmp_path / "d.jsonl"))
 
 
@@ -96,7 +96,7 @@ def test_eval_refuses_a_directory_where_its_results_go(tmp_path):
     (tmp_path / "ev" / "results.jsonl").mkdir(parents=True)
     args = tool_args("rlt.eval", EvalConfig, EVAL_CONCERNS, model="nosuchorg/never-resolved", dataset="y",
                      output_dir=tmp_path / "ev")
-    with pytest.raises(ConfigError, match=r"^output_dir=.*/ev: results.jsonl there is a directory"):
+    with pytest.raises(ConfigError, match=r"^output_dir=.*/ev: .*/ev/results.jsonl, written there, is a directory"):
         run_eval(*args)
 
 
@@ -114,18 +114,28 @@ def test_a_directory_without_config_json_is_not_a_model(tmp_path, tiny_path):
     assert resolve_model_path("rlt-tiny:0", "teacher") == tiny_path
 
 
-def test_a_hub_id_that_cannot_be_fetched_names_the_key(monkeypatch):
+def test_a_hub_id_that_cannot_be_fetched_names_the_key(monkeypatch, tmp_path):
+    import time
+
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub import constants
 
-    def offline(repo_id, filename, **kw):
-        raise LocalEntryNotFoundError("no connection and not in the cache\nmore text")
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache: the hub is asked
+    start = time.monotonic()
     with pytest.raises(ConfigError, match=r"^teacher=nosuchorg/nosuchmodel: not a local path, and no config.json "
-                                          r"for it on the hub or in its cache \(LocalEntryNotFoundError\)"):
+                                          r"for it on the hub or in its cache \((ConnectError|not on the hub)\)"):
+        resolve_model_path("nosuchorg/nosuchmodel", "teacher")  # no network here: one try, no retries
+    assert time.monotonic() - start < 10
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo_id, filename: False)
+    with pytest.raises(ConfigError, match=r"\(not on the hub\)"):
         resolve_model_path("nosuchorg/nosuchmodel", "teacher")
     assert resolve_model_path("nosuchorg/nosuchmodel") == "nosuchorg/nosuchmodel"  # no key: no hub call
+    cached = tmp_path / "models--someorg--cached" / "snapshots" / "abc"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    (tmp_path / "models--someorg--cached" / "refs").mkdir()
+    (tmp_path / "models--someorg--cached" / "refs" / "main").write_text("abc")
+    assert resolve_model_path("someorg/cached", "teacher") == "someorg/cached"  # in the cache: the hub is not asked
 
 
 def test_score_cli_refuses_unloadable_models_in_one_line(tmp_path):

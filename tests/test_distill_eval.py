@@ -273,9 +273,9 @@ def test_eval_reads_custom_rows_with_boxed_gold_answers(tmp_path, tokenizer):
     from rlt.eval import eval_rows, evaluate
 
     data = tmp_path / "c.jsonl"
-    data.write_text(json.dumps({"question": "What is 2+3?", "solution": "It is \\boxed{5}."}) + "\n" +
+    data.write_text(json.dumps({"question": "What is 2+3?", "solution": "It is \\boxed{5}."}) + "\n\n" +
                     json.dumps({"question": "x", "solution": "no box"}) + "\n")
-    with pytest.raises(ConfigError, match=r"c.jsonl, row 1: no gold answer"):
+    with pytest.raises(ConfigError, match=r"c.jsonl, line 3: no gold answer"):  # the file's line, after a blank one
         eval_rows(DataConfig(dataset_id_or_path=str(data)), FormatConfig())
     rows, fmt = eval_rows(DataConfig(dataset_id_or_path=str(data), drop_bad_rows=True), FormatConfig())
     assert fmt.name == "custom" and [r["answer"] for r in rows] == ["5"]
@@ -298,3 +298,15 @@ def test_generation_length_is_clamped_to_the_model_context(tiny_path, caplog):
     assert clamp_model_len(tiny_path, 1024) == 1024
     with pytest.raises(ConfigError, match=r"longest prompt has 9000 tokens .* lower max_prompt_length"):
         clamp_model_len(tiny_path, 32768, longest_prompt=9000)
+
+
+def test_eval_names_the_line_of_a_wrong_typed_value_and_can_skip_it(tmp_path):
+    from rlt.eval import eval_rows
+
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"question": "What is 2+3?", "solution": "It is \\boxed{5}."}) + "\n" +
+                    json.dumps({"question": 7, "solution": "\\boxed{1}"}) + "\n")
+    with pytest.raises(ConfigError, match=r"t.jsonl.*line 2.*question"):
+        eval_rows(DataConfig(dataset_id_or_path=str(data)), FormatConfig())
+    rows, _ = eval_rows(DataConfig(dataset_id_or_path=str(data), drop_bad_rows=True), FormatConfig())
+    assert [r["question"] for r in rows] == ["What is 2+3?"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from rlt.data.formats import DataFormat
 from rlt.errors import ConfigError
@@ -98,6 +98,20 @@ def parse_custom_row(row: dict[str, Any], qcol: str, fmt: DataFormat) -> Example
                    system=system if isinstance(system, str) and system else None)
 
 
+def row_parser(fmt: DataFormat, columns: Iterable[str], source: str = "dataset") -> Callable[[dict], Example]:
+    """The function that parses one row of ``fmt`` whose table has ``columns`` (raises :class:`RowError`)."""
+    if fmt.row_schema == "stratos":
+        return lambda row: parse_stratos_row(row, fmt)
+    qcol = question_column(columns)
+    logger.info("%s: custom format, questions read from column %r", source, qcol)
+    return lambda row: parse_custom_row(row, qcol, fmt)
+
+
+def row_place(i: int, lines: Sequence[int] | None) -> str:
+    """Where row ``i`` is, for messages: its 1-based file line when ``lines`` is given, else its index."""
+    return f"row {i}" if lines is None else f"line {lines[i]}"
+
+
 def parse_rows(rows: Iterable[dict[str, Any]], fmt: DataFormat, *, source: str = "dataset",
                drop_bad_rows: bool = False, lines: Sequence[int] | None = None) -> list[Example]:
     """Parse every row; a bad row raises :class:`RowError` naming ``source`` and the row's index, or its
@@ -106,18 +120,15 @@ def parse_rows(rows: Iterable[dict[str, Any]], fmt: DataFormat, *, source: str =
     With ``drop_bad_rows`` the bad rows are skipped and their count is logged.
     """
     rows = list(rows)
-    qcol = None
-    if fmt.row_schema == "custom":
-        if not rows:
-            return []
-        qcol = question_column(rows[0].keys())
-        logger.info("%s: custom format, questions read from column %r", source, qcol)
+    if not rows:
+        return []
+    parse = row_parser(fmt, rows[0].keys(), source)
     out, bad = [], []
     for i, row in enumerate(rows):
         try:
-            ex = parse_stratos_row(row, fmt) if fmt.row_schema == "stratos" else parse_custom_row(row, qcol, fmt)
+            ex = parse(row)
         except RowError as e:
-            where = f"row {i}" if lines is None else f"line {lines[i]}"
+            where = row_place(i, lines)
             if not drop_bad_rows:
                 raise RowError(f"{source}, {where}: {e} (set drop_bad_rows=true to skip such rows)") from None
             bad.append(where)

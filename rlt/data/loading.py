@@ -332,11 +332,17 @@ def load_examples(dataset_id_or_path: str, fmt: DataFormat, split: str = DEFAULT
     return examples
 
 
+def load_data_table(data):
+    """(rows, their 1-based file lines or None) of the data settings (:class:`~rlt.data.config.DataConfig`):
+    ``dataset_split``, ``drop_bad_rows`` and ``max_samples`` applied (see :func:`load_table`)."""
+    return _first(*load_table(data.require_dataset(), data.dataset_split, data.drop_bad_rows), data.max_samples)
+
+
 def load_dataset_examples(data, fmt_cfg) -> tuple[list[Example], DataFormat]:
     """Examples and their format from the data settings (:class:`~rlt.data.config.DataConfig`,
     :class:`~rlt.data.config.FormatConfig`); with ``data_format: auto`` the format comes from the columns."""
     source = data.require_dataset()
-    ds, lines = _first(*load_table(source, data.dataset_split, data.drop_bad_rows), data.max_samples)
+    ds, lines = load_data_table(data)
     fmt = resolve_format(fmt_cfg.data_format, ds.column_names, source=source,
                          student_system_prompt=fmt_cfg.student_system_prompt,
                          teacher_system_prompt=fmt_cfg.teacher_system_prompt)
