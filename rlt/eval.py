@@ -61,7 +61,7 @@ def eval_rows(data: DataConfig, fmt_cfg: FormatConfig) -> tuple[list[dict], obje
     """([{question, answer, system, numbers, target}], format) from a dataset of any supported format. Errors
     name the row's file line for JSON-lines files; ``drop_bad_rows`` skips bad rows (counted in the log)."""
     from rlt.answers import last_boxed
-    from rlt.data.examples import RowError, row_parser, row_place
+    from rlt.data.examples import SKIP_HINT, RowError, row_parser, row_place
     from rlt.data.formats import resolve_format
     from rlt.data.loading import load_data_table
 
@@ -82,8 +82,7 @@ def eval_rows(data: DataConfig, fmt_cfg: FormatConfig) -> tuple[list[dict], obje
         except RowError as e:
             where = row_place(i, lines)
             if not data.drop_bad_rows:
-                raise RowError(f"{source}, {where}: {e} "
-                               "(set drop_bad_rows=true to skip such rows)") from None
+                raise RowError(f"{source}, {where}: {e} {SKIP_HINT}") from None
             bad.append(where)
             continue
         rows.append({"question": ex.question, "answer": str(answer).strip(), "system": ex.system,

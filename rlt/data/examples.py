@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable, Sequence
 from rlt.data.formats import DataFormat
 from rlt.errors import ConfigError
 
+SKIP_HINT = "(set drop_bad_rows=true to skip such rows)"
 logger = logging.getLogger(__name__)
 
 QUESTION_COLUMNS = ("question", "prompt")
@@ -130,7 +131,7 @@ def parse_rows(rows: Iterable[dict[str, Any]], fmt: DataFormat, *, source: str =
         except RowError as e:
             where = row_place(i, lines)
             if not drop_bad_rows:
-                raise RowError(f"{source}, {where}: {e} (set drop_bad_rows=true to skip such rows)") from None
+                raise RowError(f"{source}, {where}: {e} {SKIP_HINT}") from None
             bad.append(where)
             continue
         out.append(ex)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from rlt.data.examples import Example, RowError, parse_rows
+from rlt.data.examples import SKIP_HINT, Example, RowError, parse_rows
 from rlt.data.formats import DataFormat, resolve_format
 from rlt.errors import ConfigError
 
@@ -25,7 +25,6 @@ DEFAULT_SPLIT = "train"
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
 TEXT_COLUMNS = ("question", "prompt", "solution", "reasoning_trace", "system")  # a JSON string or null
-SKIP_HINT = "(set drop_bad_rows=true to skip such rows)"
 
 
 def read_jsonl(path: str | Path, skip_bad: bool = False, bad: list[int] | None = None):
