@@ -309,9 +309,11 @@ def output_paths(output: str) -> tuple[Path, Path, Path]:
     return out, progress, summary
 
 
-def fitting_todo(todo: list, tokenizer, fmt, max_prompt_length: int) -> tuple[list, dict[int, str], dict[int, list[int]]]:
-    """(the questions of ``todo`` whose teacher prompt has at most ``max_prompt_length`` tokens, {index: prompt},
-    {index: prompt token ids}); longer ones are dropped and counted in the log, as rlt.train does."""
+def fitting_todo(todo: list, tokenizer, fmt, max_prompt_length: int | None) -> tuple[list, dict[int, str],
+                                                                                     dict[int, list[int]]]:
+    """(the questions of ``todo`` whose teacher prompt has at most ``max_prompt_length`` tokens (None: all),
+    {index: prompt}, {index: prompt token ids}); longer ones are dropped and counted in the log, as rlt.train
+    does."""
     from rlt.data.loading import prompt_ids_within
     from rlt.data.text import teacher_prompt
 

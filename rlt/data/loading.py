@@ -370,8 +370,8 @@ def drop_longer(ds, length, limit: int | None, what: str, key: str):
     return ds if len(keep) == len(ds) else ds.select(keep)
 
 
-def prompt_ids_within(tokenizer, prompts: list[str], max_prompt_length: int) -> dict[int, list[int]]:
-    """{index: token ids} of the ``prompts`` of at most ``max_prompt_length`` tokens; longer ones are dropped as
-    training drops them (:func:`fitting`)."""
+def prompt_ids_within(tokenizer, prompts: list[str], max_prompt_length: int | None) -> dict[int, list[int]]:
+    """{index: token ids} of the ``prompts`` of at most ``max_prompt_length`` tokens (None: all); longer ones are
+    dropped as training drops them (:func:`fitting`)."""
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     return {i: ids[i] for i in fitting([len(x) for x in ids], max_prompt_length, "prompt", "max_prompt_length")}

@@ -299,8 +299,7 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
     ``output``.explanations.jsonl: every explanation with its reward components (for the analysis)."""
     from rlt.data.config import DataConfig, FormatConfig
     from rlt.data.loading import load_dataset_examples
-    from rlt.data.text import teacher_prompt
-    from rlt.distill import DistillConfig, distill_chunks
+    from rlt.distill import DistillConfig, distill_chunks, fitting_todo
     from rlt.models import load_causal_lm
     from rlt.rewards.config import RewardConfig
     from rlt.rewards.teacher_reward import TeacherReward
@@ -325,11 +324,9 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
             scored.append({"question": it.question, "completion": it.completion, **comps})
         return result
 
-    prompts = {i: teacher_prompt(tok, ex.question, ex.solution, fmt) for i, ex in enumerate(examples)}
-    prompt_ids = {i: tok(p, add_special_tokens=False)["input_ids"] for i, p in prompts.items()}
+    todo, prompts, prompt_ids = fitting_todo(list(enumerate(examples)), tok, fmt, max_prompt_length=None)
     output.parent.mkdir(parents=True, exist_ok=True)
     totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
-    todo = list(enumerate(examples))
     with open(output, "w") as f:
         distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals)
     with open(output.with_suffix(".explanations.jsonl"), "w") as f:
