@@ -1,7 +1,9 @@
 """The micro-scale RLT experiment: its statistics against hand-computed numbers, the embedded running-sum task,
 the run's plan, and (slow) scripts/experiment.sh --quick end to end."""
 import json
+import logging
 import math
+import os
 import re
 
 import pytest
@@ -156,6 +158,55 @@ def test_plan_is_a_consistent_graph_with_equal_budgets(tmp_path):
         assert names.index("teacher_rl") < names.index("student_raw_s1")  # the critical path first
 
 
+def test_code_version_follows_the_source_and_the_commit(tmp_path):
+    import subprocess
+
+    from rlt.experiment.jobs import code_version
+
+    pkg = tmp_path / "repo" / "rlt"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "data" / "b.py").write_text("y = 2\n")
+    v0 = code_version(pkg)
+    assert v0["commit"] is None and len(v0["code"]) == 12  # not a git checkout
+    (pkg / "data" / "b.py").write_text("y = 3\n")
+    v1 = code_version(pkg)
+    assert v1["code"] != v0["code"]
+    (pkg / "notes.txt").write_text("not code")
+    assert code_version(pkg) == v1
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    git = ["git", "-C", str(tmp_path / "repo")]
+    for cmd in (["init", "-q"], ["add", "."], ["commit", "-qm", "c"]):
+        subprocess.run(git + cmd, check=True, env=env)
+    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert code_version(pkg) == {"code": v1["code"], "commit": head}
+    (pkg / "a.py").write_text("x = 2\n")
+    assert code_version(pkg)["commit"] == head + "+dirty"
+
+
+def test_kept_jobs_made_by_other_code_are_named_or_rerun_with_what_follows(caplog):
+    from rlt.experiment.jobs import Job, fingerprint, kept
+
+    jobs = [Job("models", "make_models", {"n": 1}, "l0"), Job("teacher", "sft", {"n": 2}, "l1", deps=("models",)),
+            Job("student", "sft", {"n": 3}, "l2", deps=("teacher",)), Job("other", "sft", {"n": 4}, "l3")]
+    fp = {j.name: fingerprint(j) for j in jobs}
+    now = {"code": "c" * 12, "commit": "abc1234"}
+    results = {"models": {"fingerprint": fp["models"], **now},
+               "teacher": {"fingerprint": fp["teacher"], "code": "d" * 12, "commit": "0ld0001"},
+               "student": {"fingerprint": fp["student"], **now},
+               "other": {"fingerprint": fp["other"]}}  # saved before code versions were recorded
+    with caplog.at_level(logging.WARNING, logger="rlt.experiment"):
+        assert kept(jobs, results, now) == results
+    assert ("2 of the finished jobs kept were made by other code than this run's (commit abc1234, code cccccccccccc):"
+            " other, teacher by code not recorded; commit 0ld0001, code dddddddddddd") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlt.experiment"):
+        assert set(kept(jobs, results, now, rerun_other_code=True)) == {"models"}  # the student followed the teacher
+        assert set(kept(jobs, {"models": results["models"]}, now)) == {"models"}
+    assert caplog.text == ""
+
+
 # ----------------------------------------------------------------------------------------- end to end
 
 SUMMARY_KEYS = {"task", "seeds", "reward_first10_mean", "reward_last10_mean", "reward_rise_z", "acc_raw", "acc_rlt",
@@ -180,6 +231,8 @@ def test_experiment_quick_end_to_end(tmp_path):
         assert (out / png).exists(), png
     assert "plots/reward_components.png" in report and "mean ± standard error" in report
     assert "[experiment]" in proc.stdout and "log:" in proc.stdout  # stage lines name their logs
+    assert "code " in summary["code"]["this_run"] and summary["code"]["jobs_by_other_code"] == {}
+    assert f"Made by {summary['code']['this_run']}, every job of it." in report
     # a rerun resumes: nothing left to do
     again = run_cmd(["bash", "scripts/experiment.sh", "--quick", "--out", str(out)], timeout=600)
-    assert "already done" in again.stdout and "start " not in again.stdout
+    assert "already done" in again.stdout and "start " not in again.stdout and "other code" not in again.stdout

@@ -1,12 +1,16 @@
 """The micro-scale RLT experiment (scripts/experiment.sh drives it).
 
     python -m rlt.experiment run [--quick] [--device cpu|cuda] [--out DIR] [--workers 2] [--threads 1] [--restart]
+                                 [--rerun-other-code]
     python -m rlt.experiment curves [--out DIR] [--shapes h128-l2,h128-l4,h256-l4] [--steps 400,250,150]
+                                    [--rerun-other-code]
     python -m rlt.experiment report [--quick] [--out DIR]      # rebuild report.md / summary.json of a finished run
 
 ``run`` resumes a run in the same directory: a job listed in DIR/jobs.json is reused while its settings (and
 those of every job it depends on) are unchanged, so changing one stage reruns only it and what follows;
-``--restart`` discards everything. ``DIR/curves`` (the learning-curve study) is kept and embedded in the report.
+``--restart`` discards everything. Each job records the code that made it (a hash of the rlt package and the
+libraries' versions, and the git commit); a kept job made by other code is named in a warning, and
+``--rerun-other-code`` reruns it and what follows. ``DIR/curves`` (the learning-curve study) is kept and embedded in the report.
 """
 from __future__ import annotations
 
@@ -65,7 +69,7 @@ def _model_description(out: Path, shape: str) -> dict:
 
 
 def cmd_run(args) -> int:
-    from rlt.experiment.jobs import JobFailed, run_jobs
+    from rlt.experiment.jobs import JobFailed, code_version, run_jobs
     from rlt.experiment.pipeline import PRESETS, plan
 
     name = "quick" if args.quick else "default"
@@ -83,6 +87,7 @@ def cmd_run(args) -> int:
                 len(jobs), args.workers, args.threads, args.device, out)
     t0 = time.perf_counter()
     seconds0 = state.get("seconds", 0.0)
+    version = code_version()
 
     def save(results):
         state_file.write_text(json.dumps({"results": results, "seconds": seconds0 + time.perf_counter() - t0},
@@ -90,7 +95,8 @@ def cmd_run(args) -> int:
 
     with LoadMonitor() as load:
         try:
-            results = run_jobs(jobs, args.workers, args.threads, state.get("results", {}), on_done=save)
+            results = run_jobs(jobs, args.workers, args.threads, state.get("results", {}), on_done=save,
+                               version=version, rerun_other_code=args.rerun_other_code)
         except JobFailed as e:
             logger.error("%s", e)
             return 1
@@ -99,9 +105,17 @@ def cmd_run(args) -> int:
         save(results)
     meta = {"minutes": seconds / 60, "load": load.summary(), "device": _device_words(args.device),
             "models": _model_description(out, preset.shape),
-            "jobs": {k: round(v.get("job_seconds", 0)) for k, v in results.items()}}
+            "jobs": {k: round(v.get("job_seconds", 0)) for k, v in results.items()},
+            "code": _code_words(results, version)}
     (out / "run_meta.json").write_text(json.dumps(meta, indent=2))
     return _write(out, name, preset, meta)
+
+
+def _code_words(results: dict, version: dict) -> dict:
+    """The code that made the run's jobs: {"this_run": words, "jobs_by_other_code": {job: words}}."""
+    from rlt.experiment.jobs import made_by_other_code, version_words
+
+    return {"this_run": version_words(version), "jobs_by_other_code": made_by_other_code(results, version["code"])}
 
 
 def _device_words(device: str) -> str:
@@ -156,7 +170,7 @@ def cmd_curves(args) -> int:
     state_file = out / "jobs.json"
     done = json.loads(state_file.read_text()) if state_file.exists() else {}
     with LoadMonitor() as load:
-        done = run_jobs(jobs, args.workers, args.threads, done,
+        done = run_jobs(jobs, args.workers, args.threads, done, rerun_other_code=args.rerun_other_code,
                         on_done=lambda r: state_file.write_text(json.dumps(r, indent=2)))
     res = report.write_curves_report(out)
     md = out / "curves.md"
@@ -178,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--workers", type=int, default=2, help="worker processes running independent stages at once")
     r.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     r.add_argument("--restart", action="store_true", help="discard finished jobs of an earlier run in --out")
+    r.add_argument("--rerun-other-code", action="store_true",
+                   help="rerun finished jobs made by other code than this checkout's (and what follows them)")
     c = sub.add_parser("curves", help="the learning-curve study (validation split)")
     c.add_argument("--out", default="results/experiment/curves")
     c.add_argument("--shapes", default="h128-l2,h128-l4,h256-l4")
@@ -185,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--n-train", type=int, default=2000, help="training questions")
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--rerun-other-code", action="store_true",
+                   help="rerun finished runs made by other code than this checkout's")
     p = sub.add_parser("report", help="rebuild report.md and summary.json of a finished run")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)

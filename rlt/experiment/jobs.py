@@ -69,6 +69,50 @@ def fingerprint(job: Job) -> str:
     return hashlib.sha1(json.dumps([job.fn, job.kwargs], sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def code_version(package: Path | None = None) -> dict:
+    """What made a job's result besides its arguments: ``{"code": hash, "commit": str | None}``.
+
+    ``code`` hashes every ``.py`` file of the ``rlt`` package (path and bytes, so uncommitted edits count) with the
+    versions of the libraries that compute the numbers; ``commit`` is the git commit of the checkout (``+dirty``
+    when its rlt/ has uncommitted changes), for people to read; None outside a git checkout."""
+    import hashlib
+    import importlib.metadata as md
+    import subprocess
+
+    package = Path(package or Path(__file__).resolve().parents[1])
+    h = hashlib.sha1()
+    for f in sorted(package.rglob("*.py")):
+        h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    for lib in ("torch", "transformers", "trl", "accelerate", "datasets"):
+        try:
+            h.update(f"{lib}=={md.version(lib)}\0".encode())
+        except md.PackageNotFoundError:
+            h.update(f"{lib} absent\0".encode())
+    commit = None
+    try:
+        git = ["git", "-C", str(package)]
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        if head.returncode == 0:
+            dirty = subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True, text=True,
+                                   timeout=10).stdout.strip()
+            commit = head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"code": h.hexdigest()[:12], "commit": commit}
+
+
+def version_words(v: dict) -> str:
+    """A result's or :func:`code_version`'s code in words: "commit 3f056cd, code 1a2b3c4d5e6f"."""
+    if not v.get("code"):
+        return "code not recorded"
+    return (f"commit {v['commit']}, " if v.get("commit") else "") + f"code {v['code']}"
+
+
+def made_by_other_code(results: dict, code: str) -> dict[str, str]:
+    """{job: :func:`version_words` of what made it} for the results not made by ``code``."""
+    return {n: version_words(r) for n, r in results.items() if r.get("code") != code}
+
+
 def reusable(jobs: list[Job], results: dict) -> dict:
     """The earlier results still valid: same fingerprint, and every dependency valid too."""
     fp = {j.name: fingerprint(j) for j in jobs}
@@ -83,12 +127,32 @@ def reusable(jobs: list[Job], results: dict) -> dict:
     return ok
 
 
-def run_jobs(jobs: list[Job], workers: int, threads: int, results: dict | None = None, on_done=None) -> dict[str, dict]:
+def kept(jobs: list[Job], results: dict, version: dict, rerun_other_code: bool = False) -> dict:
+    """The earlier ``results`` a run of ``jobs`` keeps (:func:`reusable`); those made by other code than
+    ``version`` are named in a warning, or dropped with what depends on them when ``rerun_other_code``."""
+    results = reusable(jobs, dict(results))
+    other = made_by_other_code(results, version["code"])
+    if other and rerun_other_code:
+        results = reusable(jobs, {n: r for n, r in results.items() if n not in other})
+        logger.info("rerunning %d finished job(s) made by other code than this run's (%s), and what depends on "
+                    "them", len(other), version_words(version))
+    elif other:
+        made = sorted(set(other.values()))
+        logger.warning("%d of the finished jobs kept were made by other code than this run's (%s): %s by %s; "
+                       "their numbers may differ from a fresh run (--rerun-other-code reruns them)", len(other),
+                       version_words(version), ", ".join(sorted(other)), "; ".join(made))
+    return results
+
+
+def run_jobs(jobs: list[Job], workers: int, threads: int, results: dict | None = None, on_done=None,
+             version: dict | None = None, rerun_other_code: bool = False) -> dict[str, dict]:
     """Run ``jobs`` respecting their deps on ``workers`` processes; {name: result}. ``results``: results of an
-    earlier run; those still valid (:func:`reusable`) are kept, the rest rerun. ``on_done(results)`` is called
-    after every finished job (to save progress). A failing job stops the run (the others are cancelled) with its
-    log named."""
-    results = reusable(jobs, dict(results or {}))
+    earlier run; those still valid are kept (:func:`kept`), the rest rerun. ``version`` (:func:`code_version`,
+    computed when None) is stored in each new result. ``on_done(results)`` is
+    called after every finished job (to save progress). A failing job stops the run (the others are cancelled)
+    with its log named."""
+    version = version or code_version()
+    results = kept(jobs, results or {}, version, rerun_other_code)
     fps = {j.name: fingerprint(j) for j in jobs}
     pending = [j for j in jobs if j.name not in results]
     names = {j.name for j in jobs}
@@ -117,7 +181,7 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, results: dict | None =
             for fut in done:
                 j, t0 = running.pop(fut)
                 try:
-                    results[j.name] = {**fut.result(), "fingerprint": fps[j.name]}
+                    results[j.name] = {**fut.result(), "fingerprint": fps[j.name], **version}
                 except Exception as e:
                     for other in running:
                         other.cancel()

@@ -332,7 +332,7 @@ def summarize(out: Path, preset_name: str, preset, meta: dict) -> dict:
         "student_outputs": shape, "val_curves_seed0": val_curves, "training_budgets": budgets,
         "gold_trace_rewards": _read(out / "analysis" / "gold_trace_rewards.json"),
         "minutes": meta.get("minutes"), "load_average": meta.get("load"), "device": meta.get("device"),
-        "models": meta.get("models"), "jobs": meta.get("jobs"),
+        "models": meta.get("models"), "jobs": meta.get("jobs"), "code": meta.get("code"),
     }
 
 
@@ -357,6 +357,14 @@ def write_report(out: Path, summary: dict, preset) -> Path:
     L += [f"Wall time **{s['minutes']:.1f} minutes** on {s['device']} (1-minute load average sampled during the "
           f"run: mean {load.get('mean', float('nan')):.2f}, max {load.get('max', float('nan')):.2f}, on "
           f"{load.get('cpus', '?')} cores: other work shared the machine when the load exceeds 2).", ""]
+    code = s.get("code") or {}
+    if code:
+        other = code.get("jobs_by_other_code") or {}
+        L += [f"Made by {code['this_run']}" + (
+            f"; **{len(other)} of its jobs were kept from a run of other code** ("
+            + "; ".join(f"{k}: {v}" for k, v in sorted(other.items()))
+            + "), so its numbers may differ from a fresh run (`--rerun-other-code` reruns them)." if other
+            else ", every job of it."), ""]
     L += ["## Setup", "",
           f"* **Task** (`rlt/data/arithmetic.py`): {s['task']}. Splits are disjoint by a hash of the question "
           "(80/10/10 %). A raw trace adds one number per step but *folds* the next number into the same step with "
