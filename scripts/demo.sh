@@ -37,7 +37,8 @@ run_stage "3/7 teacher RL: 1 vLLM server + 2 training processes, reward scored b
   ./launch_with_server.sh 1 2 cfgs/run_cfg/tiny_teacher_rlt.yaml "model_name_or_path=$D/pre_rl_model" \
   "student_model=$D/student_raw" "output_dir=$D/rlt_teacher" "dataset_id_or_path=$TRAIN" max_steps=20 \
   max_completion_length=96 learning_rate=5e-5 save_strategy=no vllm_enforce_eager=true
-python -m rlt.plot "$D/rlt_teacher" --out "$D/plots" >> "$D/3_teacher_rl.log" 2>&1
+run_stage "3/7 plots of the teacher's RL run" "$D/3_teacher_rl_plots.log" \
+  python -m rlt.plot "$D/rlt_teacher" --out "$D/plots"
 
 run_stage "4/7 distillation: 2 explanations per training question, best of 2 by the teacher reward" \
   "$D/4_distill.log" \
@@ -50,8 +51,9 @@ run_stage "5/7 student SFT on the distilled explanations (same steps as stage 1)
   "${SFT[@]}"
 
 run_stage "6/7 evaluation of both students on held-out questions" "$D/6_eval.log" \
-  bash -c "set -e; for s in student_rlt student_raw; do python -m rlt.eval model=$D/\$s dataset=$TEST \
-    output_dir=$D/eval_\$s max_tokens=96 max_prompt_length=512 dtype=float32 vllm_enforce_eager=true; done"
+  bash -c 'set -e; for s in student_rlt student_raw; do python -m rlt.eval "model=$1/$s" "dataset=$2" \
+    "output_dir=$1/eval_$s" max_tokens=96 max_prompt_length=512 dtype=float32 vllm_enforce_eager=true; done' \
+  eval_students "$D" "$TEST"
 
 echo "[demo] $(stage_elapsed) | 7/7 report"
-python -m rlt.report "$D" --seconds $(( $(date +%s) - STAGE_T0 ))
+exec python -m rlt.report "$D" --seconds $(( $(date +%s) - STAGE_T0 ))

@@ -15,22 +15,25 @@ STAGE_TAG=experiment
 STAGE_T0=$(date +%s)
 source scripts/stage_lib.sh
 
-CMD=run; ARGS=()
+CMD=run; ARGS=(); OUT=
 while [ $# -gt 0 ]; do
   case "$1" in
     --curves) CMD=curves ;;
     -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --out|--out=) [ $# -ge 2 ] && [ "$1" = --out ] || { echo "experiment.sh: error: --out needs a directory" >&2; exit 2; }
+           OUT="$2"; shift ;;
+    --out=*) OUT="${1#--out=}" ;;
     *) ARGS+=("$1") ;;
   esac
   shift
 done
-if [ "$CMD" = curves ]; then  # --out DIR means the experiment's directory; the study goes into DIR/curves
-  for i in "${!ARGS[@]}"; do [ "${ARGS[$i]}" = --out ] && ARGS[$((i + 1))]="${ARGS[$((i + 1))]}/curves"; done
-fi
+# --out DIR names the experiment's directory; the learning-curve study goes into DIR/curves
+if [ -n "$OUT" ] && [ "$CMD" = curves ]; then OUT="$OUT/curves"; fi
+if [ -n "$OUT" ]; then ARGS+=(--out "$OUT"); fi
 
 mkdir -p results
 run_stage "set up .venv (pip output in the log; nothing to do when it is up to date)" results/setup_env.log \
   bash scripts/setup_env.sh
 export PATH="$ROOT/.venv/bin:$PATH" TOKENIZERS_PARALLELISM=false
 echo "[experiment] $(stage_elapsed) | python -m rlt.experiment $CMD ${ARGS[*]:-} (one line per stage below; each names its log)"
-python -m rlt.experiment "$CMD" "${ARGS[@]}"
+exec python -m rlt.experiment "$CMD" "${ARGS[@]}"  # in place of this shell: a kill reaches it at once

@@ -1,7 +1,8 @@
 # Shared by scripts/demo.sh and scripts/experiment.sh (sourced, not run).
 #   STAGE_TAG=demo; STAGE_T0=$(date +%s)
 #   run_stage "title" LOG cmd args...   # one line naming the log, then the log's last progress line while it runs
-# On failure: the log's last lines and the command's exit code.
+# On failure: the log's last lines and the command's exit code. Each stage runs in a process group of its own,
+# and an exit, Ctrl-C or kill of the script stops that whole group (a wrapper shell's children included).
 
 STAGE_TAG="${STAGE_TAG:-rlt}"
 STAGE_T0="${STAGE_T0:-$(date +%s)}"
@@ -15,9 +16,9 @@ stage_progress() {
     | grep -a -v '^ *$' | tail -n 1 | cut -c 1-110 || true  # an empty log has no progress line yet
 }
 
-stage_exit() {  # any exit (an error in the caller included): stop the running stage (its launcher passes it on)
+stage_exit() {  # any exit (an error in the caller included): stop the running stage's process group
   if [ -n "$STAGE_PID" ] && kill -0 "$STAGE_PID" 2>/dev/null; then
-    kill -TERM "$STAGE_PID" 2>/dev/null || true
+    kill -TERM -- "-$STAGE_PID" 2>/dev/null || true
     wait "$STAGE_PID" 2>/dev/null || true
   fi
 }
@@ -35,8 +36,10 @@ run_stage() {
   shift 2
   mkdir -p "$(dirname "$log")"
   echo "[$STAGE_TAG] $(stage_elapsed) | $title  (log: $log)"
-  "$@" > "$log" 2>&1 &
+  set -m  # job control: the stage leads a process group of its own (Ctrl-C reaches it through stage_stop)
+  "$@" < /dev/null > "$log" 2>&1 &
   STAGE_PID=$!
+  set +m
   while kill -0 "$STAGE_PID" 2>/dev/null; do
     sleep 3
     now="$(stage_progress "$log")"

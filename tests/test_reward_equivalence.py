@@ -109,6 +109,9 @@ def test_empty_thought_and_solution_spans_get_penalties(tokenizer, models):
     assert res.components["thought_tokens"].item() == 0
     # empty thought span: every KL reduction is NaN -> -not_matched_penalty = +1 each
     assert res.components["r_kl"].item() == pytest.approx(3 * 1 + 0.03 * 1)
+    # the no-entropy variant's term is a penalty too (the reference's +pen fill would make it -3.03, a bonus)
+    assert res.components["r_kl_no_entropy"].item() == pytest.approx(3 * 1 + 0.03 * 1)
+    assert res.components["reward_no_entropy"].item() == pytest.approx(res.components["reward_full_kl"].item())
 
 
 def test_oracle_feeds_ids_on_the_models_device():

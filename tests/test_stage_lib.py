@@ -4,6 +4,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,9 +24,12 @@ def test_a_stage_silent_for_a_while_runs_to_the_end_and_a_failure_is_reported(tm
     assert "FAILED (exit code 3): fails" in proc.stdout and "last words" in proc.stdout
 
 
-def test_sigterm_stops_the_running_stage(tmp_path):
-    marker = "317.25"  # a sleep nobody else runs
-    path = script(tmp_path, f'run_stage "long" {tmp_path}/c.log sleep {marker}')
+@pytest.mark.parametrize("wrapped", [False, True], ids=["command", "wrapper-shell"])
+def test_sigterm_stops_the_running_stage(tmp_path, wrapped):
+    marker = "317.25" if not wrapped else "317.5"  # a sleep nobody else runs
+    # a wrapper shell (demo.sh's evaluation loop) does not pass a SIGTERM on: the stage's whole group is stopped
+    cmd = f'bash -c "sleep {marker}; echo done"' if wrapped else f"sleep {marker}"
+    path = script(tmp_path, f'run_stage "long" {tmp_path}/c.log {cmd}')
     proc = subprocess.Popen(["bash", str(path)], stdout=subprocess.PIPE, text=True)
     time.sleep(2)
     assert subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 0

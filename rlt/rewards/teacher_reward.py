@@ -279,9 +279,11 @@ def combine(cfg: RewardConfig, sol_lp, sol_mask, st_lp, tt_lp, th_mask, match) -
     kl_scores = torch.nan_to_num(reduce_all(process(kl, cfg.normalize_kl_fn, hi=cfg.clip_kl), th_mask,
                                             cfg.reduction_kl_fn), nan=-pen)
     r_kl = weighted_scores(kl_scores, lam, -pen)
+    # An empty thought costs the no-entropy variant what it costs r_KL (the reference fills +pen here, which would
+    # reward a completion with no explanation by lam . pen: README, "the reward")
     ne_scores = torch.nan_to_num(reduce_all(process(-st_lp, cfg.normalize_kl_fn, hi=cfg.clip_kl), th_mask,
-                                            cfg.reduction_kl_fn), nan=pen)
-    r_ne = weighted_scores(ne_scores, lam, pen)
+                                            cfg.reduction_kl_fn), nan=-pen)
+    r_ne = weighted_scores(ne_scores, lam, -pen)
     full, no_entropy = r_ss - r_kl + match, r_ss - r_ne + match
     reward = full if cfg.include_teacher_think_entropy else no_entropy
 

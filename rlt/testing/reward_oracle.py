@@ -144,7 +144,7 @@ def oracle_reward(teacher, student, tok, fmt, cfg, teacher_temperature, item) ->
     pen = cfg.not_matched_penalty
     r_ss = _score(sol_p, cfg.reduction_log_prob_fn, cfg.answer_log_prob_coeff, pen)
     r_kl = _score(kl_p, cfg.reduction_kl_fn, cfg.kl_penalty_reward_coeff, -pen)
-    r_ne = _score(ne_p, cfg.reduction_kl_fn, cfg.kl_penalty_reward_coeff, pen)
+    r_ne = _score(ne_p, cfg.reduction_kl_fn, cfg.kl_penalty_reward_coeff, -pen)  # an empty thought: as r_KL
     full, no_ent = r_ss - r_kl + match, r_ss - r_ne + match
     return {"reward": full if cfg.include_teacher_think_entropy else no_ent, "r_ss": r_ss, "r_kl": r_kl,
             "r_kl_no_entropy": r_ne, "match_penalty": match, "thought_tokens": len(pairs), "solution_tokens": len(s_so)}
