@@ -271,6 +271,75 @@ def test_pool_refuses_a_service_that_is_not_the_runs_server(fake_service, models
         VLLMServerPool("127.0.0.1", port, api_key="run-key", connect_timeout=5)
 
 
+class _HangingServer(http.server.BaseHTTPRequestHandler):
+    """A vLLM server that holds the run's key ("run-key") and then hangs: once ``hung`` is set, every request
+    (/health included) waits for ``release`` (a server stuck in a collective, say) instead of answering."""
+
+    hung = threading.Event()
+    release = threading.Event()
+
+    def _answer(self, status: int, payload: dict):
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.hung.is_set():
+            self.release.wait(60)
+        if self.path == "/health":
+            return self._answer(200, {})
+        keyed = self.headers.get("Authorization") == "Bearer run-key"
+        self._answer(200 if keyed else 401, {"data": [{"id": "m"}]})
+
+    def do_POST(self):
+        self.hung.set()
+        self.release.wait(60)
+        self._answer(200, {"choices": []})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_hung_server_is_given_up_within_the_health_window_not_the_request_timeout():
+    from rlt.generation.client import ServerDown, VLLMServerPool
+
+    handler = type("Handler", (_HangingServer,), {"hung": threading.Event(), "release": threading.Event()})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        pool = VLLMServerPool("127.0.0.1", srv.server_address[1], api_key="run-key", connect_timeout=5,
+                              request_timeout=30, health_interval=0.5, health_failures=2)
+        t0 = time.monotonic()
+        with pytest.raises(ServerDown, match="stopped answering during /v1/completions"):
+            pool.generate([[1, 2, 3]], max_tokens=4)
+        assert time.monotonic() - t0 < 10  # about health_interval * (health_failures + 1), not 30 s
+    finally:
+        handler.release.set()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_no_server_at_the_address_is_named_with_the_last_error():
+    from rlt.generation.client import ServerDown, VLLMServerPool
+
+    port = free_port()
+    with pytest.raises(ServerDown, match=rf"no vLLM server answering at http://127\.0\.0\.1:{port} after 1s "
+                                         r"\(vllm_server_timeout\); last try: ConnectionError"):
+        VLLMServerPool("127.0.0.1", port, connect_timeout=1)
+
+
+@pytest.mark.parametrize("host", ["http://localhost", "localhost:8000", "gpu-1/v1", " "])
+def test_vllm_host_with_a_scheme_port_or_path_is_refused(host):
+    from rlt.errors import ConfigError
+    from rlt.generation.config import RolloutConfig
+
+    with pytest.raises(ConfigError, match=r"vllm_host=.*: give a host name or address alone"):
+        RolloutConfig(vllm_host=host)
+    assert RolloutConfig(vllm_host="gpu-node-1.cluster").vllm_host == "gpu-node-1.cluster"
+
+
 # ----------------------------------------------------------------------------------------- launcher refusals
 def bad_rows_file(tmp_path) -> str:
     path = tmp_path / "bad.jsonl"

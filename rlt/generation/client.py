@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -20,6 +21,21 @@ class ServerDown(RuntimeError):
     """A server died or stopped answering; the message names it and its log."""
 
 
+def in_background(fn, *args, **kwargs) -> cf.Future:
+    """``fn(*args, **kwargs)`` in a daemon thread: a caller that gives up on it (a hung server) is not held by
+    it, neither when it raises nor at interpreter exit (an executor's workers are joined at both)."""
+    fut: cf.Future = cf.Future()
+
+    def run():
+        try:
+            fut.set_result(fn(*args, **kwargs))
+        except BaseException as e:  # handed to whoever waits on the future
+            fut.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return fut
+
+
 class ForeignServer(ServerDown):
     """Something answers at a server's address, but not the server this run started (it lacks the run's key)."""
 
@@ -29,19 +45,25 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
 
 
 def server_model(url: str, api_key: str | None, timeout: float = 10.0) -> str | None:
-    """The model served at ``url``, None while nothing (healthy) answers there.
+    """The model served at ``url``, None while nothing (healthy) answers there (:func:`probe`)."""
+    return probe(url, api_key, timeout)[0]
+
+
+def probe(url: str, api_key: str | None, timeout: float = 10.0) -> tuple[str | None, str]:
+    """(the model served at ``url``, "") or (None, why nothing healthy answers there yet).
 
     With ``api_key``, the server must be one that holds it: a request with the key is answered and one
     without is refused. Anything else raises :class:`ForeignServer` naming the port. (trl's
     ``VLLMClient.check_server`` only polls /health, so it cannot tell this run's server from another.)
     """
     try:
-        if requests.get(url + "/health", timeout=timeout).status_code != 200:
-            return None
+        health = requests.get(url + "/health", timeout=timeout).status_code
+        if health != 200:
+            return None, f"/health answered {health}"
         with_key = requests.get(url + "/v1/models", headers=auth_headers(api_key), timeout=timeout)
         without_key = requests.get(url + "/v1/models", timeout=timeout) if api_key else None
-    except requests.RequestException:
-        return None
+    except requests.RequestException as e:
+        return None, f"{type(e).__name__}: {e}"
     port = urlparse(url).port
     where = f"{url} (port {port})"
     if with_key.status_code in (401, 403):
@@ -53,7 +75,7 @@ def server_model(url: str, api_key: str | None, timeout: float = 10.0) -> str | 
     if with_key.status_code != 200:
         raise ForeignServer(f"{where} answered {with_key.status_code} to /v1/models: not a vLLM server")
     try:
-        return with_key.json()["data"][0]["id"]
+        return with_key.json()["data"][0]["id"], ""
     except (ValueError, KeyError, IndexError, TypeError):
         raise ForeignServer(f"{where} does not list a model at /v1/models: not a vLLM server") from None
 
@@ -89,11 +111,12 @@ class VLLMServerPool:
     def _wait_and_model_id(self, url: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
-            model = server_model(url, self.api_key)
+            model, why = probe(url, self.api_key)
             if model is not None:
                 return model
             if time.monotonic() > deadline:
-                raise ServerDown(f"no vLLM server answering at {url} after {timeout:.0f}s")
+                raise ServerDown(f"no vLLM server answering at {url} after {timeout:.0f}s (vllm_server_timeout); "
+                                 f"last try: {why[:300]}")
             time.sleep(1.0)
 
     def _alive(self, i: int) -> bool:
@@ -103,21 +126,21 @@ class VLLMServerPool:
             return False
 
     def _post(self, i: int, path: str, body: dict, timeout: float | None = None) -> dict:
-        """POST with the watchdog: raises ServerDown if server i stops answering meanwhile."""
-        with cf.ThreadPoolExecutor(1) as ex:
-            fut = ex.submit(requests.post, self.urls[i] + path, json=body, headers=self.headers,
+        """POST with the watchdog: raises ServerDown if server i stops answering meanwhile (the request is left
+        to its timeout in a daemon thread)."""
+        fut = in_background(requests.post, self.urls[i] + path, json=body, headers=self.headers,
                             timeout=timeout or self.request_timeout)
-            misses = 0
-            while True:
-                try:
-                    r = fut.result(timeout=self.health_interval)
-                    break
-                except cf.TimeoutError:
-                    misses = 0 if self._alive(i) else misses + 1
-                    if misses >= self.health_failures:
-                        raise ServerDown(f"{self.describe(i)} stopped answering during {path}") from None
-                except requests.RequestException as e:
-                    raise ServerDown(f"{self.describe(i)} failed during {path}: {e}") from None
+        misses = 0
+        while True:
+            try:
+                r = fut.result(timeout=self.health_interval)
+                break
+            except cf.TimeoutError:
+                misses = 0 if self._alive(i) else misses + 1
+                if misses >= self.health_failures:
+                    raise ServerDown(f"{self.describe(i)} stopped answering during {path}") from None
+            except requests.RequestException as e:
+                raise ServerDown(f"{self.describe(i)} failed during {path}: {e}") from None
         if r.status_code != 200:
             raise ServerDown(f"{self.describe(i)} answered {r.status_code} to {path}: {r.text[:500]}")
         return r.json()
@@ -140,9 +163,12 @@ class VLLMServerPool:
             choices = sorted(self._post(i, "/v1/completions", body)["choices"], key=lambda c: c["index"])
             return [c["token_ids"] for c in choices]
 
-        with cf.ThreadPoolExecutor(n) as ex:
-            parts = list(ex.map(run, range(n)))
-        return [ids for part in parts for ids in part]
+        futs = [in_background(run, i) for i in range(n)]
+        cf.wait(futs, return_when=cf.FIRST_EXCEPTION)  # a failed server fails the call without waiting for the rest
+        for f in futs:
+            if f.done() and f.exception() is not None:
+                raise f.exception()
+        return [ids for f in futs for ids in f.result()]
 
     def reload_weights(self, weights_path: str) -> None:
         """Ask every server to load the safetensors in ``weights_path``, then drop its prefix cache."""

@@ -31,6 +31,10 @@ class RolloutConfig:
         "help": "where server logs are (null: <output_dir>/vllm_logs); named in errors about a server"})
 
     def __post_init__(self):
+        if self.vllm_host is not None and ("/" in self.vllm_host or self.vllm_host.count(":") == 1
+                                           or not self.vllm_host.strip()):
+            raise ConfigError(f"vllm_host={self.vllm_host!r}: give a host name or address alone (e.g. 127.0.0.1), "
+                              "without scheme, port or path; the port is vllm_port")
         if self.vllm_weight_sync not in SYNC_MODES:
             raise ConfigError(f"vllm_weight_sync={self.vllm_weight_sync!r}: choose from {list(SYNC_MODES)}")
         if not 0 < self.vllm_port < 65536 - max(self.vllm_num_servers, 1):
