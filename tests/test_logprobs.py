@@ -1,4 +1,5 @@
 """Selected-token log-probs: output-layer backends, pack plans, packed attention, ZeRO-3 lockstep, overlap."""
+import logging
 import os
 import socket
 
@@ -58,11 +59,16 @@ def test_backends_in_bfloat16_accumulate_in_float32(head, backend):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
 
 
-def test_logits_float32_paths(head):
+def test_logits_float32_paths(head, caplog):
     h, w, b, _ = head
     torch.testing.assert_close(L.logits_float32(h, w, b), h @ w.t() + b)
-    z = L.logits_float32(h.bfloat16(), w.bfloat16(), None)
+    L._mm_float32_out.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="rlt.rewards.logprobs"):
+        z = L.logits_float32(h.bfloat16(), w.bfloat16(), None)
     assert z.dtype == torch.float32 and z.shape == (37, 501)
+    # float32 GEMM output where torch has it; else the rounding to bf16 is said, not silent
+    assert L._mm_float32_out(h.device, torch.bfloat16) or (
+        "rounds the output layer's logits to torch.bfloat16" in caplog.text)
     assert L.resolve_backend("auto", torch.device("cpu")) == "online"
     assert L.resolve_backend("auto", torch.device("cuda", 0)) == "rowchunk"
     with pytest.raises(ValueError, match="choose from"):

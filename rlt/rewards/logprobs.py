@@ -100,18 +100,22 @@ def online_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Te
     return out
 
 
-chunked_logprobs = online_logprobs  # former name
-
-
 @functools.lru_cache(maxsize=None)
 def _mm_float32_out(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` inputs on ``device``."""
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` inputs on ``device`` (a warning,
+    once per device and dtype, when it does not: the logits are then rounded to ``dtype``)."""
     try:
         a = torch.ones(2, 8, dtype=dtype, device=device)
         b = torch.ones(3, 8, dtype=dtype, device=device)
-        return bool(torch.mm(a, b.t(), out_dtype=torch.float32).dtype == torch.float32)
-    except (RuntimeError, NotImplementedError, TypeError):
-        return False
+        if torch.mm(a, b.t(), out_dtype=torch.float32).dtype == torch.float32:
+            return True
+        why = "it returned another dtype"
+    except (RuntimeError, NotImplementedError, TypeError) as e:
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    logger.warning("torch.mm(out_dtype=float32) does not run for %s on %s (%s): the rowchunk backend rounds the "
+                   "output layer's logits to %s before its float32 softmax (reward_logprob_backend=online keeps "
+                   "float32 accumulation)", dtype, device, why, dtype)
+    return False
 
 
 def logits_float32(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
