@@ -94,6 +94,12 @@ HELPER="$ROOT/scripts/gpu_check_helper.py"
 STAGES="$OUT/stages.jsonl"
 if [ "$MODE" = gpu ]; then BUDGET="${RLT_GPU_CHECK_BUDGET:-1200}"; else BUDGET="${RLT_GPU_CHECK_BUDGET:-5400}"; fi
 LAYERS_7B="${RLT_GPU_CHECK_7B_LAYERS:-8}"
+for v in "RLT_GPU_CHECK_BUDGET=$BUDGET" "RLT_GPU_CHECK_7B_LAYERS=$LAYERS_7B"; do
+  case "${v#*=}" in
+    ''|*[!0-9]*|0) echo "gpu_check.sh: $v: accepted a whole number >= 1 (seconds of the budget; layers)" >&2
+                   exit 2 ;;
+  esac
+done
 RESUME="${RLT_GPU_CHECK_RESUME:-0}"
 case "$RESUME" in
   0|1) ;;

@@ -195,6 +195,22 @@ def test_trainer_without_launcher_removes_its_sync_dir_on_close(monkeypatch):
     assert not sync.root.exists()
 
 
+def test_weight_copies_in_the_output_dir_are_removed_on_close(tmp_path, monkeypatch):
+    """No room in /dev/shm: the copies go to <output_dir>/weight_sync, and the last one goes at the end."""
+    from rlt.generation import weight_sync as ws
+
+    monkeypatch.delenv(ws.SYNC_DIR_ENV, raising=False)
+    out = tmp_path / "out"
+    sync = ws.FilesystemWeightSync(pool=None, output_dir=str(out))
+    sync.root, sync.created = ws.sync_root(str(out), model_bytes=10 ** 15)  # more than any /dev/shm holds
+    assert (sync.root, sync.created) == (out / "weight_sync", False)
+    sync.previous = sync.root / "step-3"
+    sync.previous.mkdir(parents=True)
+    (sync.previous / "model.safetensors").write_bytes(b"w")
+    sync.close()
+    assert out.is_dir() and not (out / "weight_sync").exists()
+
+
 # ----------------------------------------------------------------------------------------- API key
 def asgi_status(app, path: str, headers=()) -> int:
     sent = []

@@ -294,6 +294,12 @@ def test_gpu_check_script_resumed_runs_only_what_did_not_pass(tmp_path):
     proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "RLT_GPU_CHECK_RESUME=yes: accepted 0" in proc.stderr
+    for key, value in (("RLT_GPU_CHECK_BUDGET", "20m"), ("RLT_GPU_CHECK_7B_LAYERS", "0")):
+        bad = {**env, "RLT_GPU_CHECK_RESUME": "0", key: value}
+        proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=bad, cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and f"{key}={value}: accepted a whole number >= 1" in proc.stderr
+        assert proc.stdout == ""  # refused before any stage
 
 
 @pytest.mark.skipif(BASH is None, reason="needs bash")

@@ -86,6 +86,7 @@ def test_rlt_matches_oracle(tokenizer, models, name):
         kinds["after_tag"] += E1 in item.completion and not item.completion.endswith(E1)
     assert kinds["no_tag"] >= 5 and kinds["after_tag"] >= 3
     assert (res.components["match_penalty"] == -1).sum() == kinds["no_tag"]
+    assert res.components["no_end_tag"].tolist() == [float(E1 not in c.completion) for c in cases]
     # with this tokenizer every student thought token has its teacher twin (the pairing is unit-tested below)
     assert res.components["misaligned_thought_tokens"].tolist() == [0.0] * len(cases)
 
@@ -112,6 +113,10 @@ def test_empty_thought_and_solution_spans_get_penalties(tokenizer, models):
     # the no-entropy variant's term is a penalty too (the reference's +pen fill would make it -3.03, a bonus)
     assert res.components["r_kl_no_entropy"].item() == pytest.approx(3 * 1 + 0.03 * 1)
     assert res.components["reward_no_entropy"].item() == pytest.approx(res.components["reward_full_kl"].item())
+    # a missing end tag is counted even when it costs nothing (no_end_tag_frac is its batch mean)
+    res = TeacherReward(student, tokenizer, FMT, RewardConfig(not_matched_penalty=0.0), 0.7)(
+        teacher, [RewardInput(prompt, "no tag here", ex.question, ex.solution, ex.system)])
+    assert res.components["match_penalty"].item() == 0 and res.components["no_end_tag"].item() == 1
 
 
 def test_oracle_feeds_ids_on_the_models_device():

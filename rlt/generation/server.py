@@ -131,8 +131,14 @@ class ServerProcess:
         self._own_recorder = recorder is None
         self.recorder = recorder or TreeRecorder()
         logger.info("starting vLLM server on %s (log: %s)", spec.url, spec.log_path)
-        self.guard = Guarded(spec.command(), self.recorder, env=spec.env(), stdout=self._log,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            self.guard = Guarded(spec.command(), self.recorder, env=spec.env(), stdout=self._log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        except BaseException:
+            self._log.close()
+            if self._own_recorder:
+                self.recorder.close()
+            raise
         self.proc = self.guard.proc
         logger.info("vLLM server %s: process group %d", spec.url, self.guard.pgid)
 

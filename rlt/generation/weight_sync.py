@@ -99,13 +99,18 @@ class FilesystemWeightSync:
         acc.wait_for_everyone()
 
     def close(self) -> None:
-        """Free the memory of the last copy in /dev/shm (the launcher removes its directory itself)."""
-        if self.root is None or not self.root.is_relative_to(SHM):
+        """Remove the last copy: the directory made here, else the copy itself (the launcher removes its
+        /dev/shm directory itself; ``<output_dir>/weight_sync`` goes too once empty)."""
+        if self.root is None:
             return
         if self.created:
             shutil.rmtree(self.root, ignore_errors=True)
-        elif self.previous is not None:
+            return
+        if self.previous is not None:
             shutil.rmtree(self.previous, ignore_errors=True)
+        if not self.root.is_relative_to(SHM):
+            with contextlib.suppress(OSError):  # not empty: something else was put there
+                self.root.rmdir()
 
 
 def trl_client(url: str, group_port: int, api_key: str | None, connection_timeout: float = 60):

@@ -49,6 +49,7 @@ class _Prepared:
     thought_pos_student: list[int]  # aligned thought tokens (student side)
     thought_pos_teacher: list[int]  # the same tokens in the teacher sequence
     match_penalty: float
+    matched: bool                   # the completion had the explanation end tag
     misaligned: int
     thought: str
     student_text: str
@@ -115,7 +116,7 @@ class TeacherReward:
         s_idx = tokens_within(student, th0, th1)
         pt, ps, misaligned = align_spans(teacher, t_idx, t_origin, student, s_idx, th0)
         sol = tokens_within(student, so0, so1)
-        return _Prepared(teacher.ids, student.ids, sol, ps, pt, penalty, misaligned, thought, text)
+        return _Prepared(teacher.ids, student.ids, sol, ps, pt, penalty, matched, misaligned, thought, text)
 
     # ---------------------------------------------------------------- tensor side
     # Prepare (tokenize + align) the next round in a background thread while the
@@ -193,6 +194,7 @@ class TeacherReward:
         match = torch.tensor([p.match_penalty for p in preps])
         comp = combine(self.cfg, sol_lp, sol_mask, st_lp, tt_lp, th_mask, match)
         comp["misaligned_thought_tokens"] = torch.tensor([float(p.misaligned) for p in preps])
+        comp["no_end_tag"] = torch.tensor([float(not p.matched) for p in preps])  # also when the penalty is 0
         return RewardResult(comp["reward"], comp, timing)
 
 

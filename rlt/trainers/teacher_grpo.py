@@ -122,9 +122,10 @@ class TeacherGRPOTrainer(GRPOTrainer):
             result = self.teacher_reward(teacher, items)
         log_metric = kwargs.get("log_metric")
         if log_metric is not None:
-            for name, value in result.metrics().items():
+            metrics = result.metrics()
+            metrics["no_end_tag_frac"] = metrics.pop("no_end_tag")  # the batch mean of a 0/1 component
+            for name, value in metrics.items():
                 log_metric(f"teacher_reward/{name}", value)
-            log_metric("teacher_reward/no_end_tag_frac", float((result.components["match_penalty"] != 0).float().mean()))
         self._record(items, result)
         self._timing["reward"] += time.perf_counter() - t0
         return result.rewards.tolist()
