@@ -59,6 +59,12 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return [a for a in args if a not in FLAGS], flags
 
 
+def trainer_overrides(overrides: list[str]) -> list[str]:
+    """The user's overrides the trainer gets: all but those of the keys this launcher sets (SET_HERE), in any
+    form (``key=``, ``+key=``, ``++key=``, ``~key``)."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SET_HERE]
+
+
 def visible_gpus() -> list[str] | None:
     import torch
 
@@ -130,6 +136,11 @@ def validate(recipe: str, overrides: list[str], num_vllm: int, num_train: int):
     from rlt.train import check
 
     given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key.lstrip("+") == "vllm_num_servers" and value.strip() != str(num_vllm):
+            raise ConfigError(f"{o}: launch_with_server.sh starts NUM_VLLM={num_vllm} server(s) and sets "
+                              "vllm_num_servers itself; drop the key or change NUM_VLLM")
     # `++`: added even where the recipe has no such key, so a recipe of another kind is named as such below
     extra = [] if "vllm_host" in given else ["++vllm_host=127.0.0.1"]
     cfg = compose(recipe, [*overrides, *extra, f"++vllm_num_servers={num_vllm}"])
@@ -207,8 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[num_vllm:num_vllm + num_train])
         server_args = [f"vllm_host={specs[0].connect_host}", f"vllm_port={specs[0].port}",
                        f"vllm_num_servers={num_vllm}", f"vllm_log_dir={log_dir}"]
-        kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in SET_HERE]
-        cmd = [str(ROOT / "launch.sh"), str(num_train), run_cfg, *kept, *server_args, *flags]
+        cmd = [str(ROOT / "launch.sh"), str(num_train), run_cfg, *trainer_overrides(overrides), *server_args, *flags]
         logger.info("training: %s", " ".join(cmd))
         trainer = Guarded(cmd, recorder, remove=(str(sync_dir),) if sync_dir else (), env=env)
         logger.info("training: process group %d", trainer.pgid)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from omegaconf import OmegaConf
@@ -33,6 +34,18 @@ def check_inputs(s) -> None:
         last_checkpoint(s.args.output_dir, s.run.resume_from)  # refuses a directory without trainer_state.json
 
 
+def check_gpus_for(num_processes: int) -> None:
+    """With CUDA, each training process needs a GPU of its own: no more processes than visible GPUs."""
+    from rlt.models import gpu_count
+
+    gpus = gpu_count()
+    if gpus and num_processes > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise ConfigError(f"NUM_PROCESSES={num_processes}: {gpus} GPU(s) visible"
+                          + (f" (CUDA_VISIBLE_DEVICES={visible})" if visible is not None else "")
+                          + "; each training process needs a GPU of its own")
+
+
 def check(cfg: dict, num_processes: int | None = None):
     """Validate a composed config and its data without loading a model or writing anything but a probe in
     output_dir. Returns (settings, examples, format)."""
@@ -42,6 +55,8 @@ def check(cfg: dict, num_processes: int | None = None):
     n = num_processes_from_env() if num_processes is None else num_processes
     # num_processes is given by launchers checking a run before it starts (a plain process); inside a
     # launched rank it is None and the settings are derived from the launch (gloo on CPU).
+    if num_processes is not None:
+        check_gpus_for(num_processes)
     s = build_train_settings(cfg, num_processes=num_processes)
     if s.run.trainer == "teacher_grpo":
         validate_grpo(s, n)
@@ -108,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
             sys.stdout.write(OmegaConf.to_yaml(OmegaConf.create(composed)))
             return
         if "check" in flags:
+            from rlt.procs import set_parent_death_signal
+
+            set_parent_death_signal(os.getppid())  # a kill of launch.sh while it waits here stops this too
             n = next((int(f.split("=")[1]) for f in flags if f.startswith("processes=")), 1)
             s, examples, _ = check(composed, num_processes=n)
             logger.info("settings and data are valid: trainer %s, %d examples, output_dir %s", s.run.trainer,

@@ -94,6 +94,19 @@ def test_launch_with_server_counts_are_at_least_one(counts, key, capsys):
     assert f"launch_with_server.sh: error: {key} must be an integer >= 1, got '0'" in capsys.readouterr().err
 
 
+def test_more_training_processes_than_gpus_is_refused(monkeypatch):
+    import rlt.models
+    from rlt.train import check_gpus_for
+
+    monkeypatch.setattr(rlt.models, "gpu_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    refused(check_gpus_for, 8, match=r"NUM_PROCESSES=8: 4 GPU\(s\) visible \(CUDA_VISIBLE_DEVICES=0,1,2,3\); each "
+                                     r"training process needs a GPU of its own")
+    check_gpus_for(4)
+    monkeypatch.setattr(rlt.models, "gpu_count", lambda: 0)  # CPU processes: any number
+    check_gpus_for(8)
+
+
 def test_zero_processes_is_not_unset(tmp_path):
     cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path}"])
     refused(build_train_settings, cfg, 0, match=r"number of training processes \(0\) must be >= 1")
@@ -109,6 +122,14 @@ def test_launch_sh_flags(tmp_path, flags, match):
     proc = run_cmd([str(ROOT / "launch.sh"), "1", "tiny_teacher_sft", f"output_dir={tmp_path}", *flags],
                    timeout=60, check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == match, proc.stderr
+
+
+def test_launch_with_server_owns_the_server_keys(tmp_path):
+    refused(launch_with_server.validate, "tiny_teacher_rlt", [f"output_dir={tmp_path}", "vllm_num_servers=3"], 1, 1,
+            match=r"vllm_num_servers=3: launch_with_server\.sh starts NUM_VLLM=1 server\(s\) and sets "
+                  r"vllm_num_servers itself")
+    given = ["lr=1", "~vllm_port", "++vllm_num_servers=2", "+vllm_log_dir=x", "vllm_host=127.0.0.1", "~beta"]
+    assert launch_with_server.trainer_overrides(given) == ["lr=1", "~beta"]
 
 
 def test_launch_with_server_flags():
