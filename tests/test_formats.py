@@ -136,3 +136,26 @@ def test_custom_rows_give_sft_the_rl_prompt(tokenizer, trace):
     assert prompt == teacher_prompt(tokenizer, ex.question, ex.solution, fmt)
     body = "Add 2 and 3." if trace is not None else row["solution"]
     assert completion == body + "\n\n" + fmt.explanation_tags[1] + tokenizer.eos_token
+
+
+def test_rl_prompts_are_tokenized_without_a_second_bos(tokenizer):
+    """Rendered prompts hold their template's BOS: with a tokenizer that adds one (Llama 3 style), trl's text path
+    would put a second in front of every rollout; the teacher trainer tokenizes them as SFT and the reward do."""
+    import copy
+    from types import SimpleNamespace
+
+    from tokenizers.processors import TemplateProcessing
+    from trl import GRPOTrainer
+
+    from rlt.trainers.teacher_grpo import TeacherGRPOTrainer
+
+    bos_tok = copy.deepcopy(tokenizer)
+    bos = bos_tok.convert_tokens_to_ids("<|fim_pad|>")
+    bos_tok._tokenizer.post_processor = TemplateProcessing(single="<|fim_pad|> $A",
+                                                           special_tokens=[("<|fim_pad|>", bos)])
+    prompts = ["<|fim_pad|>ab", "c"]
+    plain = [bos_tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    assert plain[0][0] == bos and plain[0].count(bos) == 1
+    trainer = SimpleNamespace(processing_class=bos_tok, _is_vlm=False)
+    assert GRPOTrainer._tokenize_prompts(trainer, prompts)[0][0][:2] == [bos, bos]  # what trl alone would do
+    assert TeacherGRPOTrainer._tokenize_prompts(trainer, prompts) == (plain, None, {})

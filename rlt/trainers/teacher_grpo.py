@@ -74,6 +74,15 @@ class TeacherGRPOTrainer(GRPOTrainer):
         if offload_untrained_models and self.ref_model is not None and deepspeed_stage(self.accelerator) == 3:
             self._offload_reference()
 
+    # ------------------------------------------------------------------ prompts
+    def _tokenize_prompts(self, prompts: list):
+        """Rendered prompt texts (what rlt gives trl) already hold any BOS their chat template writes, so they are
+        tokenized without special tokens, as SFT, the reward and distillation tokenize them (trl would add a
+        second BOS with tokenizers that add one, e.g. Llama 3). Conversational prompts: trl's own path."""
+        if prompts and isinstance(prompts[0], str):
+            return self.processing_class(text=prompts, add_special_tokens=False)["input_ids"], None, {}
+        return super()._tokenize_prompts(prompts)
+
     # ------------------------------------------------------------------ models
     def _offload_reference(self):
         """Re-place the reference model with its ZeRO-3 shards offloaded to CPU."""
