@@ -4,7 +4,8 @@
 # `python -m rlt.experiment run`: students on raw traces (seed 0's is the frozen reward student), teacher
 # SFT warm-up, teacher RL, best-of-k distillation with the RL and the warm-up teacher, fresh students on each,
 # evaluation on the held-out test split. Writes OUT/report.md and OUT/summary.json.
-#   scripts/experiment.sh [--quick] [--device cpu|cuda] [--out DIR] [--restart] [--workers N] [--threads N]
+#   scripts/experiment.sh [--quick] [--device cpu|cuda] [--out DIR] [--restart] [--rerun-other-code]
+#                         [--workers N] [--threads N]
 #   scripts/experiment.sh --curves [--out DIR]    # the learning-curve study (validation split) into DIR/curves
 # Default: about 30-60 minutes on 2 CPU cores (results/experiment); --quick: a few minutes, checks the
 # pipeline only (results/experiment_quick). A rerun resumes the finished jobs of the same settings.
@@ -19,7 +20,7 @@ CMD=run; ARGS=(); OUT=
 while [ $# -gt 0 ]; do
   case "$1" in
     --curves) CMD=curves ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;  # the header
     --out|--out=) [ $# -ge 2 ] && [ "$1" = --out ] || { echo "experiment.sh: error: --out needs a directory" >&2; exit 2; }
            OUT="$2"; shift ;;
     --out=*) OUT="${1#--out=}" ;;
