@@ -296,10 +296,13 @@ class _HangingServer(http.server.BaseHTTPRequestHandler):
 
     def _answer(self, status: int, payload: dict):
         body = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # released after the client gave up on it
+            pass
 
     def do_GET(self):
         if self.hung.is_set():
