@@ -59,10 +59,14 @@ def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return [a for a in args if a not in FLAGS], flags
 
 
+def override_key(override: str) -> str:
+    """The key a Hydra override names, in any form (``key=``, ``+key=``, ``++key=``, ``~key``)."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def trainer_overrides(overrides: list[str]) -> list[str]:
-    """The user's overrides the trainer gets: all but those of the keys this launcher sets (SET_HERE), in any
-    form (``key=``, ``+key=``, ``++key=``, ``~key``)."""
-    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in SET_HERE]
+    """The user's overrides the trainer gets: all but those of the keys this launcher sets (SET_HERE)."""
+    return [o for o in overrides if override_key(o) not in SET_HERE]
 
 
 def visible_gpus() -> list[str] | None:
@@ -135,12 +139,11 @@ def validate(recipe: str, overrides: list[str], num_vllm: int, num_train: int):
     from rlt.generation.weight_sync import resolve_sync_mode
     from rlt.train import check
 
-    given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
-    for o in overrides:
-        key, _, value = o.partition("=")
-        if key.lstrip("+") == "vllm_num_servers" and value.strip() != str(num_vllm):
-            raise ConfigError(f"{o}: launch_with_server.sh starts NUM_VLLM={num_vllm} server(s) and sets "
-                              "vllm_num_servers itself; drop the key or change NUM_VLLM")
+    given = {override_key(o): o.partition("=")[2].strip() for o in overrides if not o.startswith("~")}  # last wins
+    if given.get("vllm_num_servers", str(num_vllm)) != str(num_vllm):
+        raise ConfigError(f"vllm_num_servers={given['vllm_num_servers']}: launch_with_server.sh starts "
+                          f"NUM_VLLM={num_vllm} server(s) and sets vllm_num_servers itself; drop the key or change "
+                          "NUM_VLLM")
     # `++`: added even where the recipe has no such key, so a recipe of another kind is named as such below
     extra = [] if "vllm_host" in given else ["++vllm_host=127.0.0.1"]
     cfg = compose(recipe, [*overrides, *extra, f"++vllm_num_servers={num_vllm}"])

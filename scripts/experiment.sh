@@ -17,13 +17,13 @@ STAGE_T0=$(date +%s)
 source scripts/stage_lib.sh
 
 CMD=run; ARGS=(); OUT=
+no_out_dir() { echo "experiment.sh: error: --out needs a directory" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --curves) CMD=curves ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;  # the header
-    --out|--out=) [ $# -ge 2 ] && [ "$1" = --out ] || { echo "experiment.sh: error: --out needs a directory" >&2; exit 2; }
-           OUT="$2"; shift ;;
-    --out=*) OUT="${1#--out=}" ;;
+    --out) [ $# -ge 2 ] || no_out_dir; OUT="$2"; shift ;;
+    --out=*) OUT="${1#--out=}"; [ -n "$OUT" ] || no_out_dir ;;
     *) ARGS+=("$1") ;;
   esac
   shift

@@ -249,12 +249,17 @@ class _FakeService(http.server.BaseHTTPRequestHandler):
     models_status = 200
 
     def do_GET(self):
-        status = 200 if self.path == "/health" else self.models_status
-        body = json.dumps({"data": [{"id": "other-model"}]}).encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self._answer(200 if self.path == "/health" else self.models_status, {"data": [{"id": "other-model"}]})
+
+    def _answer(self, status: int, payload: dict):
+        body = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # a client that gave up (the hanging server below)
+            pass
 
     def log_message(self, *args):
         pass
@@ -287,22 +292,12 @@ def test_pool_refuses_a_service_that_is_not_the_runs_server(fake_service, models
         VLLMServerPool("127.0.0.1", port, api_key="run-key", connect_timeout=5)
 
 
-class _HangingServer(http.server.BaseHTTPRequestHandler):
+class _HangingServer(_FakeService):
     """A vLLM server that holds the run's key ("run-key") and then hangs: once ``hung`` is set, every request
     (/health included) waits for ``release`` (a server stuck in a collective, say) instead of answering."""
 
     hung = threading.Event()
     release = threading.Event()
-
-    def _answer(self, status: int, payload: dict):
-        body = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except (BrokenPipeError, ConnectionResetError):  # released after the client gave up on it
-            pass
 
     def do_GET(self):
         if self.hung.is_set():
@@ -316,9 +311,6 @@ class _HangingServer(http.server.BaseHTTPRequestHandler):
         self.hung.set()
         self.release.wait(60)
         self._answer(200, {"choices": []})
-
-    def log_message(self, *args):
-        pass
 
 
 def test_a_hung_server_is_given_up_within_the_health_window_not_the_request_timeout():

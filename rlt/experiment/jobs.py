@@ -148,9 +148,8 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, results: dict | None =
              version: dict | None = None, rerun_other_code: bool = False) -> dict[str, dict]:
     """Run ``jobs`` respecting their deps on ``workers`` processes; {name: result}. ``results``: results of an
     earlier run; those still valid are kept (:func:`kept`), the rest rerun. ``version`` (:func:`code_version`,
-    computed when None) is stored in each new result. ``on_done(results)`` is
-    called after every finished job (to save progress). A failing job stops the run (the others are cancelled)
-    with its log named."""
+    computed when None) is stored in each new result. ``on_done(results)`` is called after every finished job
+    (to save progress). A failing job stops the run (the others are cancelled) with its log named."""
     version = version or code_version()
     results = kept(jobs, results or {}, version, rerun_other_code)
     fps = {j.name: fingerprint(j) for j in jobs}

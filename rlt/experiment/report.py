@@ -58,11 +58,12 @@ def explanation_stats(rows: list[dict], selected: list[dict] | None = None) -> d
     n = len(rows)
     if not n:
         return {"n": 0}
-    st = [trace_stats(extract_thought(r["completion"], fmt)[0]) for r in rows]
+    thoughts = [extract_thought(r["completion"], fmt) for r in rows]  # (thought, completion, had the end tag)
+    st = [trace_stats(t[0]) for t in thoughts]
     out = {"n": n, "folded_frac": sum(s["folded_steps"] > 0 for s in st) / n,
            "wrong_frac": sum(s["wrong_steps"] > 0 for s in st) / n,
            "unparsed_frac": sum(not s["parsed"] for s in st) / n,
-           "no_end_tag_frac": sum(r.get("match_penalty", 0) != 0 for r in rows) / n}
+           "no_end_tag_frac": sum(not t[2] for t in thoughts) / n}
     for k in ("reward", "r_ss", "r_kl", "thought_tokens"):
         vals = [r[k] for r in rows if k in r and r[k] == r[k]]
         if vals:

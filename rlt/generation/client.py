@@ -21,6 +21,10 @@ class ServerDown(RuntimeError):
     """A server died or stopped answering; the message names it and its log."""
 
 
+class ForeignServer(ServerDown):
+    """Something answers at a server's address, but not the server this run started (it lacks the run's key)."""
+
+
 def in_background(fn, *args, **kwargs) -> cf.Future:
     """``fn(*args, **kwargs)`` in a daemon thread: a caller that gives up on it (a hung server) is not held by
     it, neither when it raises nor at interpreter exit (an executor's workers are joined at both)."""
@@ -34,10 +38,6 @@ def in_background(fn, *args, **kwargs) -> cf.Future:
 
     threading.Thread(target=run, daemon=True).start()
     return fut
-
-
-class ForeignServer(ServerDown):
-    """Something answers at a server's address, but not the server this run started (it lacks the run's key)."""
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -164,9 +164,9 @@ class VLLMServerPool:
             return [c["token_ids"] for c in choices]
 
         futs = [in_background(run, i) for i in range(n)]
-        cf.wait(futs, return_when=cf.FIRST_EXCEPTION)  # a failed server fails the call without waiting for the rest
-        for f in futs:
-            if f.done() and f.exception() is not None:
+        done, _ = cf.wait(futs, return_when=cf.FIRST_EXCEPTION)  # a failed server fails the call at once
+        for f in done:
+            if f.exception() is not None:
                 raise f.exception()
         return [ids for f in futs for ids in f.result()]
 
