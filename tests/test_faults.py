@@ -341,6 +341,18 @@ def test_no_server_at_the_address_is_named_with_the_last_error():
         VLLMServerPool("127.0.0.1", port, connect_timeout=1)
 
 
+def test_an_ipv6_vllm_host_is_put_in_brackets():
+    from rlt.generation.client import ServerDown, VLLMServerPool, server_url
+    from rlt.generation.config import RolloutConfig
+
+    assert server_url("::1", 8000) == "http://[::1]:8000" == server_url("[::1]", 8000)
+    assert server_url("gpu-1", 8001) == "http://gpu-1:8001"
+    assert RolloutConfig(vllm_host="fd00::7").vllm_host == "fd00::7"
+    port = free_port()
+    with pytest.raises(ServerDown, match=rf"no vLLM server answering at http://\[::1\]:{port} after 1s"):
+        VLLMServerPool("::1", port, connect_timeout=1)
+
+
 @pytest.mark.parametrize("host", ["http://localhost", "localhost:8000", "gpu-1/v1", " "])
 def test_vllm_host_with_a_scheme_port_or_path_is_refused(host):
     from rlt.errors import ConfigError

@@ -40,6 +40,13 @@ def in_background(fn, *args, **kwargs) -> cf.Future:
     return fut
 
 
+def server_url(host: str, port: int) -> str:
+    """``http://host:port``; an IPv6 address is put in brackets (``::1`` -> ``http://[::1]:8000``)."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 def auth_headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
@@ -95,7 +102,7 @@ class VLLMServerPool:
     def __init__(self, host: str, port: int, num_servers: int = 1, log_dir: str | None = None,
                  connect_timeout: float = 120.0, request_timeout: float = 3600.0,
                  health_interval: float = 5.0, health_failures: int = 3, api_key: str | None = None):
-        self.urls = [f"http://{host}:{port + i}" for i in range(num_servers)]
+        self.urls = [server_url(host, port + i) for i in range(num_servers)]
         self.log_dir = log_dir
         self.request_timeout = request_timeout
         self.health_interval = health_interval

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlt.generation.client import ForeignServer, server_model
+from rlt.generation.client import ForeignServer, server_model, server_url
 from rlt.procs import Guarded, TreeRecorder, non_distributed_env
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class ServerSpec:
 
     @property
     def url(self) -> str:
-        return f"http://{self.connect_host}:{self.port}"
+        return server_url(self.connect_host, self.port)
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model,
