@@ -41,8 +41,12 @@ def is_template(tokens) -> bool:
 def check_training(recipe: str, overrides: list[str], n: int) -> None:
     from rlt.config import build_train_settings, compose
 
+    from rlt.trainers.grpo_run import validate_grpo
+
     flags = {"offload", "zero1"}
-    build_train_settings(compose(recipe, [o for o in overrides if o not in flags]), num_processes=n)
+    settings = build_train_settings(compose(recipe, [o for o in overrides if o not in flags]), num_processes=n)
+    if settings.run.trainer == "teacher_grpo":  # the RL startup checks (batch shapes, student) too
+        validate_grpo(settings, n)
 
 
 def check_tool(module: str, args: list[str]) -> None:
