@@ -3,8 +3,9 @@
 extract_answer: the last \\boxed{...} (nested braces handled) of the solution
 section (from the solution start tag to its end tag or the end of the text);
 else, when the section was closed, its last non-empty line; without a solution
-section, the last \\boxed{...} after the thought (or anywhere when no thought was closed). Anything else is no answer
-(None): a run-on thought is never read as an answer.
+section, the last \\boxed{...} after the closed thought (or anywhere in a text without thought tags). Anything
+else is no answer (None): a run-on thought (opened, never closed: e.g. cut at the token limit) is never read as an
+answer, even when it holds a \\boxed{...}.
 check_answer: Countdown rows (numbers + target) evaluate the expression
 exactly; other answers go through math-verify, with a normalised exact match
 when math-verify cannot parse them.
@@ -50,7 +51,9 @@ def solution_section(text: str, fmt: DataFormat) -> tuple[str, bool] | None:
 def extract_answer(text: str, fmt: DataFormat) -> str | None:
     section = solution_section(text, fmt)
     if section is None:
-        t1 = fmt.think_tags[1]
+        t0, t1 = fmt.think_tags
+        if t0 in text and t1 not in text:  # a run-on thought
+            return None
         after = text.split(t1, 1)[1] if t1 in text else text
         boxed = last_boxed(after)
         return boxed.strip() if boxed is not None and boxed.strip() else None

@@ -67,16 +67,24 @@ def configure_reporting(run: RunConfig, args) -> None:
 
 
 def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
-    """The checkpoint to resume from: ``resume_from`` if set, else the newest in output_dir."""
+    """The checkpoint to resume from: ``resume_from`` if set, else the newest complete one in output_dir.
+
+    The Trainer writes ``trainer_state.json`` last (after the model, optimizer and RNG states), so a
+    ``checkpoint-N`` without it was cut off while being saved: it is skipped, with a warning naming it.
+    """
     if resume_from:
         if not Path(resume_from, "trainer_state.json").exists():
             raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no trainer_state.json)")
         return resume_from
     if not Path(output_dir).is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 
-    return get_last_checkpoint(output_dir)
+    for ckpt in reversed(sort_checkpoints(output_dir, PREFIX_CHECKPOINT_DIR)):
+        if Path(ckpt, "trainer_state.json").is_file():
+            return ckpt
+        logger.warning("%s has no trainer_state.json (its save was cut off): not resuming from it", ckpt)
+    return None
 
 
 CRASH_ENV = "RLT_INJECT_CRASH_AFTER_STEP"

@@ -65,6 +65,23 @@ def test_missing_models_and_checkpoints_fail_check(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_resume_skips_a_checkpoint_whose_save_was_cut_off(tmp_path, caplog):
+    from rlt.runs import last_checkpoint
+
+    out = tmp_path / "out"
+    assert last_checkpoint(str(out), None) is None
+    for step in (5, 10, 20):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+    for step in (5, 10):  # complete: the Trainer writes trainer_state.json last
+        (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-20" / "model.safetensors").write_text("")  # killed while saving
+    assert last_checkpoint(str(out), None) == str(out / "checkpoint-10")
+    assert "checkpoint-20 has no trainer_state.json" in caplog.text
+    (out / "checkpoint-10" / "trainer_state.json").unlink()
+    (out / "checkpoint-5" / "trainer_state.json").unlink()
+    assert last_checkpoint(str(out), None) is None
+
+
 def test_hub_ids_and_tiny_specs_pass_check(tmp_path):
     cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'out'}", "model_name_or_path=Qwen/Qwen2.5-7B-Instruct"])
     assert check(cfg, 1)[0].model.model_name_or_path == "Qwen/Qwen2.5-7B-Instruct"
