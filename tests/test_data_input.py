@@ -124,11 +124,33 @@ def test_hub_ids_still_go_to_the_hub(tmp_path, monkeypatch, no_hub):
     assert no_hub == [("some-org/some-data",)]
 
 
+@pytest.mark.parametrize("raised, message", [
+    (ConnectionError("Couldn't reach 'some-org/some-data' on the Hub (LocalEntryNotFoundError)\n  more"),
+     "dataset_id_or_path=some-org/some-data: not a local path, and the hub could not give it (ConnectionError: "
+     "Couldn't reach 'some-org/some-data' on the Hub (LocalEntryNotFoundError))"),
+    (ValueError('Unknown split "tset". Should be one of [\'train\'].'),
+     "dataset_split=tset: some-org/some-data has no such split (Unknown split \"tset\". Should be one of ['train'].)"),
+])
+def test_a_hub_failure_is_one_line(tmp_path, monkeypatch, raised, message):
+    import datasets
+
+    def refuse(*a, **k):
+        raise raised
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    assert error_of("some-org/some-data", dataset_split="tset") == message
+
+
 @pytest.mark.parametrize("source, start", [
     ("rlt-countdown:abc", "dataset_id_or_path=rlt-countdown:abc: write rlt-countdown:N:SEED (N >= 1"),
     ("rlt-countdown:0:0", "dataset_id_or_path=rlt-countdown:0:0: N=0 must be >= 1; write rlt-countdown:N:SEED"),
     ("rlt-arith", "dataset_id_or_path=rlt-arith: write rlt-arith:SPLIT:N:SEED"),
     ("rlt-arith:train:0:0", "dataset_id_or_path=rlt-arith:train:0:0: N=0 must be >= 1; write rlt-arith:SPLIT"),
+    ("rlt-arith:train:5:0:max_terms-abc", "dataset_id_or_path=rlt-arith:train:5:0:max_terms-abc: rlt-arith: "
+     "option 'max_terms-abc': max_terms takes an integer"),
+    ("rlt-arith:train:5:0:merge_prob-x", "dataset_id_or_path=rlt-arith:train:5:0:merge_prob-x: rlt-arith: "
+     "option 'merge_prob-x': merge_prob takes a number"),
 ])
 def test_bad_builtin_ids_name_the_accepted_form(no_hub, source, start):
     assert error_of(source).startswith(start)

@@ -174,7 +174,12 @@ def parse_task(spec: str | None) -> ArithTask:
         key, _, value = part.partition("-")
         if key not in types or not value:
             raise ConfigError(f"rlt-arith: bad option {part!r}; keys: {sorted(types)}")
-        kw[key] = value if key == "trace" else (float(value) if key == "merge_prob" else int(value))
+        kind = str if key == "trace" else float if key == "merge_prob" else int
+        try:
+            kw[key] = kind(value)
+        except ValueError:
+            raise ConfigError(f"rlt-arith: option {part!r}: {key} takes "
+                              f"{'a number' if kind is float else 'an integer'}") from None
     return ArithTask(**kw)
 
 

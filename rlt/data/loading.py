@@ -201,10 +201,13 @@ def _builtin_rows(spec: str) -> list[dict]:
             size = f"N={m.group(1)} must be >= 1; " if m else ""
             raise ConfigError(f"dataset_id_or_path={spec}: {size}write {COUNTDOWN_FORM}")
         return [to_stratos(r) for r in generate_rows(int(m.group(1)), seed=int(m.group(2)))]
-    from rlt.data.arithmetic import SPLITS, parse_id, stratos_rows_of_id
+    from rlt.data.arithmetic import ID_RE, SPLITS, parse_id, stratos_rows_of_id
 
     form = f"rlt-arith:SPLIT:N:SEED[:key-value+...] (SPLIT one of {list(SPLITS)}, N >= 1)"
-    parsed = parse_id(spec) if spec.startswith("rlt-arith:") else None
+    try:
+        parsed = parse_id(spec) if ID_RE.match(spec) else None
+    except ConfigError as e:  # a bad option after SEED
+        raise ConfigError(f"dataset_id_or_path={spec}: {e}") from None
     if parsed is None or parsed[1] < 1:
         size = f"N={parsed[1]} must be >= 1; " if parsed else ""
         raise ConfigError(f"dataset_id_or_path={spec}: {size}write {form}")
@@ -304,7 +307,13 @@ def load_table(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_row
     if looks_local(spec):
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         raise ConfigError(f"dataset_id_or_path={spec}: no such file or directory{where}")
-    return datasets.load_dataset(spec, split=split), None
+    try:
+        return datasets.load_dataset(spec, split=split), None
+    except Exception as e:  # not found, gated, offline, no network, no such split: named by type and first line
+        if isinstance(e, ValueError) and "split" in str(e).lower():
+            raise ConfigError(f"dataset_split={split}: {spec} has no such split ({_one_line(e)})") from None
+        raise ConfigError(f"dataset_id_or_path={spec}: not a local path, and the hub could not give it "
+                          f"({type(e).__name__}: {_one_line(e)})") from None
 
 
 def load_rows(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_rows: bool = False):
