@@ -175,12 +175,16 @@ def append_question_rows(f, rows: list[dict]) -> None:
 def select_rows(examples, completions, fmt, cfg: DistillConfig, scorer=None, teacher_prompts=None):
     """Rows per question for a chunk of questions, and counts.
 
-    Returns ([(question index, [rows])], counts with explanations / no_end_tag / questions_without_rows).
+    Returns ([(question index, [rows])], counts with explanations / no_end_tag / tags_in_thought /
+    questions_without_rows). An explanation holding one of the student's think or solution tags is dropped and
+    counted (``tags_in_thought``): written into a row, the student's text would split at it, so the row would no
+    longer read back as the thought and solution that were scored.
     """
     from rlt.data.text import stratos_row, student_system
     from rlt.rewards.teacher_reward import RewardInput, extract_thought
 
-    per_question, counts = [], {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0}
+    student_tags = (*fmt.think_tags, *fmt.solution_tags)
+    per_question, counts = [], {"explanations": 0, "no_end_tag": 0, "tags_in_thought": 0, "questions_without_rows": 0}
     for (idx, ex), texts in zip(examples, completions):
         system = student_system(ex.system, fmt)
         kept = []
@@ -191,6 +195,9 @@ def select_rows(examples, completions, fmt, cfg: DistillConfig, scorer=None, tea
                 counts["no_end_tag"] += 1
                 if cfg.missing_end_tag == "drop":
                     continue
+            if any(tag in thought for tag in student_tags):
+                counts["tags_in_thought"] += 1
+                continue
             kept.append((text, thought))
         if not kept:
             counts["questions_without_rows"] += 1
@@ -274,16 +281,16 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
         from rlt.rewards.teacher_reward import load_scorer
 
         scorer = load_scorer(teacher, student, tok, fmt, reward, cfg.temperature, model.dtype, device)
-    totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
+    totals = {"explanations": 0, "no_end_tag": 0, "tags_in_thought": 0, "questions_without_rows": 0, "rows": 0}
     if todo and engine is None:
         engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
                              model.dtype, longest_prompt=max(map(len, prompt_ids.values())))
     with open(progress, "a") as f:
         starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
         distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts)
-    logger.info("explanations %d, without end tag %d (%s), questions with no row %d, rows written %d",
-                totals["explanations"], totals["no_end_tag"], cfg.missing_end_tag,
-                totals["questions_without_rows"], totals["rows"])
+    logger.info("explanations %d, without end tag %d (%s), with the student's tags in the thought %d (dropped), "
+                "questions with no row %d, rows written %d", totals["explanations"], totals["no_end_tag"],
+                cfg.missing_end_tag, totals["tags_in_thought"], totals["questions_without_rows"], totals["rows"])
     if todo and totals["rows"] == 0:
         hint = ("every explanation lacked the end tag: raise max_completion_length or set missing_end_tag=penalise"
                 if totals["no_end_tag"] == totals["explanations"] else "no explanation was kept")
@@ -325,6 +332,9 @@ def fitting_todo(todo: list, tokenizer, fmt, max_prompt_length: int | None) -> t
             {todo[k][0]: ids for k, ids in kept.items()})
 
 
+COUNTED = ("explanations", "no_end_tag", "tags_in_thought")  # summed over the calls that wrote one output
+
+
 def write_summary(path: Path, progress: Path, totals: dict, cfg: DistillConfig, n_questions: int,
                   resumed: bool) -> None:
     """``path`` describes the whole output file: its rows and questions, the dataset's questions without a row,
@@ -335,7 +345,7 @@ def write_summary(path: Path, progress: Path, totals: dict, cfg: DistillConfig, 
     earlier = previous_counts(path) if resumed else {}
     summary = {"rows": len(rows), "questions": len(questions),
                "questions_without_rows": sum(i not in questions for i in range(n_questions)),
-               **{k: earlier.get(k, 0) + totals[k] for k in ("explanations", "no_end_tag")},
+               **{k: earlier.get(k, 0) + totals[k] for k in COUNTED},
                "select": cfg.select, "num_explanations": cfg.num_explanations, "last_call": totals}
     path.write_text(json.dumps(summary, indent=2))
 
@@ -346,7 +356,7 @@ def previous_counts(path: Path) -> dict:
         return {}
     try:
         old = json.loads(path.read_text())
-        return {k: int(old[k]) for k in ("explanations", "no_end_tag")}
+        return {k: int(old.get(k, 0)) for k in COUNTED}  # a summary from before tags_in_thought lacks it
     except (ValueError, KeyError, TypeError):
         logger.warning("%s: earlier summary unreadable; its counts are not carried over", path)
         return {}

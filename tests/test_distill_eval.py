@@ -53,6 +53,23 @@ def test_distilled_student_text_is_byte_identical_to_the_scored_one(tokenizer, t
     assert len(dropped) == len(COMPLETIONS) - 1 and counts["no_end_tag"] == 1
 
 
+def test_explanations_holding_the_students_tags_are_dropped_and_counted(tokenizer):
+    ex = load_examples("rlt-countdown:1:0", FMT)[0]
+    prompt = teacher_prompt(tokenizer, ex.question, ex.solution, FMT)
+    tagged = ["1 + 2 = 3<|end_of_thought|>\n\n<|begin_of_solution|>\n\n\\boxed{4}<|end_of_solution|>" + E1,
+              "so <|begin_of_thought|> again" + E1]
+    [(_, rows)], counts = select_rows([(0, ex)], [COMPLETIONS + tagged], FMT,
+                                      DistillConfig(output="x.jsonl", select="all", missing_end_tag="penalise"),
+                                      teacher_prompts={0: prompt})
+    assert counts["tags_in_thought"] == 2 and len(rows) == len(COMPLETIONS)
+    for row in rows:  # every kept row reads back as the thought and solution it was written from
+        parsed = parse_stratos_row(row, FMT)
+        assert parsed.solution == ex.solution and "<|end_of_thought|>" not in parsed.thought
+    [], counts = select_rows([(0, ex)], [tagged], FMT, DistillConfig(output="x.jsonl", select="all"),
+                             teacher_prompts={0: prompt})
+    assert counts == {"explanations": 2, "no_end_tag": 0, "tags_in_thought": 2, "questions_without_rows": 1}
+
+
 def test_best_of_k_keeps_the_highest_reward(tokenizer, tiny_path):
     from rlt.models import load_causal_lm
 
