@@ -10,6 +10,12 @@ stored_completions/*.jsonl are such rows. Output rows: the input plus `reward`
 and `reward_components`. Every row and the output's directory are checked
 before any model loads; a bad row stops the run (nothing is written) unless
 skip_bad_rows=true.
+
+Scored rows are appended to OUT.partial batch by batch (synced), with the
+settings that score them in OUT.partial.json; at the end OUT.partial becomes
+OUT. A run that stops early keeps them: the same command goes on after the
+rows already scored (a torn last line is cut off). A partial file from other
+input rows or other settings is refused in one line before any model loads.
 """
 from __future__ import annotations
 
@@ -121,22 +127,74 @@ def score(cfg: ScoreConfig, model: ModelConfig, fmt_cfg: FormatConfig, reward: R
                          teacher_system_prompt=fmt_cfg.teacher_system_prompt)
     tokenizer = load_tokenizer(teacher)
     rows = read_items(cfg.input, tokenizer, fmt, cfg.skip_bad_rows)
-    scorer = load_scorer(teacher, student, tokenizer, fmt, reward, cfg.teacher_temperature, model.dtype, device)
-    scored = []
-    for s in tqdm(range(0, len(rows), cfg.batch_size), desc="scoring", unit="batch"):
-        chunk = rows[s:s + cfg.batch_size]
-        res = scorer([item for _, item in chunk])
-        for k, (row, _) in enumerate(chunk):
-            comps = {n: (None if v[k] != v[k] else float(v[k])) for n, v in res.components.items()}  # NaN -> null
-            scored.append({**row, "reward": float(res.rewards[k]), "reward_components": comps})
     out = Path(cfg.output)
-    tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "w") as f:
-        for row in scored:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, out)
-    logger.info("scored %d row(s) -> %s", len(scored), out)
-    return len(scored)
+    partial, meta = out.with_name(out.name + ".partial"), out.with_name(out.name + ".partial.json")
+    settings = {"teacher": teacher, "student": student, "teacher_temperature": cfg.teacher_temperature,
+                "dtype": model.dtype, "format": dataclasses.asdict(fmt_cfg), "reward": dataclasses.asdict(reward)}
+    done = scored_before(partial, meta, settings, [row for row, _ in rows])
+    if done:
+        logger.info("%s: %d of %d row(s) already scored by an earlier run; going on after them", partial, done,
+                    len(rows))
+    todo = rows[done:]
+    if todo:
+        scorer = load_scorer(teacher, student, tokenizer, fmt, reward, cfg.teacher_temperature, model.dtype, device)
+        meta.write_text(json.dumps(settings, indent=2, default=str))
+        with open(partial, "a") as f:
+            for s in tqdm(range(0, len(todo), cfg.batch_size), desc="scoring", unit="batch"):
+                chunk = todo[s:s + cfg.batch_size]
+                res = scorer([item for _, item in chunk])
+                lines = []
+                for k, (row, _) in enumerate(chunk):
+                    comps = {n: (None if v[k] != v[k] else float(v[k])) for n, v in res.components.items()}  # NaN
+                    lines.append(json.dumps({**row, "reward": float(res.rewards[k]), "reward_components": comps}))
+                f.write("".join(line + "\n" for line in lines))  # one write per batch, synced: a crash keeps it
+                f.flush()
+                os.fsync(f.fileno())
+    os.replace(partial, out)
+    meta.unlink(missing_ok=True)
+    logger.info("scored %d row(s) -> %s", len(rows), out)
+    return len(rows)
+
+
+SAME_ROW = ("question", "solution", "completion", "system")  # what identifies an input row in the partial file
+
+
+def scored_before(partial: Path, meta: Path, settings: dict, rows: list[dict]) -> int:
+    """How many of ``rows`` (in order) an earlier run already scored into ``partial``, after cutting off a torn
+    last line (logged). A partial file whose rows are not the first input rows, or that was scored with other
+    ``settings`` (``meta``), is a ConfigError naming it and what differs."""
+    if not partial.exists():
+        return 0
+    keep = "delete it (and its .json) to score from the start, or give the same input and settings"
+    try:
+        before = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"{partial}: left by an earlier run, but its settings file {meta} is missing or "
+                          f"unreadable; {keep}") from None
+    changed = sorted(k for k in settings.keys() | before.keys()
+                     if json.dumps(settings.get(k), default=str, sort_keys=True)
+                     != json.dumps(before.get(k), default=str, sort_keys=True))
+    if changed:
+        raise ConfigError(f"{partial}: scored with other settings ({', '.join(changed)} differ); {keep}")
+    data = partial.read_bytes()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        logger.warning("%s: removing a torn last line (%d bytes) left by an interrupted run", partial, len(data) - cut)
+        data = data[:cut]
+        partial.write_bytes(data)
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    if len(lines) > len(rows):
+        raise ConfigError(f"{partial}: holds {len(lines)} scored rows but the input has {len(rows)}; {keep}")
+    for lineno, (line, row) in enumerate(zip(lines, rows), 1):
+        try:
+            got = json.loads(line)
+            same = isinstance(got, dict) and all(got.get(k) == row.get(k) for k in SAME_ROW)
+        except ValueError:
+            same = False
+        if not same:
+            raise ConfigError(f"{partial}, line {lineno}: not the same row as the input's row {lineno} to score "
+                              f"(another input?); {keep}")
+    return len(lines)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,67 @@ def test_device_is_checked_before_any_model_loads(tmp_path):
     proc = score(tmp_path, "device=cpu", "reward_logprob_backend=fused", check=False)
     assert proc.returncode == 2 and "reward_logprob_backend=fused runs on CUDA" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def score_in_process(tmp_path, *extra):
+    from rlt.config import compose_tool
+    from rlt.data.config import FormatConfig
+    from rlt.models import ModelConfig
+    from rlt.rewards.config import RewardConfig
+    from rlt.score import ScoreConfig, score as run_score
+
+    concerns = (ScoreConfig, ModelConfig, FormatConfig, RewardConfig)
+    objs = compose_tool("rlt.score", ScoreConfig, concerns[1:],
+                        ["teacher=rlt-tiny:0", "student=rlt-tiny:1", f"input={tmp_path / 'in.jsonl'}",
+                         f"output={tmp_path / 'out.jsonl'}", "batch_size=2", *extra])
+    return run_score(*(objs[c] for c in concerns))
+
+
+def test_a_stopped_run_keeps_its_scored_batches_and_the_rerun_goes_on(tmp_path, monkeypatch):
+    """Batches are appended as they are scored; a rerun scores only the rest; other settings are refused."""
+    import torch
+
+    import rlt.rewards.teacher_reward as tr
+    from rlt.errors import ConfigError
+
+    write_input(tmp_path / "in.jsonl", n=6)
+    scored = []
+
+    class FakeScorer:  # reward = length of the completion; fails on the batch given in `fail_at`
+        fail_at = 2
+
+        def __call__(self, items):
+            scored.append(len(items))
+            if len(scored) == self.fail_at:
+                raise RuntimeError("CUDA out of memory (injected)")
+            r = torch.tensor([float(len(it.completion)) for it in items])
+            return type("R", (), {"rewards": r, "components": {"reward": r}})()
+
+    monkeypatch.setattr(tr, "load_scorer", lambda *a, **k: FakeScorer())
+    with pytest.raises(RuntimeError, match="injected"):
+        score_in_process(tmp_path)
+    partial = tmp_path / "out.jsonl.partial"
+    assert len(partial.read_text().splitlines()) == 2 and not (tmp_path / "out.jsonl").exists()
+    with open(partial, "a") as f:
+        f.write('{"question": "torn')  # a write cut off mid-line
+    with pytest.raises(ConfigError, match=r"out\.jsonl\.partial: scored with other settings "
+                                          r"\(reward differ\); delete it"):
+        score_in_process(tmp_path, "kl_penalty_reward_coeff=[0,0]")
+    FakeScorer.fail_at = 0
+    scored.clear()
+    assert score_in_process(tmp_path) == 6
+    assert scored == [2, 2]  # only the four rows not scored before
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    inputs = [json.loads(line) for line in (tmp_path / "in.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in out] == [r["completion"] for r in inputs]
+    assert [r["reward"] for r in out] == [float(len(r["completion"])) for r in inputs]
+    assert not partial.exists() and not (tmp_path / "out.jsonl.partial.json").exists()
+
+    FakeScorer.fail_at = 2  # a partial file whose rows are not the input's is refused
+    scored.clear()
+    with pytest.raises(RuntimeError, match="injected"):
+        score_in_process(tmp_path)
+    first, second = partial.read_text().splitlines()
+    partial.write_text(json.dumps({**json.loads(first), "question": "another question"}) + "\n" + second + "\n")
+    with pytest.raises(ConfigError, match=r"out\.jsonl\.partial, line 1: not the same row as the input's row 1 "):
+        score_in_process(tmp_path)
