@@ -7,7 +7,9 @@
 
 Rows of any supported format: Stratos rows (system + conversations) take the
 gold answer from the last \\boxed{} of their solution; custom rows from an
-`answer` column, else the last \\boxed{} of their `solution`; Countdown rows
+`answer` column, else the last \\boxed{} of their `solution`; a benchmark's
+plain question/answer rows (a question column, `answer`, no `solution`, e.g.
+MATH-500's or AIME's `problem` + `answer`) from `answer`; Countdown rows
 (`numbers`, `target`) are checked by evaluating the expression exactly. The
 model sees the student system prompt (the row's `system`, else the format's).
 A prediction is the last \\boxed{} of the output's solution section, else the
@@ -67,9 +69,11 @@ def eval_rows(data: DataConfig, fmt_cfg: FormatConfig) -> tuple[list[dict], obje
 
     source = data.require_dataset()
     ds, lines = load_data_table(data)
-    fmt = resolve_format(fmt_cfg.data_format, ds.column_names, source=source,
+    cols = set(ds.column_names)
+    plain_qa = "answer" in cols and not cols & {"conversations", "solution"}  # a benchmark: question + answer
+    fmt = resolve_format(fmt_cfg.data_format, None if plain_qa else ds.column_names, source=source,
                          student_system_prompt=fmt_cfg.student_system_prompt)
-    parse = row_parser(fmt, ds.column_names, source)
+    parse = qa_parser(ds.column_names, source) if plain_qa else row_parser(fmt, ds.column_names, source)
     rows, bad = [], []
     for i, raw in enumerate(ds):
         try:
@@ -93,6 +97,23 @@ def eval_rows(data: DataConfig, fmt_cfg: FormatConfig) -> tuple[list[dict], obje
     if not rows:
         raise RowError(f"{source}: no row to evaluate")
     return rows, fmt
+
+
+def qa_parser(columns, source: str):
+    """Parser of question/answer rows (no solution): an Example with the question and system only."""
+    from rlt.data.examples import Example, RowError, question_column
+
+    qcol = question_column(columns)
+    logger.info("%s: question/answer rows, questions read from column %r", source, qcol)
+
+    def parse(row: dict) -> Example:
+        question, system = row.get(qcol), row.get("system")
+        if not isinstance(question, str) or not question.strip():
+            raise RowError(f"empty, missing or non-text {qcol!r}")
+        return Example(question=question, solution="", thought="",
+                       system=system if isinstance(system, str) and system else None)
+
+    return parse
 
 
 def evaluate(rows: list[dict], generate, tokenizer, fmt, n_samples: int) -> tuple[list[dict], dict]:

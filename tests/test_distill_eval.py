@@ -303,6 +303,31 @@ def test_eval_reads_custom_rows_with_boxed_gold_answers(tmp_path, tokenizer):
     assert summary["accuracy"] == 1.0
 
 
+def test_eval_reads_a_benchmarks_question_answer_rows(tmp_path, tokenizer):
+    """MATH-500 / AIME style: problem + answer (a number or text), no solution; a blank question names its line."""
+    from rlt.eval import eval_rows, evaluate
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"problem": "What is 2+2?", "answer": "4"}) + "\n" +
+                    json.dumps({"problem": "  ", "answer": "1"}) + "\n" +
+                    json.dumps({"problem": "Half of 1?", "answer": "\\frac{1}{2}", "system": "Be brief."}) + "\n")
+    with pytest.raises(ConfigError, match=r"qa.jsonl, line 2: empty, missing or non-text 'problem'"):
+        eval_rows(DataConfig(dataset_id_or_path=str(data)), FormatConfig())
+    rows, fmt = eval_rows(DataConfig(dataset_id_or_path=str(data), drop_bad_rows=True), FormatConfig())
+    assert fmt.name == "custom"
+    assert [(r["question"], r["answer"], r["system"]) for r in rows] == [
+        ("What is 2+2?", "4", None), ("Half of 1?", "\\frac{1}{2}", "Be brief.")]
+    outs = iter(["<|begin_of_solution|>\\boxed{4}<|end_of_solution|>", "<|begin_of_solution|>\\boxed{0.5}"])
+    _, summary = evaluate(rows, lambda ps, n: [[next(outs)] * n for _ in ps], tokenizer, fmt, n_samples=1)
+    assert summary["accuracy"] == 1.0
+    (tmp_path / "aime.jsonl").write_text(json.dumps({"problem": "What is 2+2?", "answer": 4}) + "\n")  # numbers
+    assert [r["answer"] for r in eval_rows(DataConfig(dataset_id_or_path=str(tmp_path / "aime.jsonl")),
+                                           FormatConfig())[0]] == ["4"]
+    (tmp_path / "q_only.jsonl").write_text(json.dumps({"problem": "What is 2+2?"}) + "\n")  # neither answer nor solution
+    with pytest.raises(ConfigError, match=r"cannot tell the data format from its columns \['problem'\]"):
+        eval_rows(DataConfig(dataset_id_or_path=str(tmp_path / "q_only.jsonl")), FormatConfig())
+
+
 def test_generation_length_is_clamped_to_the_model_context(tiny_path, caplog):
     import logging
 

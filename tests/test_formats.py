@@ -118,8 +118,10 @@ def test_bad_custom_rows():
     fmt = resolve_format("custom")
     with pytest.raises(RowError, match="row 1: empty, missing or non-text 'solution'"):
         parse_rows([{"question": "a", "solution": "b"}, {"question": "c", "solution": ""}], fmt)
-    with pytest.raises(RowError, match="needs a 'question' \\(or 'prompt'\\) column"):
+    with pytest.raises(RowError, match="needs a 'question' \\(or 'prompt' or 'problem'\\) column"):
         parse_rows([{"text": "a"}], fmt)
+    [ex] = parse_rows([{"problem": "What is 1+1?", "solution": "\\boxed{2}"}], fmt)  # MATH-500 / AIME columns
+    assert ex.question == "What is 1+1?"
 
 
 @pytest.mark.parametrize("trace", ["Add 2 and 3.", "\nAdd 2 and 3.", "\n\nAdd 2 and 3.\n\n", None])

@@ -6,13 +6,11 @@ import logging
 import re
 from typing import Any, Callable, Iterable, Sequence
 
-from rlt.data.formats import DataFormat
+from rlt.data.formats import QUESTION_COLUMNS, DataFormat
 from rlt.errors import ConfigError
 
 SKIP_HINT = "(set drop_bad_rows=true to skip such rows)"
 logger = logging.getLogger(__name__)
-
-QUESTION_COLUMNS = ("question", "prompt")
 
 
 class RowError(ConfigError):
@@ -71,12 +69,12 @@ def parse_stratos_row(row: dict[str, Any], fmt: DataFormat) -> Example:
 
 
 def question_column(columns: Iterable[str]) -> str:
-    """The question column of a custom dataset: 'question', else upstream's 'prompt'."""
+    """The question column of a custom dataset: 'question', else upstream's 'prompt', else 'problem' (MATH, AIME)."""
     cols = list(columns)
     for name in QUESTION_COLUMNS:
         if name in cols:
             return name
-    raise RowError(f"custom data needs a 'question' (or 'prompt') column; found columns {cols}")
+    raise RowError(f"custom data needs a 'question' (or 'prompt' or 'problem') column; found columns {cols}")
 
 
 def parse_custom_row(row: dict[str, Any], qcol: str, fmt: DataFormat) -> Example:

@@ -97,17 +97,20 @@ FORMATS: dict[str, DataFormat] = {
     "custom_r1": DataFormat(name="custom_r1", row_schema="custom", tag_style="r1", think_tag="think", solution_tag="answer"),
 }
 
+QUESTION_COLUMNS = ("question", "prompt", "problem")  # a custom row's question: the first of these it has
+
+
 def detect_format(columns, source: str = "dataset") -> str:
-    """The format name of rows with these columns: conversations -> bespoke_stratos; a question (or
-    upstream's prompt) column with a solution column -> custom. Anything else is an error naming them."""
+    """The format name of rows with these columns: conversations -> bespoke_stratos; a question column
+    (QUESTION_COLUMNS) with a solution column -> custom. Anything else is an error naming them."""
     cols = set(columns)
     if "conversations" in cols:
         return "bespoke_stratos"
-    if cols & {"question", "prompt"} and "solution" in cols:
+    if cols & set(QUESTION_COLUMNS) and "solution" in cols:
         return "custom"
     raise ConfigError(f"{source}: cannot tell the data format from its columns {sorted(cols)}: Stratos rows have "
-                     "'conversations', custom rows 'question' (or 'prompt') and 'solution'; fix the data or set "
-                     f"data_format to one of {sorted(FORMATS)}")
+                     "'conversations', custom rows 'question' (or 'prompt' or 'problem') and 'solution'; fix the "
+                     f"data or set data_format to one of {sorted(FORMATS)}")
 
 
 def resolve_format(data_format: str | None = "auto", columns=None, source: str = "dataset", **overrides) -> DataFormat:

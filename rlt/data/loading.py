@@ -24,7 +24,7 @@ BUILTIN_RE = re.compile(r"^rlt-(countdown|arith)(:|$)")
 DEFAULT_SPLIT = "train"
 _FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # written by save_to_disk
-TEXT_COLUMNS = ("question", "prompt", "solution", "reasoning_trace", "system")  # a JSON string or null
+TEXT_COLUMNS = ("question", "prompt", "problem", "solution", "reasoning_trace", "system")  # a JSON string or null
 
 
 def read_jsonl(path: str | Path, skip_bad: bool = False, bad: list[int] | None = None):
