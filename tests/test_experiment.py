@@ -5,11 +5,13 @@ import logging
 import math
 import os
 import re
+import sys
 
 import pytest
 
 from rlt.data import arithmetic
 from rlt import stats
+from conftest import ROOT
 
 # ----------------------------------------------------------------------------------------- statistics
 
@@ -142,7 +144,7 @@ def test_plan_is_a_consistent_graph_with_equal_budgets(tmp_path):
         assert len(names) == len(set(names))
         seen = set()
         for j in jobs:  # priority order never puts a job before what it needs
-            assert all(d in names for d in j.deps), j.name
+            assert all(d in seen for d in j.deps), j.name
             seen.add(j.name)
         by = {j.name: j for j in jobs}
         students = [by[f"student_{v}_s{s}"] for v in VARIANTS for s in p.seeds]
@@ -156,6 +158,21 @@ def test_plan_is_a_consistent_graph_with_equal_budgets(tmp_path):
                       if o.startswith("dataset_id_or_path=")]
         assert not any(":test:" in o or ":validation:" in o for o in trained_on)  # nothing trains on held-out data
         assert names.index("teacher_rl") < names.index("student_raw_s1")  # the critical path first
+
+
+def test_every_teacher_stage_uses_the_prompt_the_teacher_was_trained_with(tmp_path):
+    """Warm-up and RL recipes, the gold-trace scoring and every distillation prompt the teacher alike."""
+    import yaml
+
+    from rlt.data.arithmetic import TEACHER_SYSTEM_PROMPT
+    from rlt.experiment.pipeline import PRESETS, plan
+
+    for name in ("teacher_sft", "teacher_rlt", "student_sft"):
+        cfg = yaml.safe_load((ROOT / "cfgs" / "experiment" / f"{name}.yaml").read_text())
+        assert cfg["teacher_system_prompt"] == TEACHER_SYSTEM_PROMPT, name
+    distills = [j for j in plan(tmp_path, PRESETS["default"], "cpu") if j.fn == "distill"]
+    assert {j.name for j in distills} == {"distill_rlt", "distill_warmup", "analysis_rewards"}
+    assert all(j.kwargs["teacher_system_prompt"] == TEACHER_SYSTEM_PROMPT for j in distills)
 
 
 def test_code_version_follows_the_source_and_the_commit(tmp_path):
@@ -174,6 +191,14 @@ def test_code_version_follows_the_source_and_the_commit(tmp_path):
     assert v1["code"] != v0["code"]
     (pkg / "notes.txt").write_text("not code")
     assert code_version(pkg) == v1
+    recipe = tmp_path / "repo" / "cfgs" / "experiment" / "student_sft.yaml"  # the jobs name recipes, not contents
+    recipe.parent.mkdir(parents=True)
+    recipe.write_text("learning_rate: 2.0e-3\n")
+    v1 = code_version(pkg)
+    recipe.write_text("learning_rate: 1.0e-4\n")
+    assert code_version(pkg)["code"] != v1["code"]
+    recipe.write_text("learning_rate: 2.0e-3\n")
+    assert code_version(pkg) == v1
     env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
            "PATH": os.environ["PATH"], "HOME": str(tmp_path)}
     git = ["git", "-C", str(tmp_path / "repo")]
@@ -183,6 +208,27 @@ def test_code_version_follows_the_source_and_the_commit(tmp_path):
     assert code_version(pkg) == {"code": v1["code"], "commit": head}
     (pkg / "a.py").write_text("x = 2\n")
     assert code_version(pkg)["commit"] == head + "+dirty"
+    (pkg / "a.py").write_text("x = 1\n")
+    assert code_version(pkg)["commit"] == head
+    recipe.write_text("learning_rate: 1.0e-4\n")
+    assert code_version(pkg)["commit"] == head + "+dirty"
+
+
+def test_a_failed_job_lets_the_running_ones_finish_and_keeps_their_results(tmp_path):
+    from rlt.experiment.jobs import Job, JobFailed, run_jobs
+
+    marker, out = tmp_path / "failed", tmp_path / "slow_out"
+    jobs = [Job("slow", "experiment_job_fns:wait_for_then_write", {"path": str(out), "wait_for": str(marker)},
+                str(tmp_path / "slow.log")),
+            Job("bad", "experiment_job_fns:fail_after_writing", {"path": str(marker)}, str(tmp_path / "bad.log")),
+            Job("after", "experiment_job_fns:fail_after_writing", {"path": str(tmp_path / "x")},
+                str(tmp_path / "after.log"), deps=("bad",))]
+    saved = {}
+    with pytest.raises(JobFailed, match=r"bad failed \(RuntimeError: injected failure\); see .*bad\.log"):
+        run_jobs(jobs, workers=2, threads=1, on_done=lambda r: saved.update(r))
+    assert out.read_text() == "done" and list(saved) == ["slow"]  # finished after the failure, and kept
+    assert not (tmp_path / "x").exists()  # nothing new started after the failure
+    assert "injected failure" in (tmp_path / "bad.log").read_text()
 
 
 def test_kept_jobs_made_by_other_code_are_named_or_rerun_with_what_follows(caplog):
@@ -236,3 +282,21 @@ def test_experiment_quick_end_to_end(tmp_path):
     # a rerun resumes: nothing left to do
     again = run_cmd(["bash", "scripts/experiment.sh", "--quick", "--out", str(out)], timeout=600)
     assert "already done" in again.stdout and "start " not in again.stdout and "other code" not in again.stdout
+    # the report is rebuilt from the finished run, and refused for a run of other settings (the default preset)
+    py = [sys.executable, "-m", "rlt.experiment", "report", "--out", str(out)]
+    run_cmd(py + ["--quick"], timeout=300)
+    refused = run_cmd(py, timeout=300, check=False)
+    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith(
+        f"python -m rlt.experiment report: error: {out}: ") and "(a --quick run needs --quick)" in refused.stderr
+
+
+def test_the_models_job_writes_its_models_afresh(tmp_path):
+    """A rerun of the models job (another shape, a save cut off) never keeps what was in the directory."""
+    from rlt.experiment.runner import build_tiny
+
+    build_tiny(tmp_path / "m", 0, "h128-l2")
+    (tmp_path / "m" / "stale.bin").write_text("x")
+    build_tiny(tmp_path / "m", 0, "h256-l4")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"]) == (256, 4)
+    assert not (tmp_path / "m" / "stale.bin").exists()

@@ -79,6 +79,9 @@ def cmd_run(args) -> int:
     state = json.loads(state_file.read_text()) if state_file.exists() and not args.restart else {}
     if args.restart:
         logger.info("--restart: discarding the earlier jobs in %s", out)
+        # the record of finished jobs first: a restart stopped early must not find the old jobs listed as done
+        for f in ("jobs.json", "run_meta.json", "summary.json", "report.md"):
+            (out / f).unlink(missing_ok=True)
         for sub in ("models", "distill", "eval", "analysis", "logs", "plots"):
             shutil.rmtree(out / sub, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,7 @@ def cmd_run(args) -> int:
     seconds = seconds0 + time.perf_counter() - t0
     if results != state.get("results"):
         save(results)
-    meta = {"minutes": seconds / 60, "load": load.summary(), "device": _device_words(args.device),
+    meta = {"out": str(out), "minutes": seconds / 60, "load": load.summary(), "device": _device_words(args.device),
             "models": _model_description(out, preset.shape),
             "jobs": {k: round(v.get("job_seconds", 0)) for k, v in results.items()},
             "code": _code_words(results, version)}
@@ -146,32 +149,64 @@ def _write(out: Path, name: str, preset, meta: dict) -> int:
 
 
 def cmd_report(args) -> int:
-    from rlt.experiment.pipeline import PRESETS
+    from rlt.experiment.jobs import reusable
+    from rlt.experiment.pipeline import PRESETS, plan
 
     name = "quick" if args.quick else "default"
     out = Path(args.out or ("results/experiment_quick" if args.quick else "results/experiment"))
-    meta = json.loads((out / "run_meta.json").read_text())
+    run = f"python -m rlt.experiment run{' --quick' if args.quick else ''} --out {out}"
+    meta_file, state_file = out / "run_meta.json", out / "jobs.json"
+    if not meta_file.is_file() or not state_file.is_file():
+        raise SystemExit(f"python -m rlt.experiment report: error: {out}: no finished run there (a run writes "
+                         f"jobs.json and, when it ends, run_meta.json); run `{run}` first")
+    meta = json.loads(meta_file.read_text())
+    device = "cuda" if str(meta.get("device", "")).startswith("CUDA") else "cpu"
+    jobs = plan(Path(meta.get("out", out)), PRESETS[name], device)  # the jobs name paths as the run spelled them
+    missing = [j.name for j in jobs if j.name not in reusable(jobs, json.loads(state_file.read_text()).get("results", {}))]
+    if missing:
+        other = "" if args.quick else " (a --quick run needs --quick)"
+        raise SystemExit(f"python -m rlt.experiment report: error: {out}: {len(missing)} of the {name} run's "
+                         f"{len(jobs)} jobs are not finished there with its settings ({', '.join(missing[:4])}"
+                         f"{', ...' if len(missing) > 4 else ''}){other}; `{run}` finishes them")
     return _write(out, name, PRESETS[name], meta)
 
 
 def cmd_curves(args) -> int:
     from rlt.experiment import report
-    from rlt.experiment.jobs import run_jobs
+    from rlt.experiment.jobs import JobFailed, run_jobs
     from rlt.experiment.pipeline import curve_plan
+    from rlt.experiment.runner import SHAPES
 
     out = Path(args.out)
     shapes = args.shapes.split(",")
-    steps = [int(s) for s in args.steps.split(",")]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"python -m rlt.experiment curves: error: --shapes: unknown shape(s) {unknown}; "
+                         f"known: {sorted(SHAPES)}")
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        steps = []
     if len(steps) == 1:
         steps *= len(shapes)
+    if len(steps) != len(shapes) or min(steps) < 1:
+        raise SystemExit(f"python -m rlt.experiment curves: error: --steps {args.steps}: give one positive "
+                         f"integer, or one per shape ({len(shapes)})")
+    state_file = out / "jobs.json"
+    done = json.loads(state_file.read_text()) if state_file.exists() else {}
+    if "results" in done:  # a run's record ({"results": ..., "seconds": ...}), not the study's
+        raise SystemExit(f"python -m rlt.experiment curves: error: --out {out}: {state_file} is an experiment "
+                         "run's; the study goes into its own directory (default: results/experiment/curves)")
     jobs = []
     for shape, n in zip(shapes, steps):
         jobs += curve_plan(out, shapes=(shape,), steps=n, eval_every=max(10, n // 8), n_train=args.n_train)
-    state_file = out / "jobs.json"
-    done = json.loads(state_file.read_text()) if state_file.exists() else {}
     with LoadMonitor() as load:
-        done = run_jobs(jobs, args.workers, args.threads, done, rerun_other_code=args.rerun_other_code,
-                        on_done=lambda r: state_file.write_text(json.dumps(r, indent=2)))
+        try:
+            done = run_jobs(jobs, args.workers, args.threads, done, rerun_other_code=args.rerun_other_code,
+                            on_done=lambda r: state_file.write_text(json.dumps(r, indent=2)))
+        except JobFailed as e:
+            logger.error("%s", e)
+            return 1
     res = report.write_curves_report(out)
     md = out / "curves.md"
     md.write_text(md.read_text() + f"\nLoad average while the study ran: mean {load.summary()['mean']:.2f}, max "
@@ -179,6 +214,17 @@ def cmd_curves(args) -> int:
                   f"{args.threads} thread.\n")
     logger.info("learning curves: %s (%d runs)", out / "curves.png", len(res["curves"]))
     return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--quick", action="store_true", help="the CI-sized pipeline check (minutes, not a result)")
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     r.add_argument("--out", default=None, help="default results/experiment (results/experiment_quick with --quick)")
-    r.add_argument("--workers", type=int, default=2, help="worker processes running independent stages at once")
-    r.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    r.add_argument("--workers", type=positive_int, default=2, help="worker processes running independent stages at once")
+    r.add_argument("--threads", type=positive_int, default=1, help="torch threads per worker")
     r.add_argument("--restart", action="store_true", help="discard finished jobs of an earlier run in --out")
     r.add_argument("--rerun-other-code", action="store_true",
                    help="rerun finished jobs made by other code than this checkout's (and what follows them)")
@@ -198,9 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default="results/experiment/curves")
     c.add_argument("--shapes", default="h128-l2,h128-l4,h256-l4")
     c.add_argument("--steps", default="400,250,150", help="optimizer steps per shape (one value: all shapes)")
-    c.add_argument("--n-train", type=int, default=2000, help="training questions")
-    c.add_argument("--workers", type=int, default=2)
-    c.add_argument("--threads", type=int, default=1)
+    c.add_argument("--n-train", type=positive_int, default=2000, help="training questions")
+    c.add_argument("--workers", type=positive_int, default=2)
+    c.add_argument("--threads", type=positive_int, default=1)
     c.add_argument("--rerun-other-code", action="store_true",
                    help="rerun finished runs made by other code than this checkout's")
     p = sub.add_parser("report", help="rebuild report.md and summary.json of a finished run")

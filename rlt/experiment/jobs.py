@@ -23,7 +23,7 @@ logger = logging.getLogger("rlt.experiment")
 @dataclasses.dataclass
 class Job:
     name: str
-    fn: str                       # a function of rlt.experiment.stages
+    fn: str                       # a function of rlt.experiment.stages, or "module:function"
     kwargs: dict
     log: str                      # the job's log file
     deps: tuple[str, ...] = ()    # jobs that must finish first
@@ -48,13 +48,15 @@ def _init_worker(threads: int, parent: int) -> None:
 
 
 def _run(fn: str, kwargs: dict, log: str) -> dict:
-    from rlt.experiment import stages
+    import importlib
+
     from rlt.experiment.runner import StageLog
 
+    module, _, name = fn.rpartition(":")
     t0 = time.perf_counter()
     with StageLog(Path(log)):
         try:
-            out = getattr(stages, fn)(**kwargs)
+            out = getattr(importlib.import_module(module or "rlt.experiment.stages"), name)(**kwargs)
         except BaseException:
             logging.getLogger("rlt.experiment.jobs").error("job failed:\n%s", traceback.format_exc())
             raise
@@ -72,9 +74,11 @@ def fingerprint(job: Job) -> str:
 def code_version(package: Path | None = None) -> dict:
     """What made a job's result besides its arguments: ``{"code": hash, "commit": str | None}``.
 
-    ``code`` hashes every ``.py`` file of the ``rlt`` package (path and bytes, so uncommitted edits count) with the
-    versions of the libraries that compute the numbers; ``commit`` is the git commit of the checkout (``+dirty``
-    when its rlt/ has uncommitted changes), for people to read; None outside a git checkout."""
+    ``code`` hashes every ``.py`` file of the ``rlt`` package and every recipe (``.yaml``) under the checkout's
+    ``cfgs/`` (path and bytes, so uncommitted edits count: the jobs name their recipes, not their contents) with
+    the versions of the libraries that compute the numbers; ``commit`` is the git commit of the checkout
+    (``+dirty`` when its rlt/ or cfgs/ has uncommitted changes), for people to read; None outside a git
+    checkout."""
     import hashlib
     import importlib.metadata as md
     import subprocess
@@ -83,6 +87,9 @@ def code_version(package: Path | None = None) -> dict:
     h = hashlib.sha1()
     for f in sorted(package.rglob("*.py")):
         h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    cfgs = package.parent / "cfgs"
+    for f in sorted(cfgs.rglob("*.yaml")):
+        h.update(b"cfgs/" + f.relative_to(cfgs).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     for lib in ("torch", "transformers", "trl", "accelerate", "datasets"):
         try:
             h.update(f"{lib}=={md.version(lib)}\0".encode())
@@ -93,8 +100,8 @@ def code_version(package: Path | None = None) -> dict:
         git = ["git", "-C", str(package)]
         head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         if head.returncode == 0:
-            dirty = subprocess.run(git + ["status", "--porcelain", "--", "."], capture_output=True, text=True,
-                                   timeout=10).stdout.strip()
+            dirty = subprocess.run(git + ["status", "--porcelain", "--", ".", "../cfgs"], capture_output=True,
+                                   text=True, timeout=10).stdout.strip()
             commit = head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -149,7 +156,8 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, results: dict | None =
     """Run ``jobs`` respecting their deps on ``workers`` processes; {name: result}. ``results``: results of an
     earlier run; those still valid are kept (:func:`kept`), the rest rerun. ``version`` (:func:`code_version`,
     computed when None) is stored in each new result. ``on_done(results)`` is called after every finished job
-    (to save progress). A failing job stops the run (the others are cancelled) with its log named."""
+    (to save progress). A failing job stops the run with its log named: no job starts after it, and the jobs
+    already running finish first, so their results are kept (a Ctrl-C stops them at once instead)."""
     version = version or code_version()
     results = kept(jobs, results or {}, version, rerun_other_code)
     fps = {j.name: fingerprint(j) for j in jobs}
@@ -166,9 +174,9 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, results: dict | None =
         return results
     with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
                              initargs=(threads, os.getpid())) as pool:
-        running = {}
-        while pending or running:
-            ready = [j for j in pending if all(d in results for d in j.deps)]
+        running, failed = {}, None
+        while (pending and failed is None) or running:
+            ready = [j for j in pending if all(d in results for d in j.deps)] if failed is None else []
             while ready and len(running) < workers:
                 j = ready.pop(0)
                 pending.remove(j)
@@ -182,11 +190,16 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, results: dict | None =
                 try:
                     results[j.name] = {**fut.result(), "fingerprint": fps[j.name], **version}
                 except Exception as e:
-                    for other in running:
-                        other.cancel()
-                    raise JobFailed(f"{j.title or j.name} failed ({type(e).__name__}: {e}); see {j.log}") from None
+                    why = f"{j.title or j.name} failed ({type(e).__name__}: {e}); see {j.log}"
+                    failed = failed or why
+                    if running:
+                        logger.error("%s; letting the %d running job(s) finish so that their results are kept "
+                                     "(Ctrl-C stops them now)", why, len(running))
+                    continue
                 logger.info("done  %s in %.0fs (%.1f min into this run)", j.title or j.name, time.perf_counter() - t0,
                             (time.perf_counter() - t_start) / 60)
                 if on_done is not None:
                     on_done(results)
+    if failed:
+        raise JobFailed(failed)
     return results

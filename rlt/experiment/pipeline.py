@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from rlt.data.arithmetic import TEACHER_SYSTEM_PROMPT
 from rlt.experiment.jobs import Job
 
 
@@ -119,7 +120,7 @@ def plan(out: Path, p: Preset, device: str) -> list[Job]:
         jobs.append(Job(f"distill_{variant}", "distill",
                         dict(teacher=teacher, student=reward_student, data=d["train"],
                              output=str(out / "distill" / f"{variant}.jsonl"), device=device, num_explanations=p.k,
-                             max_tokens=p.max_tokens),
+                             max_tokens=p.max_tokens, teacher_system_prompt=TEACHER_SYSTEM_PROMPT),
                         str(logs / f"4_distill_{variant}.log"),
                         deps=("teacher_rl" if variant == "rlt" else "teacher_warmup", f"student_raw_s{p.seeds[0]}"),
                         title=f"distillation with the {'RL' if variant == 'rlt' else 'warm-up'} teacher "
@@ -127,7 +128,8 @@ def plan(out: Path, p: Preset, device: str) -> list[Job]:
     jobs.append(Job("analysis_rewards", "distill",
                     dict(teacher=teacher_rl, student=reward_student, data=d["analysis"],
                          output=str(out / "analysis" / "test_explanations.jsonl"), device=device,
-                         num_explanations=p.k, max_tokens=p.max_tokens, seed=1),
+                         num_explanations=p.k, max_tokens=p.max_tokens, seed=1,
+                         teacher_system_prompt=TEACHER_SYSTEM_PROMPT),
                     str(logs / "6_analysis_rewards.log"), deps=("teacher_rl",),
                     title=f"RL teacher's rewards on {p.n_analysis} test questions (reward/gain analysis only)"))
     for variant in ("warmup", "rlt"):

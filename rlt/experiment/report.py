@@ -469,10 +469,13 @@ def write_report(out: Path, summary: dict, preset) -> Path:
     return path
 
 
-def _excludes_zero(a: dict) -> int:
-    """+1 / -1 when the 95% interval lies above / below zero, else 0."""
-    if a["ci95"] != a["ci95"]:
-        return 0
+def _excludes_zero(a: dict) -> int | str:
+    """+1 / -1 when the 95% interval lies above / below zero, 0 when it contains zero; "nan" without a value or
+    an interval, "flat" when the seeds agree exactly (no spread, so no interval to judge by)."""
+    if a["mean"] != a["mean"] or a["ci95"] != a["ci95"]:
+        return "nan"
+    if a["ci95"] == 0:
+        return "flat"
     if a["mean"] - a["ci95"] > 0:
         return 1
     if a["mean"] + a["ci95"] < 0:
@@ -493,6 +496,8 @@ def verdict(s: dict) -> list[str]:
                       ("warmup_minus_raw", "warm-up-teacher explanations vs. the raw traces (best-of-k selection "
                                            "alone)")):
         sign = _excludes_zero(d[key])
-        word = {1: "better", -1: "worse", 0: "not distinguishable (the 95% interval contains 0)"}[sign]
+        word = {1: "better", -1: "worse", 0: "not distinguishable (the 95% interval contains 0)",
+                "nan": "undetermined (a value is missing)",
+                "flat": "undetermined (every seed gave the same difference, so there is no interval)"}[sign]
         out.append(f"* Students on {what}: {word}; difference {_acc(d[key])}.")
     return out

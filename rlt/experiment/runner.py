@@ -118,11 +118,13 @@ def progress_callback(label: str, every_s: float = 30.0, keys=("loss",)):
 
 # ----------------------------------------------------------------------------------------- models
 def build_tiny(out: Path, seed: int, shape: str) -> Path:
-    """A tiny random Qwen2 of ``shape`` (see SHAPES) with the shared local tokenizer; skipped when present."""
+    """A tiny random Qwen2 of ``shape`` (see SHAPES) with the shared local tokenizer, written afresh: whatever is
+    in ``out`` (another shape, a save cut off) is replaced; the job system decides when a model is reused."""
+    import shutil
+
     from rlt.testing.tiny_model import write_tiny_model
 
-    if (out / "config.json").exists():
-        return out
+    shutil.rmtree(out, ignore_errors=True)
     return write_tiny_model(out, seed=seed, **SHAPES[shape])
 
 
@@ -293,9 +295,10 @@ def evaluate_model(model_dir: str, data: str, out_dir: Path, device: torch.devic
 # ----------------------------------------------------------------------------------------- distillation
 def distill(teacher: str, student: str, data: str, output: Path, device: torch.device, num_explanations: int,
             max_tokens: int, temperature: float = 0.7, select: str = "best_of_k", chunk_size: int = 64,
-            reward_overrides: dict | None = None, seed: int = 0) -> dict:
+            reward_overrides: dict | None = None, seed: int = 0, teacher_system_prompt: str | None = None) -> dict:
     """rlt.distill's selection (``select_rows``: best-of-k by the teacher reward, a missing end tag penalised)
-    with :class:`HFEngine` generation. Writes ``output`` (Stratos rows with source_index and reward) and
+    with :class:`HFEngine` generation; the teacher is prompted with ``teacher_system_prompt`` (None: the format's),
+    which must be the one it was trained with. Writes ``output`` (Stratos rows with source_index and reward) and
     ``output``.explanations.jsonl: every explanation with its reward components (for the analysis)."""
     from rlt.data.config import DataConfig, FormatConfig
     from rlt.data.loading import load_dataset_examples
@@ -305,7 +308,8 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
     from rlt.rewards.teacher_reward import TeacherReward
 
     t0 = time.perf_counter()
-    examples, fmt = load_dataset_examples(DataConfig(dataset_id_or_path=data), FormatConfig())
+    examples, fmt = load_dataset_examples(DataConfig(dataset_id_or_path=data),
+                                          FormatConfig(teacher_system_prompt=teacher_system_prompt))
     engine = HFEngine.load(teacher, device)
     tok = engine.tok
     rcfg = RewardConfig(student_model=student, **(reward_overrides or {}))
@@ -326,7 +330,7 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
 
     todo, prompts, prompt_ids = fitting_todo(list(enumerate(examples)), tok, fmt, max_prompt_length=None)
     output.parent.mkdir(parents=True, exist_ok=True)
-    totals = {"explanations": 0, "no_end_tag": 0, "questions_without_rows": 0, "rows": 0}
+    totals = {"explanations": 0, "no_end_tag": 0, "tags_in_thought": 0, "questions_without_rows": 0, "rows": 0}
     with open(output, "w") as f:
         distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals)
     with open(output.with_suffix(".explanations.jsonl"), "w") as f:

@@ -85,9 +85,9 @@ def grpo(overrides: list[str], label: str) -> dict:
 
 
 def distill(teacher: str, student: str, data: str, output: str, device: str, num_explanations: int,
-            max_tokens: int, seed: int = 0) -> dict:
+            max_tokens: int, teacher_system_prompt: str, seed: int = 0) -> dict:
     return runner.distill(teacher, student, data, Path(output), runner.device_of(device), num_explanations,
-                          max_tokens, seed=seed)
+                          max_tokens, seed=seed, teacher_system_prompt=teacher_system_prompt)
 
 
 def evaluate(model: str, data: str, out_dir: str, device: str, max_tokens: int) -> dict:
