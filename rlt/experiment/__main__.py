@@ -162,7 +162,8 @@ def cmd_report(args) -> int:
     meta = json.loads(meta_file.read_text())
     device = "cuda" if str(meta.get("device", "")).startswith("CUDA") else "cpu"
     jobs = plan(Path(meta.get("out", out)), PRESETS[name], device)  # the jobs name paths as the run spelled them
-    missing = [j.name for j in jobs if j.name not in reusable(jobs, json.loads(state_file.read_text()).get("results", {}))]
+    finished = reusable(jobs, json.loads(state_file.read_text()).get("results", {}))
+    missing = [j.name for j in jobs if j.name not in finished]
     if missing:
         other = "" if args.quick else " (a --quick run needs --quick)"
         raise SystemExit(f"python -m rlt.experiment report: error: {out}: {len(missing)} of the {name} run's "

@@ -256,9 +256,26 @@ def _best_per_question(expl_rows: list[dict], n: int) -> list[dict]:
     return list(by_q.values())
 
 
+def recipe_settings() -> dict:
+    """The settings the report quotes, read from the experiment's recipes (cfgs/experiment), not restated."""
+    from rlt.config import compose
+    from rlt.experiment.stages import recipe
+    from rlt.rewards.config import RewardConfig
+
+    student, rl = compose(recipe("student_sft")), compose(recipe("teacher_rlt"))
+    reward = RewardConfig()
+    return {"student_lr": student["learning_rate"], "student_schedule": student["lr_scheduler_type"],
+            "rl_temperature": rl["temperature"], "rl_beta": rl["beta"],
+            "alpha": list(rl.get("answer_log_prob_coeff", reward.answer_log_prob_coeff)),
+            "lambda": list(rl.get("kl_penalty_reward_coeff", reward.kl_penalty_reward_coeff))}
+
+
 def write_curves_report(out: Path) -> dict:
     """curves.json + curves.png + curves.md of the learning-curve study in ``out`` (every */curve.json)."""
+    from rlt.data.arithmetic import ArithTask
     from rlt.experiment.runner import SHAPES
+
+    rs = recipe_settings()
 
     curves = []
     for f in sorted(out.glob("*/curve.json")):
@@ -275,8 +292,9 @@ def write_curves_report(out: Path) -> dict:
     plot_curves(curves, out / "curves.png")
     (out / "curves.json").write_text(json.dumps(curves, indent=2))
     lines = ["# Learning-curve study", "", "Validation accuracy (greedy, 200 validation questions) of students trained "
-             "on the raw traces (steps folded with probability 0.35) and on fully worked traces, per model shape and "
-             "number of training questions (batch 32, learning rate 2e-3, cosine schedule over the steps shown).",
+             f"on the raw traces (steps folded with probability {ArithTask().merge_prob}) and on fully worked traces, "
+             f"per model shape and number of training questions (batch 32, learning rate {rs['student_lr']:g}, "
+             f"{rs['student_schedule']} schedule over the steps shown).",
              "", "![learning curves](curves.png)", "",
              "| shape | params | questions | traces | steps | tokens | train min | final val acc | best val acc |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -341,6 +359,7 @@ def write_report(out: Path, summary: dict, preset) -> Path:
     """report.md with the plots embedded (paths relative to ``out``)."""
     from rlt.experiment.pipeline import VARIANTS
 
+    rs = recipe_settings()
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     s = summary
@@ -376,14 +395,15 @@ def write_report(out: Path, summary: dict, preset) -> Path:
           "initialisation, shared local BPE tokenizer; no hub.",
           f"* **Students** (a) raw traces, (b) RL-teacher explanations, (c) warm-up-teacher explanations: each "
           f"trained from scratch for the same token budget ({preset.student_tokens:,} tokens, batch {preset.batch}, "
-          f"learning rate 2e-3, cosine) on the same {preset.n_train} training questions, seeds {s['seeds']} (the "
+          f"learning rate {rs['student_lr']:g}, {rs['student_schedule']}) on the same {preset.n_train} training "
+          f"questions, seeds {s['seeds']} (the "
           f"seed sets the initialisation and the data order). The seed-{s['seeds'][0]} raw student is also the "
           "frozen **reward student**.",
           f"* **Teacher**: same shape, SFT warm-up on the raw traces (question + solution -> explanation, same "
           f"token budget), then GRPO for {preset.rl_steps} steps of {preset.rl_prompts} prompts x "
-          f"{preset.rl_generations} explanations (lr {preset.rl_lr}, temperature 0.7, KL to the reference 0.04), "
-          "reward r_SS - r_KL with the paper's coefficients (alpha [1, 0.01] on [mean, min], lambda [3, 0.03] on "
-          "[mean, max]).",
+          f"{preset.rl_generations} explanations (lr {preset.rl_lr}, temperature {rs['rl_temperature']:g}, KL to the "
+          f"reference {rs['rl_beta']:g}), reward r_SS - r_KL with coefficients alpha {rs['alpha']} on [mean, min], "
+          f"lambda {rs['lambda']} on [mean, max].",
           f"* **Distillation**: {preset.k} explanations per training question, the best by the teacher reward kept.",
           f"* **Evaluation**: greedy decoding on {preset.n_test} held-out test questions; the answer is the last "
           "`\\boxed{}` of the solution section (`rlt.eval`). 95% intervals are Student-t over the seeds.", ""]
