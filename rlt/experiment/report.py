@@ -225,7 +225,7 @@ def plot_curves(curves: list[dict], png: Path) -> Path | None:
         axes[1].plot([p["train_seconds"] / 60 for p in pts], [p["accuracy"] for p in pts], style, marker="o", ms=3,
                      label=label)
     axes[0].set_xlabel("optimizer step (batch 32)")
-    axes[1].set_xlabel("training minutes (1 thread, load in the report)")
+    axes[1].set_xlabel("training minutes (threads and load: curves.md)")
     for ax in axes:
         ax.set_ylabel("validation accuracy (greedy)")
         ax.grid(alpha=0.3)
