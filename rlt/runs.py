@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import field
@@ -85,6 +86,42 @@ def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
             return ckpt
         logger.warning("%s has no trainer_state.json (its save was cut off): not resuming from it", ckpt)
     return None
+
+
+# Keys a resumed run may change: how long it runs, what it saves and logs, and how it reaches its vLLM servers.
+RESUME_MAY_CHANGE = frozenset({
+    "max_steps", "num_train_epochs", "save_steps", "save_strategy", "save_total_limit", "save_only_model",
+    "save_final_model", "save_merged_model", "save_completions_probability", "logging_steps", "logging_prob",
+    "report_to", "wandb_project", "run_name", "results_dir", "output_dir", "resume_from", "vllm_host", "vllm_port",
+    "vllm_num_servers", "vllm_log_dir", "vllm_server_timeout", "vllm_request_timeout", "vllm_bind_all",
+    "vllm_gpu_memory_utilization", "vllm_enforce_eager", "vllm_enable_prefix_caching", "vllm_weight_sync",
+    "vllm_group_port"})
+
+
+def check_resume(composed: dict, output_dir: str, resume_from: str | None) -> None:
+    """A run that would resume the checkpoint in ``output_dir`` on its own (no ``resume_from``) must have the
+    settings of the run that wrote it (its ``rlt_config.yaml``), but for :data:`RESUME_MAY_CHANGE`: else the new
+    settings would be silently dropped for the old run's weights, optimizer and schedule. One line naming the
+    keys that differ. With ``resume_from`` the differences are logged and the resume goes ahead."""
+    ckpt = last_checkpoint(output_dir, resume_from)
+    saved = Path(ckpt).parent / "rlt_config.yaml" if ckpt else None
+    if saved is None or not saved.is_file():
+        return
+    from omegaconf import OmegaConf
+
+    before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    norm = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (tuples and lists alike)
+    changed = [f"{k}: {before.get(k)!r} -> {composed.get(k)!r}" for k in sorted(composed.keys() | before.keys())
+               if k not in RESUME_MAY_CHANGE and norm(composed.get(k)) != norm(before.get(k))]
+    if not changed:
+        return
+    shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+    if resume_from:
+        logger.warning("resume_from=%s: resuming with settings that differ from that run's (%s)", resume_from, shown)
+        return
+    raise ConfigError(f"output_dir={output_dir} holds a run to resume ({Path(ckpt).name}) made with other settings "
+                      f"({shown}); resuming would keep that run's weights, optimizer and schedule. Give another "
+                      f"output_dir (or remove this one) to start afresh, or resume_from={ckpt} to resume it anyway")
 
 
 CRASH_ENV = "RLT_INJECT_CRASH_AFTER_STEP"

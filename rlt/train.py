@@ -25,13 +25,13 @@ logger = logging.getLogger("rlt.train")
 def check_inputs(s) -> None:
     """The models and the checkpoint a run will load exist (no model is loaded)."""
     from rlt.models import check_model_source
-    from rlt.runs import last_checkpoint
+    from rlt.runs import check_resume
 
     check_model_source(s.model.require_model(), "model_name_or_path")
     if s.run.trainer == "teacher_grpo" and s.reward.student_model:
         check_model_source(s.reward.student_model, "student_model")
-    if s.run.resume_from:
-        last_checkpoint(s.args.output_dir, s.run.resume_from)  # refuses a directory without trainer_state.json
+    # a resume_from without trainer_state.json is refused; a checkpoint resumed on its own needs the same settings
+    check_resume(s.composed, s.args.output_dir, s.run.resume_from)
 
 
 def check_gpus_for(num_processes: int) -> None:

@@ -82,6 +82,26 @@ def test_resume_skips_a_checkpoint_whose_save_was_cut_off(tmp_path, caplog):
     assert last_checkpoint(str(out), None) is None
 
 
+def test_a_rerun_with_other_settings_does_not_silently_resume_the_old_run(tmp_path, caplog):
+    from rlt.runs import save_composed_config
+
+    out = tmp_path / "out"
+    first = settings(tmp_path, "tiny_teacher_sft", "learning_rate=0.001")
+    save_composed_config(first.composed, str(out), True)
+    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    same = compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.001", "max_steps=50", "logging_steps=2"])
+    check(same, 1)  # the same run, longer and logged more often: it resumes
+    other = compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.05", "model_name_or_path=rlt-tiny:5"])
+    message = refused(check, other, 1, match=rf"output_dir={out} holds a run to resume \(checkpoint-4\) made with "
+                                             r"other settings \(learning_rate: 0\.001 -> 0\.05; model_name_or_path: "
+                                             r"'rlt-tiny:0' -> 'rlt-tiny:5'\); resuming would keep")
+    assert message.endswith(f"or resume_from={out / 'checkpoint-4'} to resume it anyway")
+    check(compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.05",
+                                        f"resume_from={out / 'checkpoint-4'}"]), 1)  # asked for: a warning only
+    assert "resuming with settings that differ from that run's (learning_rate: 0.001 -> 0.05)" in caplog.text
+
+
 def test_hub_ids_and_tiny_specs_pass_check(tmp_path):
     cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'out'}", "model_name_or_path=Qwen/Qwen2.5-7B-Instruct"])
     assert check(cfg, 1)[0].model.model_name_or_path == "Qwen/Qwen2.5-7B-Instruct"
