@@ -60,9 +60,10 @@ def resolve_model_path(name_or_path: str, key: str | None = None) -> str:
     """
     m = TINY_RE.match(str(name_or_path))
     if not m:
-        check_model_source(str(name_or_path), key)
-        if key and not Path(name_or_path).exists():
-            check_hub_model(str(name_or_path), key)
+        if key:
+            check_model(str(name_or_path), key)
+        else:
+            check_model_source(str(name_or_path))
         return str(name_or_path)
     target = cache_dir() / "tiny_models" / f"seed{m.group(1)}-{TINY_VERSION}"
     if not (target / "config.json").exists():
@@ -97,6 +98,14 @@ def check_model_source(name: str, key: str | None = None) -> None:
         check_model_dir(Path(name), key)
     elif not looks_like_hub_id(name):
         raise ConfigError(f"{_named(key, name)}: no such directory and not a hub id; {MODEL_FORMS}")
+
+
+def check_model(name: str, key: str) -> None:
+    """:func:`check_model_source`, and for a hub id, that the hub (or its local cache) has its config.json: one
+    line naming ``key`` before anything starts. Builds nothing."""
+    check_model_source(name, key)
+    if not TINY_RE.match(name) and not Path(name).exists():
+        check_hub_model(name, key)
 
 
 def _named(key: str | None, value) -> str:

@@ -24,12 +24,12 @@ logger = logging.getLogger("rlt.train")
 
 def check_inputs(s) -> None:
     """The models and the checkpoint a run will load exist (no model is loaded)."""
-    from rlt.models import check_model_source
+    from rlt.models import check_model
     from rlt.runs import check_resume
 
-    check_model_source(s.model.require_model(), "model_name_or_path")
+    check_model(s.model.require_model(), "model_name_or_path")  # a hub id: its config.json is asked for
     if s.run.trainer == "teacher_grpo" and s.reward.student_model:
-        check_model_source(s.reward.student_model, "student_model")
+        check_model(s.reward.student_model, "student_model")
     # a resume_from without trainer_state.json is refused; a checkpoint resumed on its own needs the same settings
     check_resume(s.composed, s.args.output_dir, s.run.resume_from)
 

@@ -102,9 +102,18 @@ def test_a_rerun_with_other_settings_does_not_silently_resume_the_old_run(tmp_pa
     assert "resuming with settings that differ from that run's (learning_rate: 0.001 -> 0.05)" in caplog.text
 
 
-def test_hub_ids_and_tiny_specs_pass_check(tmp_path):
+def test_hub_ids_are_asked_for_and_tiny_specs_pass_check(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    on_hub = {"Qwen/Qwen2.5-7B-Instruct"}  # no network here: the hub's answer is stood in for
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda repo, name, **k: repo in on_hub)
     cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'out'}", "model_name_or_path=Qwen/Qwen2.5-7B-Instruct"])
     assert check(cfg, 1)[0].model.model_name_or_path == "Qwen/Qwen2.5-7B-Instruct"
+    cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'out'}", "model_name_or_path=nobody/no-such-model"])
+    refused(check, cfg, 1, match=r"model_name_or_path=nobody/no-such-model: not a local path, and no config\.json "
+                                 r"for it on the hub or in its cache \(not on the hub\)")
+    cfg = compose("tiny_teacher_rlt", [f"output_dir={tmp_path / 'out'}", "student_model=nobody/student"])
+    refused(check, cfg, 1, match=r"student_model=nobody/student: not a local path")
     cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'out'}"])
     assert check(cfg, 1)[0].model.model_name_or_path == "rlt-tiny:0"
 
