@@ -76,6 +76,11 @@ def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
     if resume_from:
         if not Path(resume_from, "trainer_state.json").exists():
             raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no trainer_state.json)")
+        optimizer = any(Path(resume_from).glob("global_step*")) or Path(resume_from, "optimizer.pt").exists()
+        if not optimizer:  # a finished run's output_dir also holds trainer_state.json (save_state), but no optimizer
+            raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no optimizer state: a finished run's "
+                              "output?); give one of its checkpoint-N folders, or model_name_or_path= to start "
+                              "from its weights")
         return resume_from
     if not Path(output_dir).is_dir():
         return None

@@ -53,12 +53,17 @@ def test_missing_models_and_checkpoints_fail_check(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     nothing = tmp_path / "nothing"
+    finished = tmp_path / "finished"  # a finished run's output_dir: its trainer_state.json, no optimizer state
+    finished.mkdir()
+    (finished / "trainer_state.json").write_text("{}")
     for recipe, override, match in [
         ("tiny_teacher_sft", f"model_name_or_path={nothing}", r"model_name_or_path=\S+nothing: no such directory"),
         ("tiny_teacher_sft", f"model_name_or_path={empty}", r"model_name_or_path=\S+empty has no config\.json"),
         ("tiny_teacher_sft", "model_name_or_path=./no_such_model", r"model_name_or_path=\./no_such_model: no such"),
         ("tiny_teacher_rlt", f"student_model={nothing}", r"student_model=\S+nothing: no such directory"),
         ("tiny_teacher_sft", f"resume_from={nothing}", r"resume_from=\S+nothing: not a checkpoint"),
+        ("tiny_teacher_sft", f"resume_from={finished}", r"resume_from=\S+finished: not a checkpoint \(no optimizer "
+                                                        r"state: a finished run's output\?\); give one of its"),
     ]:
         cfg = compose(recipe, [f"output_dir={tmp_path / 'out'}", override])
         refused(check, cfg, 1, match=match)
@@ -88,7 +93,7 @@ def test_a_rerun_with_other_settings_does_not_silently_resume_the_old_run(tmp_pa
     out = tmp_path / "out"
     first = settings(tmp_path, "tiny_teacher_sft", "learning_rate=0.001")
     save_composed_config(first.composed, str(out), True)
-    (out / "checkpoint-4").mkdir()
+    (out / "checkpoint-4" / "global_step4").mkdir(parents=True)  # DeepSpeed's optimizer state
     (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
     same = compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.001", "max_steps=50", "logging_steps=2"])
     check(same, 1)  # the same run, longer and logged more often: it resumes
