@@ -90,13 +90,15 @@ _register()
 
 # ----------------------------------------------------------------------------------------- typed split
 def translate(cfg: dict[str, Any]) -> dict[str, Any]:
-    """Apply RENAMES; a key given under both names is an error."""
+    """Apply RENAMES; a key given a value under both names is an error (a null under one name is no value)."""
     out = dict(cfg)
     for old, new in RENAMES.items():
         if old in out:
-            if new in out:
+            if new in out and out[old] is not None and out[new] is not None:
                 raise ConfigError(f"both {old!r} and {new!r} are set; keep only {new!r}")
-            out[new] = out.pop(old)
+            value = out.pop(old)
+            if value is not None or new not in out:  # a null under one name leaves the other's value
+                out[new] = value
     return out
 
 
@@ -280,7 +282,11 @@ def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
                                   "or give a .yaml path")
         try:
             with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-                cfg = hydra_compose("train", overrides=[*extra, f"run_cfg@_global_={name}", *overrides])
+                base = [*extra, f"run_cfg@_global_={name}"]
+                if any(_override_key(o) in _RENAMED for o in overrides):
+                    keys = set(hydra_compose("train", overrides=base).keys())
+                    overrides = [_to_recipe_name(o, keys) for o in overrides]
+                cfg = hydra_compose("train", overrides=[*base, *overrides])
             out = OmegaConf.to_container(cfg, resolve=True)
         except Exception as e:  # hydra's errors name the key or the recipe
             raise ConfigError(hydra_message(e)) from None
@@ -288,14 +294,39 @@ def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
     return out
 
 
-def hydra_message(e: Exception) -> str:
-    """One line from a Hydra/OmegaConf error (the useful part is usually the first line, or its cause)."""
+_RENAMED = set(RENAMES) | set(RENAMES.values())  # either name of a renamed key
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _to_recipe_name(override: str, recipe_keys: set[str]) -> str:
+    """An override of a renamed key under the name the recipe uses (``torch_dtype=X`` -> ``dtype=X`` when the
+    recipe sets ``dtype``; ``+steps_per_generation=4`` -> ``generation_aggregation_steps=4`` when it sets that),
+    so either name overrides the recipe's value; anything else unchanged."""
+    key = _override_key(override)
+    if key in recipe_keys:
+        return override
+    names = {key, RENAMES.get(key)} | {old for old, new in RENAMES.items() if new == key}
+    there = [n for n in names if n and n in recipe_keys]
+    if len(there) != 1:
+        return override
+    prefix = "~" if override.startswith("~") else ""  # the key exists: a plain override (or a deletion)
+    return prefix + there[0] + override.lstrip("+~")[len(key):]
+
+
+def hydra_message(e: Exception, tool: str | None = None) -> str:
+    """One line from a Hydra/OmegaConf error (the useful part is usually the first line, or its cause).
+    ``tool``: an offline tool's name (its keys are fixed: a trl training key is simply not one of them)."""
     text = str(e).strip() or repr(e)
     cause = e.__cause__ or e.__context__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     msg = lines[0] if lines else text
     if msg.startswith("Could not override") and "'" in msg:
         key = msg.split("'")[1]
+        if tool:
+            return f"unknown key {key!r}: not a setting of {tool} (python -m {tool} --help lists every key)"
         if key in _trl_field_names():
             return f"{key} is a trl setting this recipe does not set: add it as +{key}=VALUE"
         return f"unknown key {key!r} (--help lists every key)"
@@ -393,10 +424,14 @@ def compose_tool(prog: str, tool_cls: type, concerns: tuple[type, ...], argv: li
     bad = [a for a in argv if "=" not in a or a.startswith("-")]
     if bad:
         raise ConfigError(f"arguments are key=value; got {bad[0]!r} (--help lists every key)")
-    overrides = []
+    overrides, given = [], {}
     for a in argv:
         key, value = a.split("=", 1)
-        overrides.append(f"{RENAMES.get(key.lstrip('+'), key.lstrip('+'))}={value}")
+        name = RENAMES.get(key.lstrip("+"), key.lstrip("+"))
+        if given.setdefault(name, key.lstrip("+")) != key.lstrip("+"):
+            raise ConfigError(f"both {given[name]!r} and {key.lstrip('+')!r} are given, and both set {name!r}; "
+                              "keep one")
+        overrides.append(f"{name}={value}")
     node: dict[str, Any] = {}
     for c in classes:
         node.update(defaults_of(c))
@@ -405,7 +440,7 @@ def compose_tool(prog: str, tool_cls: type, concerns: tuple[type, ...], argv: li
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = OmegaConf.to_container(hydra_compose(f"tool_{prog}", overrides=overrides), resolve=True)
     except Exception as e:
-        raise ConfigError(hydra_message(e)) from None
+        raise ConfigError(hydra_message(e, tool=prog)) from None
     cfg.pop("hydra", None)
     objs, _ = split(cfg, classes)
     return objs

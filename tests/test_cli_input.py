@@ -254,3 +254,15 @@ def test_range_errors_name_only_the_wrong_key(make, msg):
     with pytest.raises(ConfigError) as e:
         make()
     assert str(e.value) == msg
+
+
+def test_tool_keys_an_alias_twice_and_training_keys_are_one_clear_line():
+    compose = lambda *argv: compose_tool("rlt.score", ScoreConfig, SCORE_CONCERNS, list(argv))  # noqa: E731
+    with pytest.raises(ConfigError, match=r"^both 'teacher' and 'model_name_or_path' are given, and both set "
+                                          r"'model_name_or_path'; keep one$"):
+        compose("teacher=a/b", "model_name_or_path=c/d", "input=x", "output=y")
+    with pytest.raises(ConfigError, match=r"^unknown key 'learning_rate': not a setting of rlt\.score "
+                                          r"\(python -m rlt\.score --help lists every key\)$"):
+        compose("+learning_rate=1e-5", "input=x", "output=y")  # no hint to add it with +, which is what was done
+    objs = compose("teacher=a/b", "student=c/d", "student=e/f", "input=x", "output=y")  # one name twice: the last
+    assert objs[RewardConfig].student_model == "e/f"

@@ -43,6 +43,19 @@ def test_upstream_override_keys(key, value, expect):
     assert compose("teacher_sft", [f"{key}={value}"])[key] == expect
 
 
+@pytest.mark.parametrize("recipe,override,read", [
+    ("tiny_teacher_sft", "torch_dtype=bfloat16", lambda s: s.model.dtype == "bfloat16"),  # old name, recipe: new
+    ("tiny_teacher_sft", "+torch_dtype=bfloat16", lambda s: s.model.dtype == "bfloat16"),
+    ("tiny_teacher_sft", "max_seq_length=64", lambda s: s.args.max_length == 64),
+    ("teacher_sft", "+warmup_steps=0.2", lambda s: s.args.warmup_steps == 0.2),  # new name, recipe: old
+    ("tiny_teacher_rlt", "+steps_per_generation=4", lambda s: s.args.steps_per_generation == 4),
+    ("tiny_teacher_rlt", "generation_aggregation_steps=4", lambda s: s.args.steps_per_generation == 4),
+])
+def test_either_name_of_a_renamed_key_overrides_the_recipe(recipe, override, read):
+    """The names --help lists as translated work as overrides, whichever of the two the recipe uses."""
+    assert read(build_train_settings(compose(recipe, [override]), num_processes=1))
+
+
 def test_results_dir_moves_output_dir():
     assert compose("teacher_sft", ["results_dir=/data/r"])["output_dir"] == "/data/r/pre_rl_model"
 

@@ -90,7 +90,8 @@ def test_unknown_key_missing_args_and_help(tmp_path):
     write_input(tmp_path / "in.jsonl", n=1)
     proc = score(tmp_path, "kl_penalty_coef=[0,0]", check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "rlt.score: error: unknown key 'kl_penalty_coef' (--help lists every key)"
+    assert proc.stderr.strip().splitlines()[-1] == ("rlt.score: error: unknown key 'kl_penalty_coef': not a setting "
+                                                    "of rlt.score (python -m rlt.score --help lists every key)")
     proc = run_cmd([sys.executable, "-m", "rlt.score", "teacher=rlt-tiny:0"], check=False)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith("input=... is required")
     out = run_cmd([sys.executable, "-m", "rlt.score", "--help"]).stdout
