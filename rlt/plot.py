@@ -15,6 +15,9 @@ import logging
 import math
 from pathlib import Path
 
+from rlt.cli import user_errors
+from rlt.errors import ConfigError
+
 logger = logging.getLogger("rlt.plot")
 METRICS = [("reward", "total reward"), ("teacher_reward/r_ss", "r_SS (solution log-prob term)"),
            ("teacher_reward/r_kl", "r_KL (KL penalty term)"), ("teacher_reward/match_penalty", "match penalty"),
@@ -25,15 +28,21 @@ METRICS = [("reward", "total reward"), ("teacher_reward/r_ss", "r_SS (solution l
 
 
 def load_history(run_dir: Path) -> list[dict]:
-    """The logged steps of a run (trainer_state.json in the run directory, else its newest checkpoint's)."""
+    """The logged steps of a run (trainer_state.json in the run directory, else its newest complete
+    checkpoint's, as a resume picks it); a ConfigError naming the directory when there is neither."""
     from transformers import TrainerState
 
+    from rlt.runs import last_checkpoint
+
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: no such directory")
     state = run_dir / "trainer_state.json"
     if not state.exists():
-        ckpts = sorted(run_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-        if not ckpts:
-            raise FileNotFoundError(f"{run_dir}: no trainer_state.json and no checkpoint-* directories")
-        state = ckpts[-1] / "trainer_state.json"
+        ckpt = last_checkpoint(str(run_dir), None)
+        if ckpt is None:
+            raise ConfigError(f"{run_dir}: no trainer_state.json and no complete checkpoint-N directory: not a "
+                              "training run's output_dir")
+        state = Path(ckpt) / "trainer_state.json"
     return [h for h in TrainerState.load_from_json(str(state)).log_history if "step" in h]
 
 
@@ -45,11 +54,11 @@ def plot(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     out = Path(out_dir or run_dir / "plots")
-    out.mkdir(parents=True, exist_ok=True)
     hist = load_history(run_dir)
     present = [(k, label) for k, label in METRICS if any(k in h for h in hist)]
     if not present:
-        raise ValueError(f"{run_dir}: the log history has none of {[k for k, _ in METRICS]}")
+        raise ConfigError(f"{run_dir}: the log history has none of {[k for k, _ in METRICS]}")
+    out.mkdir(parents=True, exist_ok=True)
     cols = 2
     rows = math.ceil(len(present) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.2 * rows), squeeze=False)
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    plot(args.run_dir, args.out)
+    with user_errors("rlt.plot"):
+        plot(args.run_dir, args.out)
 
 
 if __name__ == "__main__":

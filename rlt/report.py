@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from rlt.cli import user_errors
+from rlt.errors import ConfigError
 from rlt.stats import rise_z
 
 RUNS = [  # (directory, what it is)
@@ -86,7 +88,8 @@ def build_report(d: Path, seconds: int | None = None) -> str:
     lines += ["- curves: plots/training_curves.png", "",
               "## Distillation", "",
               f"- explanations generated: {distill.get('explanations', '?')}, without end tag: "
-              f"{distill.get('no_end_tag', '?')}, rows written: {distill.get('rows', '?')} "
+              f"{distill.get('no_end_tag', '?')}, with the student's tags in the thought (dropped): "
+              f"{distill.get('tags_in_thought', '?')}, rows written: {distill.get('rows', '?')} "
               f"(select={distill.get('select', '?')})", "",
               "## Evaluation (held-out questions)", "",
               "| student | questions | accuracy | any correct | no answer |", "|---|---|---|---|---|"]
@@ -102,7 +105,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seconds", type=int, default=None)
     args = ap.parse_args(argv)
     d = Path(args.demo_dir)
-    text = build_report(d, args.seconds)
+    with user_errors("rlt.report"):
+        if not any((d / name).is_dir() for name, _ in RUNS):
+            raise ConfigError(f"{d}: none of the demo's runs ({', '.join(n for n, _ in RUNS)}) is there; give the "
+                              "directory scripts/demo.sh wrote")
+        text = build_report(d, args.seconds)
     (d / "report.md").write_text(text)
     print(text)  # noqa: print  (the demo's summary, for the user)
     print(f"report: {d / 'report.md'}")  # noqa: print

@@ -1,5 +1,6 @@
 """Distillation rows, best-of-k, resume; answer extraction and evaluation; plots."""
 import json
+import sys
 
 import pytest
 
@@ -354,3 +355,28 @@ def test_eval_names_the_line_of_a_wrong_typed_value_and_can_skip_it(tmp_path):
         eval_rows(DataConfig(dataset_id_or_path=str(data)), FormatConfig())
     rows, _ = eval_rows(DataConfig(dataset_id_or_path=str(data), drop_bad_rows=True), FormatConfig())
     assert [r["question"] for r in rows] == ["What is 2+3?"]
+
+
+def test_plot_and_report_of_a_wrong_directory_are_one_line_and_write_nothing(tmp_path):
+    from conftest import run_cmd
+
+    run = tmp_path / "run"
+    (run / "checkpoint-5").mkdir(parents=True)  # complete
+    (run / "checkpoint-5" / "trainer_state.json").write_text(json.dumps({"log_history": [{"step": 5, "loss": 1.0}]}))
+    (run / "checkpoint-9").mkdir()  # its save was cut off
+    (run / "checkpoint-final").mkdir()  # not a step
+    from rlt.plot import plot
+
+    assert plot(run).exists()  # the newest complete checkpoint's history
+    for module, target, line in [
+        ("rlt.plot", tmp_path / "typo", f"rlt.plot: error: {tmp_path / 'typo'}: no such directory"),
+        ("rlt.plot", tmp_path, f"rlt.plot: error: {tmp_path}: no trainer_state.json and no complete checkpoint-N "
+                               "directory: not a training run's output_dir"),
+        ("rlt.report", tmp_path, f"rlt.report: error: {tmp_path}: none of the demo's runs (student_raw, "
+                                 "pre_rl_model, rlt_teacher, student_rlt) is there; give the directory "
+                                 "scripts/demo.sh wrote"),
+    ]:
+        proc = run_cmd([sys.executable, "-m", module, str(target)], check=False)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == line, proc.stderr[-2000:]
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "plots").exists() and not (
+        tmp_path / "report.md").exists()

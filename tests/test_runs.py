@@ -8,16 +8,18 @@ def test_wandb_writes_under_output_dir_into_the_configured_project(tmp_path, mon
     from rlt.config import build_train_settings, compose
     from rlt.runs import configure_reporting
 
-    for key in ("WANDB_PROJECT", "WANDB_DIR"):
-        monkeypatch.delenv(key, raising=False)
+    for key in ("WANDB_PROJECT", "WANDB_DIR"):  # set, then removed: monkeypatch restores them (or their absence)
+        monkeypatch.setenv(key, "before")
+        monkeypatch.delenv(key)
     s = build_train_settings(compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'o'}", "report_to=wandb",
                                                           "wandb_project=my-rlt"]), num_processes=1)
     configure_reporting(s.run, s.args)
     assert os.environ["WANDB_PROJECT"] == "my-rlt" and os.environ["WANDB_DIR"] == str((tmp_path / "o").resolve())
     s = build_train_settings(compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'p'}"]), num_processes=1)
-    monkeypatch.delenv("WANDB_PROJECT")
+    for key in ("WANDB_PROJECT", "WANDB_DIR"):
+        os.environ.pop(key)
     configure_reporting(s.run, s.args)  # report_to none: nothing is set
-    assert "WANDB_PROJECT" not in os.environ
+    assert "WANDB_PROJECT" not in os.environ and "WANDB_DIR" not in os.environ
 
 
 @pytest.mark.slow
