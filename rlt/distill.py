@@ -281,7 +281,7 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
         from rlt.rewards.teacher_reward import load_scorer
 
         scorer = load_scorer(teacher, student, tok, fmt, reward, cfg.temperature, model.dtype, device)
-    totals = {"explanations": 0, "no_end_tag": 0, "tags_in_thought": 0, "questions_without_rows": 0, "rows": 0}
+    totals = new_totals()
     if todo and engine is None:
         engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
                              model.dtype, longest_prompt=max(map(len, prompt_ids.values())))
@@ -330,6 +330,11 @@ def fitting_todo(todo: list, tokenizer, fmt, max_prompt_length: int | None) -> t
     kept = prompt_ids_within(tokenizer, prompts, max_prompt_length)
     return ([todo[k] for k in kept], {todo[k][0]: prompts[k] for k in kept},
             {todo[k][0]: ids for k, ids in kept.items()})
+
+
+def new_totals() -> dict[str, int]:
+    """The counters one distillation call adds up: :func:`select_rows`' counts and the rows written."""
+    return {"explanations": 0, "no_end_tag": 0, "tags_in_thought": 0, "questions_without_rows": 0, "rows": 0}
 
 
 COUNTED = ("explanations", "no_end_tag", "tags_in_thought")  # summed over the calls that wrote one output

@@ -103,6 +103,13 @@ RESUME_MAY_CHANGE = frozenset({
     "vllm_group_port"})
 
 
+def changed_keys(before: dict, now: dict) -> list[str]:
+    """The keys (sorted) whose values differ between two settings dicts, compared as JSON (tuples and lists
+    alike); a key missing on one side counts as None there."""
+    norm = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731
+    return sorted(k for k in before.keys() | now.keys() if norm(before.get(k)) != norm(now.get(k)))
+
+
 def check_resume(composed: dict, output_dir: str, resume_from: str | None) -> None:
     """A run that would resume the checkpoint in ``output_dir`` on its own (no ``resume_from``) must have the
     settings of the run that wrote it (its ``rlt_config.yaml``), but for :data:`RESUME_MAY_CHANGE`: else the new
@@ -115,9 +122,8 @@ def check_resume(composed: dict, output_dir: str, resume_from: str | None) -> No
     from omegaconf import OmegaConf
 
     before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-    norm = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731  (tuples and lists alike)
-    changed = [f"{k}: {before.get(k)!r} -> {composed.get(k)!r}" for k in sorted(composed.keys() | before.keys())
-               if k not in RESUME_MAY_CHANGE and norm(composed.get(k)) != norm(before.get(k))]
+    changed = [f"{k}: {before.get(k)!r} -> {composed.get(k)!r}"
+               for k in changed_keys(before, composed) if k not in RESUME_MAY_CHANGE]
     if not changed:
         return
     shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")

@@ -171,9 +171,9 @@ def scored_before(partial: Path, meta: Path, settings: dict, rows: list[dict]) -
     except (OSError, ValueError):
         raise ConfigError(f"{partial}: left by an earlier run, but its settings file {meta} is missing or "
                           f"unreadable; {keep}") from None
-    changed = sorted(k for k in settings.keys() | before.keys()
-                     if json.dumps(settings.get(k), default=str, sort_keys=True)
-                     != json.dumps(before.get(k), default=str, sort_keys=True))
+    from rlt.runs import changed_keys
+
+    changed = changed_keys(before, settings)
     if changed:
         raise ConfigError(f"{partial}: scored with other settings ({', '.join(changed)} differ); {keep}")
     data = partial.read_bytes()

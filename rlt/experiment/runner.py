@@ -302,7 +302,7 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
     ``output``.explanations.jsonl: every explanation with its reward components (for the analysis)."""
     from rlt.data.config import DataConfig, FormatConfig
     from rlt.data.loading import load_dataset_examples
-    from rlt.distill import DistillConfig, distill_chunks, fitting_todo
+    from rlt.distill import DistillConfig, distill_chunks, fitting_todo, new_totals
     from rlt.models import load_causal_lm
     from rlt.rewards.config import RewardConfig
     from rlt.rewards.teacher_reward import TeacherReward
@@ -330,7 +330,7 @@ def distill(teacher: str, student: str, data: str, output: Path, device: torch.d
 
     todo, prompts, prompt_ids = fitting_todo(list(enumerate(examples)), tok, fmt, max_prompt_length=None)
     output.parent.mkdir(parents=True, exist_ok=True)
-    totals = {"explanations": 0, "no_end_tag": 0, "tags_in_thought": 0, "questions_without_rows": 0, "rows": 0}
+    totals = new_totals()
     with open(output, "w") as f:
         distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals)
     with open(output.with_suffix(".explanations.jsonl"), "w") as f:
