@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from rlt.errors import ConfigError
 from rlt.logging_utils import rank
+
+logger = logging.getLogger(__name__)
 
 USER_ERROR_EXIT = 2
 
@@ -50,3 +54,20 @@ def check_writable_file(path: str | Path, what: str = "output") -> None:
     if Path(path).is_dir():
         raise ConfigError(f"{what}={path} is a directory: give a file path")
     check_writable(Path(path).parent if str(Path(path).parent) else ".", what=f"{what}={path}: its directory")
+
+
+def append_jsonl_synced(f, rows: list[dict]) -> None:
+    """``rows`` as JSON lines in one write, flushed and synced: a crash tears at most this write's last line."""
+    f.write("".join(json.dumps(r) + "\n" for r in rows))
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def without_torn_line(path: Path, data: bytes) -> bytes:
+    """``data`` (the bytes of ``path``, a JSON-lines file appended to by ``append_jsonl_synced``) up to its last
+    newline: a last line without one was torn by a writer that died mid-write. Cutting it off is logged."""
+    if not data or data.endswith(b"\n"):
+        return data
+    cut = data.rfind(b"\n") + 1
+    logger.warning("%s: removing a torn last line (%d bytes) left by an interrupted run", path, len(data) - cut)
+    return data[:cut]

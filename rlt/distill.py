@@ -36,7 +36,7 @@ from collections import Counter
 from dataclasses import field
 from pathlib import Path
 
-from rlt.cli import check_writable_file, refuse_directories, user_errors
+from rlt.cli import append_jsonl_synced, check_writable_file, refuse_directories, user_errors, without_torn_line
 from rlt.config import compose_tool
 from rlt.data.config import DataConfig, FormatConfig
 from rlt.errors import ConfigError
@@ -117,10 +117,8 @@ def load_progress(progress: Path, questions: list[str] | None = None) -> set[int
     if not progress.exists():
         return set()
     data = progress.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        logger.warning("%s: removing a torn last line (%d bytes) left by an interrupted run", progress, len(data) - cut)
-        data = data[:cut]
+    whole = len(data)
+    data = without_torn_line(progress, data)
     rows = []
     for lineno, raw in enumerate(data.splitlines(), 1):
         if not raw.strip():
@@ -139,7 +137,7 @@ def load_progress(progress: Path, questions: list[str] | None = None) -> set[int
         logger.warning("%s: %d question(s) were written only in part (%s); they are redone", progress, len(partial),
                        sorted(partial)[:10])
     keep = b"".join(raw + b"\n" for i, _, raw in rows if i not in partial)
-    if len(keep) != len(data):
+    if len(keep) != whole:
         tmp = progress.with_name(progress.name + ".repair")
         tmp.write_bytes(keep)
         os.replace(tmp, progress)
@@ -162,13 +160,6 @@ def check_row_question(progress: Path, lineno: int, row: dict, questions: list[s
         raise ConfigError(f"{progress}, line {lineno}: its question is not question {i} (source_index) of the "
                           "dataset, so this file was written from other data; give another output or move the file "
                           "away (nothing was changed)")
-
-
-def append_question_rows(f, rows: list[dict]) -> None:
-    """All rows of one question in one write, flushed and synced (so a crash tears at most this write)."""
-    f.write("".join(json.dumps(r) + "\n" for r in rows))
-    f.flush()
-    os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------- selection
@@ -227,7 +218,7 @@ def distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg: DistillConf
         texts = [[tok.decode(c, skip_special_tokens=True) for c in per_q] for per_q in gen]
         per_question, counts = select_rows(chunk, texts, fmt, cfg, scorer, prompts)
         for _, rows in per_question:
-            append_question_rows(f, rows)
+            append_jsonl_synced(f, rows)
             totals["rows"] += len(rows)
         for k, v in counts.items():
             totals[k] += v

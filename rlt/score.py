@@ -27,7 +27,7 @@ import sys
 from dataclasses import field
 from pathlib import Path
 
-from rlt.cli import check_writable_file, user_errors
+from rlt.cli import append_jsonl_synced, check_writable_file, user_errors, without_torn_line
 from rlt.config import compose_tool
 from rlt.data.config import FormatConfig
 from rlt.data.examples import RowError
@@ -143,13 +143,11 @@ def score(cfg: ScoreConfig, model: ModelConfig, fmt_cfg: FormatConfig, reward: R
             for s in tqdm(range(0, len(todo), cfg.batch_size), desc="scoring", unit="batch"):
                 chunk = todo[s:s + cfg.batch_size]
                 res = scorer([item for _, item in chunk])
-                lines = []
+                scored = []
                 for k, (row, _) in enumerate(chunk):
                     comps = {n: (None if v[k] != v[k] else float(v[k])) for n, v in res.components.items()}  # NaN
-                    lines.append(json.dumps({**row, "reward": float(res.rewards[k]), "reward_components": comps}))
-                f.write("".join(line + "\n" for line in lines))  # one write per batch, synced: a crash keeps it
-                f.flush()
-                os.fsync(f.fileno())
+                    scored.append({**row, "reward": float(res.rewards[k]), "reward_components": comps})
+                append_jsonl_synced(f, scored)  # one write per batch: a crash keeps the batches before it
     os.replace(partial, out)
     meta.unlink(missing_ok=True)
     logger.info("scored %d row(s) -> %s", len(rows), out)
@@ -176,11 +174,9 @@ def scored_before(partial: Path, meta: Path, settings: dict, rows: list[dict]) -
     changed = changed_keys(before, settings)
     if changed:
         raise ConfigError(f"{partial}: scored with other settings ({', '.join(changed)} differ); {keep}")
-    data = partial.read_bytes()
-    if data and not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        logger.warning("%s: removing a torn last line (%d bytes) left by an interrupted run", partial, len(data) - cut)
-        data = data[:cut]
+    raw = partial.read_bytes()
+    data = without_torn_line(partial, raw)
+    if data != raw:
         partial.write_bytes(data)
     lines = data.decode("utf-8", errors="replace").splitlines()
     if len(lines) > len(rows):

@@ -147,6 +147,21 @@ def test_torn_and_partial_questions_are_repaired_and_redone(tmp_path, tokenizer,
         load_progress(out)
 
 
+def test_a_torn_line_alone_is_cut_from_the_file(tmp_path, tokenizer, tiny_path, caplog):
+    # one row per question: the torn write leaves no question "in part", yet the torn bytes must go, or the next
+    # append would be glued onto them
+    out = tmp_path / "d.jsonl"
+    base = dict(teacher=tiny_path, dataset="rlt-countdown:2:3", output=str(out), num_explanations=1)
+    distill(*distill_args(**base), engine=FakeEngine(tokenizer))
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(lines[0] + lines[1][:15])
+    with caplog.at_level("WARNING"):
+        assert load_progress(out) == {0}
+    assert out.read_bytes() == lines[0] and "torn last line" in caplog.text
+    distill(*distill_args(**base), engine=FakeEngine(tokenizer))
+    assert [json.loads(line)["source_index"] for line in out.read_text().splitlines()] == [0, 1]
+
+
 def test_zero_rows_is_an_error_that_says_why(tmp_path, tokenizer, tiny_path):
     class NoEndTag(FakeEngine):
         def __init__(self, tok):
