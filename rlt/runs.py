@@ -117,7 +117,11 @@ def check_resume(composed: dict, output_dir: str, resume_from: str | None) -> No
     keys that differ. With ``resume_from`` the differences are logged and the resume goes ahead."""
     ckpt = last_checkpoint(output_dir, resume_from)
     saved = Path(ckpt).parent / "rlt_config.yaml" if ckpt else None
-    if saved is None or not saved.is_file():
+    if saved is None:
+        return
+    if not saved.is_file():
+        logger.warning("%s: resuming %s without checking its settings (the run left no rlt_config.yaml)",
+                       Path(ckpt).parent, Path(ckpt).name)
         return
     from omegaconf import OmegaConf
 

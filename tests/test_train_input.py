@@ -105,6 +105,9 @@ def test_a_rerun_with_other_settings_does_not_silently_resume_the_old_run(tmp_pa
     check(compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.05",
                                         f"resume_from={out / 'checkpoint-4'}"]), 1)  # asked for: a warning only
     assert "resuming with settings that differ from that run's (learning_rate: 0.001 -> 0.05)" in caplog.text
+    (out / "rlt_config.yaml").unlink()  # a run that left no settings: it resumes, and says it could not check
+    check(other, 1)
+    assert "resuming checkpoint-4 without checking its settings (the run left no rlt_config.yaml)" in caplog.text
 
 
 def test_hub_ids_are_asked_for_and_tiny_specs_pass_check(tmp_path, monkeypatch):
