@@ -49,7 +49,7 @@ def test_rowchunk_block_cap_splits_rows(head):
 
 
 @pytest.mark.parametrize("backend", ["online", "rowchunk"])
-def test_backends_in_bfloat16_accumulate_in_float32(head, backend):
+def test_backends_in_bfloat16_round_logits_like_the_model_dtype_gemm_then_softmax_in_float32(head, backend):
     h, w, b, lab = (x.bfloat16() if x.is_floating_point() else x for x in head)
     # the model-dtype GEMM rounded to bf16, then everything in float32 (what the CPU fallback computes)
     logits = F.linear(h, w, b).float() / 0.7

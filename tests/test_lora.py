@@ -10,7 +10,8 @@ import torch
 from conftest import run_cmd, running_server
 from rlt.config import build_train_settings, compose
 from rlt.errors import ConfigError
-from rlt.models import LoraConfig, full_named_weights, full_weight_metadata, peft_config, resolve_model_path
+from rlt.models import (LoraConfig, full_named_weights, full_weight_metadata, load_causal_lm, peft_config,
+                        resolve_model_path)
 
 DEFAULT_TARGETS = {"q_proj", "v_proj"}  # peft's default for qwen2
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -83,6 +84,29 @@ def test_reference_teacher_with_lora_needs_no_beta(tmp_path):
     validate_grpo(settings("use_peft=true"), 1)  # the reference is the base model: adapters disabled
     with pytest.raises(ConfigError, match="needs a reference model"):
         validate_grpo(settings(), 1)
+    # no reference at all: trl refuses sync_ref_model (the recipes' default) after the models load; refused here
+    with pytest.raises(ConfigError, match="beta=0 keeps no reference model, so sync_ref_model=true has nothing"):
+        validate_grpo(settings("use_reference_teacher_model=false"), 1)
+    validate_grpo(settings("use_reference_teacher_model=false", "sync_ref_model=false"), 1)
+
+
+def test_an_output_layer_the_reward_would_score_wrongly_is_refused(tmp_path, tiny_path):
+    from rlt.rewards.logprobs import check_output_layer
+    from rlt.trainers.grpo_run import validate_grpo
+
+    cfg = compose("tiny_teacher_rlt", [f"output_dir={tmp_path}", "use_peft=true", "lora_target_modules=[q_proj,lm_head]"])
+    with pytest.raises(ConfigError, match=r"lora_target_modules=\['q_proj', 'lm_head'\]: lm_head is the output layer"):
+        validate_grpo(build_train_settings(cfg, 1), 1)
+    check_output_layer(peft_tiny(tiny_path, ["q_proj"]), "teacher")  # adapters elsewhere: the head is plain
+    adapted_head = peft_tiny(tiny_path, ["q_proj", "lm_head"])
+    with pytest.raises(ConfigError, match="teacher: its output layer carries a LoRA adapter"):
+        check_output_layer(adapted_head, "teacher")
+    with pytest.raises(ConfigError, match="teacher: its output layer carries a LoRA adapter"):
+        check_output_layer(adapted_head.get_base_model(), "teacher")
+    capped = load_causal_lm(tiny_path, "float32")
+    capped.config.final_logit_softcapping = 30.0  # as Gemma-2's config sets it
+    with pytest.raises(ConfigError, match=r"student_model: its config sets final_logit_softcapping=30\.0"):
+        check_output_layer(capped, "student_model")
 
 
 # ------------------------------------------------------------------------------------------ merged weights

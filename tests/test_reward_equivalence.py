@@ -117,6 +117,12 @@ def test_empty_thought_and_solution_spans_get_penalties(tokenizer, models):
     res = TeacherReward(student, tokenizer, FMT, RewardConfig(not_matched_penalty=0.0), 0.7)(
         teacher, [RewardInput(prompt, "no tag here", ex.question, ex.solution, ex.system)])
     assert res.components["match_penalty"].item() == 0 and res.components["no_end_tag"].item() == 1
+    # empty solution span: every solution reduction is NaN -> -not_matched_penalty, times (1 + 0.01)
+    res = TeacherReward(student, tokenizer, FMT, RewardConfig(), 0.7)(
+        teacher, [RewardInput(teacher_prompt(tokenizer, ex.question, "", FMT), "Add.\n\n" + E1, ex.question, "",
+                              ex.system)])
+    assert res.components["solution_tokens"].item() == 0 and res.components["thought_tokens"].item() > 0
+    assert res.components["r_ss"].item() == pytest.approx(-1.01)
 
 
 def test_oracle_feeds_ids_on_the_models_device():

@@ -23,6 +23,8 @@ def test_reductions(op, row0, row1):
     out = masked_reduce(X, M, op)
     assert out[0].item() == pytest.approx(row0) and out[1].item() == pytest.approx(row1)
     assert math.isnan(out[2].item())  # empty span -> NaN
+    empty = masked_reduce(torch.zeros(3, 0), torch.zeros(3, 0, dtype=torch.bool), op)  # no span column at all
+    assert empty.shape == (3,) and empty.isnan().all()
 
 
 def test_unknown_reduction_and_normalizer():
@@ -78,14 +80,15 @@ def test_toy_empty_solution_uses_penalty_and_clip_and_normalizers():
     # clip below at -clip_log_prob: [-1, -2, -3] -> [-1, -1.5, -1.5]; mean -4/3, min -1.5
     c = toy(RewardConfig(clip_log_prob=1.5))
     assert c["r_ss"].item() == pytest.approx(-4 / 3 - 0.015)
-    # exp normalizer on the solution; exp_norm + clip on the KL; Schulman KL
-    c = toy(RewardConfig(normalize_log_prob_fn="exp", normalize_kl_fn="exp_norm", clip_kl=0.5,
-                         use_schulman_kl_estimation=True, answer_log_prob_coeff=1.0, reduction_log_prob_fn="mean",
-                         kl_penalty_reward_coeff=[1.0], reduction_kl_fn=["max"]))
+    # exp normalizer on the solution; exp_norm then clip on the KL; Schulman KL
     e = math.exp
-    assert c["r_ss"].item() == pytest.approx((e(-1) + e(-2) + e(-3)) / 3)
     k3 = e(-1)  # schulman KL of k1=1: 1 - 1 + e^-1; of k1=0: 0
-    assert c["r_kl"].item() == pytest.approx(min(1 - e(-k3), 0.5))
+    for clip, want in ((None, 1 - e(-k3)), (0.2, 0.2)):  # max KL 0.308 after exp_norm: clipped to 0.2
+        c = toy(RewardConfig(normalize_log_prob_fn="exp", normalize_kl_fn="exp_norm", clip_kl=clip,
+                             use_schulman_kl_estimation=True, answer_log_prob_coeff=1.0, reduction_log_prob_fn="mean",
+                             kl_penalty_reward_coeff=[1.0], reduction_kl_fn=["max"]))
+        assert c["r_ss"].item() == pytest.approx((e(-1) + e(-2) + e(-3)) / 3)
+        assert c["r_kl"].item() == pytest.approx(want)
 
 
 def test_reward_config_validation():

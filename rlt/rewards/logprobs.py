@@ -100,6 +100,29 @@ def online_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Te
     return out
 
 
+HEAD_SCALES = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # config keys that change the logits
+
+
+def check_output_layer(model, what: str) -> None:
+    """The reward applies ``model``'s output layer itself, as h W^T + b (:func:`output_logprobs`): refuse, in one
+    line naming ``what``, a model whose logits are more than that (a LoRA adapter on the output layer, another
+    module there, or a config that scales or caps the logits), whose log-probs would silently differ."""
+    head = model.get_output_embeddings()
+    if hasattr(head, "base_layer"):
+        raise ConfigError(f"{what}: its output layer carries a LoRA adapter, which the reward's log-probs (h W^T + b "
+                          "from the layer's weight) would leave out; drop the output layer (lm_head) from "
+                          "lora_target_modules (all-linear leaves it out)")
+    if not isinstance(head, torch.nn.Linear):
+        raise ConfigError(f"{what}: its output layer is a {type(head).__name__}, not a Linear layer; the reward "
+                          "computes the logits as h W^T + b")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key in HEAD_SCALES:
+        value = getattr(config, key, None)
+        if value not in (None, 1, 1.0):
+            raise ConfigError(f"{what}: its config sets {key}={value}, which changes the logits; the reward computes "
+                              "them as plain h W^T + b, so its log-probs would not be the model's")
+
+
 @functools.lru_cache(maxsize=None)
 def _mm_float32_out(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` inputs on ``device`` (a warning,
@@ -113,8 +136,9 @@ def _mm_float32_out(device: torch.device, dtype: torch.dtype) -> bool:
     except (RuntimeError, NotImplementedError, TypeError) as e:
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     logger.warning("torch.mm(out_dtype=float32) does not run for %s on %s (%s): the rowchunk backend rounds the "
-                   "output layer's logits to %s before its float32 softmax (reward_logprob_backend=online keeps "
-                   "float32 accumulation)", dtype, device, why, dtype)
+                   "output layer's logits to %s before its float32 softmax, as the online backend always does "
+                   "(reward_logprob_backend=fused, on CUDA, keeps them in float32; so does dtype=float32)",
+                   dtype, device, why, dtype)
     return False
 
 

@@ -33,7 +33,7 @@ def masked_reduce(x: torch.Tensor, mask: torch.Tensor, op: str) -> torch.Tensor:
     x = x.float()
     count = mask.sum(-1)
     empty = count == 0
-    nan = torch.full_like(x[..., 0] if x.dim() else x, float("nan"))
+    nan = torch.full(x.shape[:-1], float("nan"), device=x.device)
     if x.shape[-1] == 0:
         return nan
     if op == "mean":

@@ -25,7 +25,7 @@ from trl.trainer.utils import pad
 from rlt.data.formats import DataFormat
 from rlt.data.text import student_text_with_spans
 from rlt.rewards.config import RewardConfig
-from rlt.rewards.logprobs import check_backend, lockstep_max, needs_lockstep, token_logprobs
+from rlt.rewards.logprobs import check_backend, check_output_layer, lockstep_max, needs_lockstep, token_logprobs
 from rlt.rewards.ops import REDUCTIONS, kl_estimate, normalize, reduce_all, weighted_scores
 from rlt.rewards.spans import align_spans, encode_pieces, tokens_within
 
@@ -91,6 +91,7 @@ class TeacherReward:
         if student_model is None:
             raise ValueError("TeacherReward needs a student model")
         check_backend(config.reward_logprob_backend)
+        check_output_layer(student_model, "student_model")
         self.student = student_model
         self.tokenizer = tokenizer
         self.fmt = fmt
@@ -128,6 +129,7 @@ class TeacherReward:
 
     @torch.no_grad()
     def __call__(self, teacher_model, items: list[RewardInput]) -> RewardResult:
+        check_output_layer(teacher_model, "the teacher (model_name_or_path)")
         prefix = self.fmt.explanation_tags[0] + self.fmt.delimiter_padding
         for k, item in enumerate(items):  # fail before any forward (a rank failing mid-way would stall ZeRO-3 peers)
             if not item.prompt.endswith(prefix):
@@ -140,6 +142,7 @@ class TeacherReward:
 
     @torch.no_grad()
     def score_prepared(self, teacher_model, preps: list[_Prepared]) -> RewardResult:
+        check_output_layer(teacher_model, "the teacher (model_name_or_path)")
         with _PreparedStream(lambda p: p, preps, ahead=False) as stream:
             return self._score(teacher_model, stream)
 

@@ -74,7 +74,7 @@ def _reduce(v: torch.Tensor, op: str) -> float:
 
 
 def _norm(v, fn):
-    return v if fn is None else (v.exp() if fn == "exp" else 1 - (-v).exp())
+    return v if fn in (None, "none") else (v.exp() if fn == "exp" else 1 - (-v).exp())
 
 
 def _score(v, ops, coeffs, nan):

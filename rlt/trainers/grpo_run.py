@@ -45,6 +45,14 @@ def validate_grpo(s, num_processes: int) -> None:
                           "set use_vllm=false for server rollouts")
     if s.reward.use_reference_teacher_model and not args.beta and not s.lora.use_peft:  # PEFT: adapters off
         raise ConfigError("use_reference_teacher_model=true needs a reference model: set beta > 0")
+    if not args.beta and args.sync_ref_model and not s.lora.use_peft:  # trl refuses it, after the models load
+        raise ConfigError("beta=0 keeps no reference model, so sync_ref_model=true has nothing to update: set "
+                          "sync_ref_model=false too (or beta > 0)")
+    heads = [m for m in (s.lora.lora_target_modules or []) if m.split(".")[-1] == "lm_head"] if s.lora.use_peft else []
+    if heads:
+        raise ConfigError(f"lora_target_modules={s.lora.lora_target_modules}: {heads[0]} is the output layer, which "
+                          "the teacher reward applies itself (h W^T + b from its weight) and would score without the "
+                          "adapter; adapt other modules (all-linear leaves the output layer out)")
     from rlt.rewards.logprobs import check_backend
 
     check_backend(s.reward.reward_logprob_backend)   # e.g. fused on a machine without CUDA
