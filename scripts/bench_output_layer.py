@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -175,7 +176,9 @@ def main() -> None:
             logger.info("N=%d fastest fused tiles: %s", n, here["best_fused_tiles"])
         result["rows"][str(n)] = here
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        part = Path(args.out + ".part")   # replaced whole: a run killed mid-write leaves the last complete file
+        part.write_text(json.dumps(result, indent=1) + "\n")
+        os.replace(part, args.out)
     logger.info("wrote %s", args.out)
     entries = [v for r in result["rows"].values() for v in [*r.values(), *r.get("fused_tiles", {}).values()]]
     worst = max((v["max_abs_diff"] for v in entries if "max_abs_diff" in v), default=0.0)

@@ -389,6 +389,27 @@ def summarise(r: dict, device: str, args) -> dict:
     return s
 
 
+def check_backend_runs(flag: str, backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """The output-layer backend computes a small case like the plain log-softmax, before any model is built (a
+    kernel that does not compile with this machine's Triton fails here in seconds, not after 60 GB of models)."""
+    from rlt.rewards.logprobs import output_logprobs
+
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(37, 64, generator=g), torch.randn(1003, 64, generator=g) / 8
+    labels = torch.randint(0, 1003, (37,), generator=g)
+    hidden, weight, labels = hidden.to(device, dtype), weight.to(device, dtype), labels.to(device)
+    want = torch.log_softmax(hidden.float() @ weight.float().t() / 0.7, -1).gather(1, labels[:, None]).squeeze(1)
+    try:
+        got = output_logprobs(hidden, labels, weight, None, 0.7, backend, 16, 256)
+    except Exception as e:  # noqa: BLE001  (any failure of the kernel is the answer)
+        raise SystemExit(f"bench_reward: {flag} {backend} fails on a small case on {device} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
+    err = (got.float() - want).abs().max().item()
+    if not err <= (1e-4 if dtype == torch.float32 else 0.1):
+        raise SystemExit(f"bench_reward: {flag} {backend} gives wrong log-probs on a small case on {device} "
+                         f"(max |diff| {err:.3g} from the plain log-softmax)")
+
+
 def main() -> None:
     from rlt.rewards.config import LOGPROB_BACKENDS, PACKINGS, RewardConfig
 
@@ -428,6 +449,9 @@ def main() -> None:
     if args.also_backend and args.device != "cuda":
         raise SystemExit("bench_reward: --also-backend is measured with --device cuda only (on CPU run the script "
                          "once per --backend)")
+    for flag, backend in (("--backend", args.backend), ("--also-backend", args.also_backend)):
+        if backend is not None:
+            check_backend_runs(flag, backend, torch.device(args.device), getattr(torch, args.dtype))
     summary = {}
     for case in args.cases.split(","):
         if case not in CASES[args.device]:
@@ -458,7 +482,9 @@ def main() -> None:
                         s["speedup_vs_oracle_cpu_time"], s["floor_ratio_cpu_time"], s["load_average"][0])
         logger.info("      targets met: %s", s["targets_met"])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)   # after each case: a cut-off run keeps the first
-        Path(args.out).write_text(json.dumps(summary, indent=2))
+        part = Path(args.out + ".part")   # replaced whole: a run killed mid-write leaves the last complete file
+        part.write_text(json.dumps(summary, indent=2))
+        os.replace(part, args.out)
     logger.info("wrote %s", args.out)
 
 

@@ -28,6 +28,8 @@
 # built models is chosen, build_cpu_adam when an offload stage is), RLT_GPU_CHECK_OUT
 # (results dir), RLT_GPU_CHECK_BUDGET (seconds, default 1200 on GPU; a stage starts only when the
 # budget left covers its usual time, EXPECT below, and is otherwise skipped, saying so),
+# RLT_GPU_CHECK_EXPECT (NAME=SECONDS,...: other expected times, e.g. on a slower card; a stage the budget
+# cuts off anyway is recorded as "cut", not failed, and runs again in a resumed call),
 # RLT_GPU_CHECK_7B_LAYERS (layers of the 7B-wide RL model, default 8: a
 # full-depth 7.6B policy with Adam states does not fit one 80 GB
 # card plus a 128 GB host), RLT_GPU_CHECK_KEEP=1 keeps the work dir (models, runs),
@@ -38,7 +40,8 @@
 # kept with their numbers, the others run when chosen (a failed stage not chosen
 # keeps its record); install, models and build_cpu_adam run again when a stage
 # that needs them runs. Refused (exit 2) for a run of another card, GPU count or
-# mode. The table then says which call ran each stage, and each call's commit of the project
+# mode. RLT_GPU_CHECK_RESUME_FROM=FILE.tgz (an archive an earlier call wrote): unpacked into the
+# results dir when that holds no run (a fresh machine), so a resumed call works warm or cold. The table then says which call ran each stage, and each call's commit of the project
 # (git; RLT_GPU_CHECK_COMMIT names it for a copy of the tree without .git).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -83,6 +86,12 @@ else
           [sft_offload]=75 [rl_tiny]=50 [score_tiny]=20 [rl_0.5b]=40 [rl_7b_offload_step]=75
           [vllm_server_nccl]=120 [vllm_server_filesystem]=120)
 fi
+for kv in ${RLT_GPU_CHECK_EXPECT//,/ }; do   # NAME=SECONDS,...: other expected times (a slower or faster card)
+  n="${kv%%=*}" s="${kv#*=}"
+  if [[ "$kv" == *=* && "$s" =~ ^[0-9]+$ ]] && has " ${ALL_STAGES[*]} " "$n"; then EXPECT[$n]=$s; continue; fi
+  echo "gpu_check.sh: RLT_GPU_CHECK_EXPECT: '$kv': accepted NAME=SECONDS,... with NAME one of: ${ALL_STAGES[*]}" >&2
+  exit 2
+done
 for n in "${ALL_STAGES[@]}"; do
   [ -n "${EXPECT[$n]:-}" ] || { echo "gpu_check.sh: stage $n has no expected time in EXPECT ($MODE)" >&2; exit 2; }
 done
@@ -107,6 +116,15 @@ case "$RESUME" in
           "the results dir)" >&2
      exit 2 ;;
 esac
+RESUME_FROM="${RLT_GPU_CHECK_RESUME_FROM:-}"
+if [ -n "$RESUME_FROM" ]; then
+  case "$RESUME_FROM" in /*) ;; *) RESUME_FROM="$ROOT/$RESUME_FROM" ;; esac
+  if [ "$RESUME" != 1 ] || [ ! -f "$RESUME_FROM" ]; then
+    echo "gpu_check.sh: RLT_GPU_CHECK_RESUME_FROM=$RESUME_FROM: accepted an archive file of an earlier call, with" \
+         "RLT_GPU_CHECK_RESUME=1" >&2
+    exit 2
+  fi
+fi
 ARCHIVE="${RLT_GPU_CHECK_ARCHIVE:-}"   # a relative path is taken from the checkout's root, like OUT
 if [ -n "$ARCHIVE" ]; then
   case "$ARCHIVE" in /*) ;; *) ARCHIVE="$ROOT/$ARCHIVE" ;; esac
@@ -151,6 +169,11 @@ fi
 
 # ---- a new run clears the results dir; a resumed one keeps the stages that passed there (KEPT)
 mkdir -p "$OUT/logs" "$SITE"
+if [ -n "$RESUME_FROM" ] && [ ! -s "$OUT/runs.jsonl" ]; then   # a fresh machine: the earlier calls' results
+  tar -xzf "$RESUME_FROM" -C "$OUT" ||
+    { echo "gpu_check.sh: RLT_GPU_CHECK_RESUME_FROM=$RESUME_FROM: not a readable .tgz archive" >&2; exit 2; }
+  echo "[gpu_check] unpacked $RESUME_FROM into $OUT (no run was there)"
+fi
 KEPT=" " FAILED_BEFORE=" " EARLIER=" "
 if [ "$RESUME" = 1 ]; then
   earlier="$("$PY" "$HELPER" begin --out "$OUT" --mode "$MODE" --run "$RUN" --resume)" || exit 2
@@ -219,7 +242,8 @@ stage() {
       say "$name: not run again (it takes about ${need}s, ${left}s left); its record from an earlier call stays"
     skip "$name" "$what" "not run: it takes about ${need}s, ${left}s of the ${BUDGET}s budget left"; return
   fi
-  [ "$limit" -gt "$left" ] && limit=$left
+  local clipped=0   # the budget, not the stage's own limit, bounds this run of it
+  if [ "$limit" -gt "$left" ]; then limit=$left; clipped=1; fi
   local log="$OUT/logs/$name.log" mem="$OUT/logs/$name.mem" start rc
   say "$name: $what (limit ${limit}s, log $log)"
   sampler > "$mem" 2>/dev/null &
@@ -230,13 +254,23 @@ stage() {
   wait "$STAGE_PID"; rc=$?
   STAGE_PID=""
   kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null; SAMPLER=""
-  local status=pass reason=""
-  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status=timeout; reason="stopped at its ${limit}s limit"; reap
-  elif [ "$rc" != 0 ]; then status=fail; reason="exit code $rc, see logs/$name.log"; fi
+  local status=pass reason="" seconds
+  seconds="$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{print b - a}')"
+  if { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && awk -v s="$seconds" -v l="$limit" 'BEGIN{exit !(s >= l - 1)}'; then
+    reap
+    if [ "$clipped" = 1 ]; then   # not a failure: the budget ran out first; a resumed call runs it again
+      status=cut; reason="cut off when the budget ran out, after ${limit}s (it takes longer here than its EXPECT ${need}s); a resumed call with more budget runs it again"
+    else status=timeout; reason="stopped at its ${limit}s limit"; fi
+  elif [ "$rc" != 0 ]; then
+    status=fail; reason="exit code $rc, see logs/$name.log"
+    [ "$rc" = 137 ] && reason="killed (exit code 137) after $(printf %.0f "$seconds")s, before its limit: out of memory? see logs/$name.log"
+  fi
   "$PY" "$HELPER" record --stages "$STAGES" --stages-dir "$OUT" --run "$RUN" --name "$name" --what "$what" \
-    --status "$status" \
-    --seconds "$(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN{print b - a}')" --rc "$rc" --log "$log" \
-    --mem "$mem" ${reason:+--reason "$reason"} ${REC[@]+"${REC[@]}"}
+    --status "$status" --seconds "$seconds" --rc "$rc" --log "$log" \
+    --mem "$mem" ${reason:+--reason "$reason"} ${REC[@]+"${REC[@]}"} ||
+    "$PY" "$HELPER" record --stages "$STAGES" --stages-dir "$OUT" --run "$RUN" --name "$name" --what "$what" \
+      --status fail --seconds "$seconds" --rc "$rc" --log "$log" \
+      --reason "its record could not be made (the helper failed on its results; see the call's output), exit code $rc"
   REC=()
   archive
 }
@@ -253,6 +287,8 @@ if [ "$MODE" = gpu ]; then
   MID_SHAPE=0.5b; MID_RUN=(train_batch_size=32 per_device_train_batch_size=8 num_generations=8 max_completion_length=512
                            gradient_checkpointing=true reward_micro_batch_size=8)
   BIG_SHAPE=7b; BIG_LAYERS=$LAYERS_7B; BIG_TOKENS=4096
+  # the two 7B-shape models in fp32 and the oracle's copies nearly fill an 80 GB card: no fragmentation headroom lost
+  BENCH_ENV=(env "PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}")
   DEV=cuda; BENCH_BIG=(--shape 7b --dtype bfloat16 --also-backend fused); BENCH_MID=(--shape 0.5b --dtype float32 --also-backend fused)
   BENCH_HEAD=(--shape 7b --dtype bfloat16 --rows 4096,32768 --backends rowchunk,fused --fused-tiles sweep)
   L_INSTALL=240 L_TESTS=180 L_MODELS=300 L_SFT=240 L_RL=300 L_RL_MID=420 L_BENCH=420 L_BIG=600 L_VLLM=420
@@ -260,6 +296,7 @@ else
   PREC=(bf16=false); STEPS=1
   MID_SHAPE=tiny; MID_RUN=(max_completion_length=32 reward_micro_batch_size=8)
   BIG_SHAPE=tiny; BIG_LAYERS=1; BIG_TOKENS=64
+  BENCH_ENV=(env)
   DEV=cpu; BENCH_BIG=(--shape tiny --dtype bfloat16 --quick); BENCH_MID=(--shape tiny --dtype float32 --quick)
   BENCH_HEAD=(--shape bench --dtype float32 --rows 256 --backends online,rowchunk)
   L_INSTALL=300 L_TESTS=300 L_MODELS=600 L_SFT=900 L_RL=900 L_RL_MID=900 L_BENCH=900 L_BIG=900 L_VLLM=900
@@ -288,13 +325,13 @@ fi
 
 REC=(--head-bench "$OUT/bench_output_layer.json")
 stage bench_output_layer "$L_TESTS" "output layer alone: rowchunk vs fused kernel (and its other launch configurations) vs bare GEMM, max |diff| <= 1e-3$SMOKE" \
-  "$PY" scripts/bench_output_layer.py --device "$DEV" "${BENCH_HEAD[@]}" --out "$OUT/bench_output_layer.json"
+  "${BENCH_ENV[@]}" "$PY" scripts/bench_output_layer.py --device "$DEV" "${BENCH_HEAD[@]}" --out "$OUT/bench_output_layer.json"
 REC=(--bench "$OUT/bench_7b_bf16.json")
 stage bench_reward_7b_bf16 "$L_BENCH" "reward at 7B shape, bf16: rlt vs per-sample oracle vs floor$SMOKE" \
-  "$PY" scripts/bench_reward.py --device "$DEV" "${BENCH_BIG[@]}" --out "$OUT/bench_7b_bf16.json"
+  "${BENCH_ENV[@]}" "$PY" scripts/bench_reward.py --device "$DEV" "${BENCH_BIG[@]}" --out "$OUT/bench_7b_bf16.json"
 REC=(--bench "$OUT/bench_0.5b_fp32.json" --max-abs-diff 1e-5)
 stage bench_reward_0.5b_fp32 "$L_BENCH" "reward at 0.5B shape, fp32: max |rlt - oracle| <= 1e-5$SMOKE" \
-  "$PY" scripts/bench_reward.py --device "$DEV" "${BENCH_MID[@]}" --out "$OUT/bench_0.5b_fp32.json"
+  "${BENCH_ENV[@]}" "$PY" scripts/bench_reward.py --device "$DEV" "${BENCH_MID[@]}" --out "$OUT/bench_0.5b_fp32.json"
 
 stage models "$L_MODELS" "random models: $MID_SHAPE teacher + student, $BIG_SHAPE widths with $BIG_LAYERS layer(s)" \
   bash -c 'set -e; "$0" -m rlt.testing.tiny_model "$1/mid_teacher" --seed 0 --shape "$2" --dtype bfloat16 --device "$6"

@@ -4,7 +4,7 @@
     python scripts/gpu_check_helper.py environment
     python scripts/gpu_check_helper.py build-model OUT --shape 7b [--layers N] [--seed S] [--dtype bfloat16] [--device cuda]
     python scripts/gpu_check_helper.py sample-host-memory
-    python scripts/gpu_check_helper.py record --stages FILE --name NAME --status pass|fail|timeout|skip ...
+    python scripts/gpu_check_helper.py record --stages FILE --name NAME --status pass|fail|timeout|cut|skip ...
     python scripts/gpu_check_helper.py summary --stages FILE --out DIR --mode gpu|cpu-smoke --budget S --total S
     python scripts/gpu_check_helper.py begin --out DIR --mode MODE --run ID [--resume]
     python scripts/gpu_check_helper.py keep --stages FILE --kept FILE --name NAME
@@ -359,7 +359,7 @@ def cmd_begin(args) -> None:
                           f"{desc(this)}: resume on the same kind of machine, or move {out} away to start anew")
     latest: dict[str, dict] = {}   # name -> its last outcome (kept records first, then the last call's)
     for rec in read_jsonl(kept) + read_jsonl(stages):
-        if rec["status"] != "skip":
+        if rec["status"] not in ("skip", "cut"):   # not run to its end: an earlier outcome stays
             latest[rec["name"]] = rec
     write_jsonl(kept, list(latest.values()))
     stages.unlink(missing_ok=True)
@@ -472,7 +472,7 @@ def cmd_summary(args) -> None:
     total = sum(c["total_s"] for c in calls)
     failed = [s["name"] for s in stages if s["status"] in ("fail", "timeout")]
     ran = [s["name"] for s in stages if s["status"] == "pass"]
-    skipped = [s["name"] for s in stages if s["status"] == "skip"]
+    skipped = [s["name"] for s in stages if s["status"] in ("skip", "cut")]   # cut: the budget ran out first
     summary = {**env, "mode": args.mode, "budget_s": args.budget, "total_s": round(total, 1),
                "passed": bool(ran) and not failed, "failed": failed, "passed_stages": ran, "skipped": skipped,
                "calls": calls, "stages": stages}
@@ -537,7 +537,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stages-dir")
     p.add_argument("--name", required=True)
     p.add_argument("--what", default="")
-    p.add_argument("--status", choices=("pass", "fail", "timeout", "skip"), required=True)
+    p.add_argument("--status", choices=("pass", "fail", "timeout", "cut", "skip"), required=True)
     p.add_argument("--seconds", type=float, default=0.0)
     p.add_argument("--rc", type=int)
     p.add_argument("--reason")

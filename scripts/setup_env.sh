@@ -32,7 +32,8 @@ pick_python() {
   if [ -n "${RLT_PYTHON:-}" ]; then
     v="$(py_version "$RLT_PYTHON")"
     if supported "$v"; then echo "$RLT_PYTHON"; return 0; fi
-    echo "[setup] RLT_PYTHON=$RLT_PYTHON ${v:+is Python $v}${v:-does not run}; rlt needs Python ${SUPPORTED[*]}" >&2
+    echo "[setup] RLT_PYTHON=$RLT_PYTHON $(if [ -n "$v" ]; then echo "is Python $v"; else echo "does not run"; fi);" \
+         "rlt needs Python ${SUPPORTED[*]}" >&2
     return 2
   fi
   for cand in python3.11 python3.12 python3.13 python3; do
@@ -64,10 +65,23 @@ if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT"
 fi
 
 echo "[setup] installing the $FLAVOUR stack into $VENV"
-if [ ! -x "$VENV/bin/python" ]; then
+if [ -x "$VENV/bin/python" ]; then   # an existing venv is reused only when it can be: else say so, change nothing
+  v="$(py_version "$VENV/bin/python")"
+  if ! supported "$v" || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    echo "[setup] $VENV exists but $(if supported "$v"; then echo "has no working pip"; elif [ -n "$v" ]; then
+      echo "is Python $v"; else echo "its python does not run"; fi); remove it (rm -rf $VENV) and rerun, to" \
+      "create it with Python ${SUPPORTED[*]}" >&2
+    exit 2
+  fi
+else
   PY="$(pick_python)" || exit 2
   echo "[setup] creating the venv with $PY (Python $(py_version "$PY"))"
-  "$PY" -m venv "$VENV" || { echo "[setup] '$PY -m venv' failed: install its venv module (e.g. apt-get install python3.X-venv) or set RLT_PYTHON" >&2; exit 2; }
+  existed=0; [ -e "$VENV" ] && existed=1
+  if ! "$PY" -m venv "$VENV"; then
+    [ "$existed" = 0 ] && rm -rf "$VENV"   # a half-made venv would be taken for a working one by the next run
+    echo "[setup] '$PY -m venv' failed: install its venv module (e.g. apt-get install python3.X-venv) or set RLT_PYTHON" >&2
+    exit 2
+  fi
 fi
 pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check "$@"; }
 INDEX=()

@@ -92,3 +92,26 @@ def test_reward_benchmark_second_backend_keys(tmp_path):
     assert s["bf16_err_rlt_alt"] == pytest.approx(0.25)          # both rows off by 0.25 from the fp32 rewards
     assert s["bf16_mean_err_rlt_alt"] == pytest.approx(0.25)
     assert s["max_abs_diff"] == pytest.approx(0.5) and s["bf16_err_rlt"] == pytest.approx(0.25)
+
+
+def test_bench_reward_checks_a_backend_on_a_small_case_before_building_models(monkeypatch):
+    """A kernel that fails (e.g. does not compile with the machine's Triton) or computes wrong values stops the
+    benchmark in one line before any model is built."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_reward
+    from rlt.rewards import logprobs
+
+    bench_reward.check_backend_runs("--backend", "online", torch.device("cpu"), torch.float32)   # the real one
+
+    def broken(*a, **k):
+        raise RuntimeError("PassManager::run failed\nmore")
+
+    monkeypatch.setattr(logprobs, "output_logprobs", broken)
+    with pytest.raises(SystemExit, match=r"--also-backend online fails on a small case on cpu \(RuntimeError: "
+                                         r"PassManager::run failed\)$"):
+        bench_reward.check_backend_runs("--also-backend", "online", torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(logprobs, "output_logprobs", lambda h, lab, *a, **k: torch.zeros(len(lab)))
+    with pytest.raises(SystemExit, match="gives wrong log-probs on a small case on cpu"):
+        bench_reward.check_backend_runs("--backend", "online", torch.device("cpu"), torch.float32)

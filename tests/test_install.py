@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -88,6 +89,46 @@ def test_unsupported_rlt_python_gives_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "RLT_PYTHON" in lines[0] and "3.10" in lines[0], proc.stderr
+
+
+def test_unsupported_rlt_python_message_reads_right(tmp_path):
+    proc = print_python(tmp_path, {}, rlt_python=str(fake_python(tmp_path, "old-python", "3.10")))
+    assert f"RLT_PYTHON={tmp_path}/old-python is Python 3.10; rlt needs Python 3.11 3.12 3.13" in proc.stderr
+    (tmp_path / "again").mkdir()
+    proc = print_python(tmp_path / "again", {}, rlt_python=str(fake_python(tmp_path, "shim", None)))
+    assert f"RLT_PYTHON={tmp_path}/shim does not run; rlt needs Python 3.11 3.12 3.13" in proc.stderr
+
+
+def venv_python(path: Path, version: str, pip_works: bool) -> Path:
+    """A stand-in interpreter: reports ``version``; ``-m pip`` works or not; ``-m venv DIR`` makes DIR/bin/python
+    (one whose pip does not work) and then fails, as Debian's python3.X without python3.X-venv does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""#!/bin/sh
+case "$1 $2" in
+  "-c "*) echo {version} ;;
+  "-m pip") {'exit 0' if pip_works else 'echo "No module named pip" >&2; exit 1'} ;;
+  "-m venv") mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && sed -i 's/^  "-m pip") exit 0/  "-m pip") exit 1/' \
+             "$3/bin/python"; echo "ensurepip is not available" >&2; exit 1 ;;
+esac
+""")
+    path.chmod(0o755)
+    return path
+
+
+def test_setup_env_leaves_no_half_made_venv_and_refuses_a_broken_one(tmp_path):
+    venv = tmp_path / "venv"
+    env = {**os.environ, "RLT_VENV": str(venv), "PATH": "/usr/bin:/bin"}
+    env["RLT_PYTHON"] = str(venv_python(tmp_path / "py312", "3.12", pip_works=True))
+    proc = subprocess.run([BASH, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "-m venv' failed: install its venv module" in proc.stderr, proc.stderr
+    assert not venv.exists()   # a rerun would have taken the half-made venv for a working one
+    for version, pip_works, says in (("3.12", False, "has no working pip"), ("3.10", True, "is Python 3.10")):
+        venv_python(venv / "bin" / "python", version, pip_works)
+        proc = subprocess.run([BASH, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+        line = proc.stderr.strip()
+        assert proc.returncode == 2 and "\n" not in line, proc.stderr
+        assert f"[setup] {venv} exists but {says}; remove it (rm -rf {venv}) and rerun" in line
+        assert (venv / "bin" / "python").exists()   # an existing venv is never removed
 
 
 def test_unknown_argument_is_refused(tmp_path):
@@ -449,3 +490,43 @@ def test_gpu_check_archive_path_refused_in_one_line(tmp_path, where):
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert ("is inside the results dir" if where.startswith("inside") else "accepted a file name") in proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_gpu_check_stage_cut_by_the_budget_is_not_a_failure_and_a_cold_resume_unpacks_the_archive(tmp_path):
+    """A stage that starts (its EXPECT fits) but outruns the budget left is recorded as "cut": not failed, and run
+    again by a resumed call. RLT_GPU_CHECK_RESUME_FROM unpacks an earlier call's archive where no run is (a fresh
+    machine), so the resumed call goes on from it."""
+    out, archive = tmp_path / "out", tmp_path / "check.tgz"
+    # the CPU-smoke reward benchmark takes minutes: told it takes 1 s, it starts and the 30 s budget cuts it off
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_BUDGET": "30", "TMPDIR": str(tmp_path),
+           "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16", "RLT_GPU_CHECK_EXPECT": "bench_reward_7b_bf16=1",
+           "RLT_GPU_CHECK_ARCHIVE": str(archive)}
+    script = [BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"]
+    proc = subprocess.run(script, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    summary = json.loads((out / "summary.json").read_text())
+    cut = {s["name"]: s for s in summary["stages"]}["bench_reward_7b_bf16"]
+    assert cut["status"] == "cut", proc.stdout[-2000:]
+    assert cut["reason"].startswith("cut off when the budget ran out") and "EXPECT 1s" in cut["reason"]
+    assert summary["failed"] == [] and "bench_reward_7b_bf16" in summary["skipped"]
+    assert proc.returncode == 1 and "NOTHING RAN" in (out / "summary.md").read_text()   # nothing passed either
+    assert not list(tmp_path.glob("rlt-gpu-check.*"))
+
+    fresh = tmp_path / "fresh"   # a cold machine: the results dir is empty, the archive came with the call
+    resumed = {**env, "RLT_GPU_CHECK_OUT": str(fresh), "RLT_GPU_CHECK_RESUME": "1",
+               "RLT_GPU_CHECK_RESUME_FROM": str(archive), "RLT_GPU_CHECK_ARCHIVE": str(tmp_path / "check2.tgz")}
+    proc = subprocess.run(script, env=resumed, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert f"unpacked {archive} into {fresh}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = json.loads((fresh / "summary.json").read_text())
+    runs = [json.loads(line) for line in (fresh / "runs.jsonl").read_text().splitlines()]
+    assert len(runs) == 2 and runs[0]["run"] == cut["run"]   # the first call's record came from the archive
+    again = {s["name"]: s for s in summary["stages"]}["bench_reward_7b_bf16"]
+    assert again["status"] == "cut" and again["run"] != cut["run"]   # run again, not kept from the first call
+
+    for bad, match in (({"RLT_GPU_CHECK_RESUME": "0"}, "RLT_GPU_CHECK_RESUME_FROM=.*: accepted an archive file"),
+                       ({"RLT_GPU_CHECK_RESUME_FROM": str(tmp_path / "none.tgz")}, "accepted an archive file"),
+                       ({"RLT_GPU_CHECK_EXPECT": "score_tiny=fast"}, "'score_tiny=fast': accepted NAME=SECONDS"),
+                       ({"RLT_GPU_CHECK_EXPECT": "score_tiny"}, "'score_tiny': accepted NAME=SECONDS"),
+                       ({"RLT_GPU_CHECK_EXPECT": "nope=3"}, "'nope=3': accepted NAME=SECONDS")):
+        proc = subprocess.run(script, env={**resumed, **bad}, cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and re.search(match, proc.stderr) and proc.stdout == "", (bad, proc.stderr)
