@@ -101,14 +101,13 @@ def test_unsupported_rlt_python_message_reads_right(tmp_path):
 
 def venv_python(path: Path, version: str, pip_works: bool) -> Path:
     """A stand-in interpreter: reports ``version``; ``-m pip`` works or not; ``-m venv DIR`` makes DIR/bin/python
-    (one whose pip does not work) and then fails, as Debian's python3.X without python3.X-venv does."""
+    and then fails, as Debian's python3.X without python3.X-venv does (ensurepip missing)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"""#!/bin/sh
 case "$1 $2" in
   "-c "*) echo {version} ;;
   "-m pip") {'exit 0' if pip_works else 'echo "No module named pip" >&2; exit 1'} ;;
-  "-m venv") mkdir -p "$3/bin" && cp "$0" "$3/bin/python" && sed -i 's/^  "-m pip") exit 0/  "-m pip") exit 1/' \
-             "$3/bin/python"; echo "ensurepip is not available" >&2; exit 1 ;;
+  "-m venv") mkdir -p "$3/bin" && cp "$0" "$3/bin/python"; echo "ensurepip is not available" >&2; exit 1 ;;
 esac
 """)
     path.chmod(0o755)
