@@ -29,6 +29,7 @@ from pathlib import Path
 from rlt.cli import user_errors
 from rlt.errors import ConfigError
 from rlt.logging_utils import setup_logging
+from rlt.procs import shell_exit_code
 
 logger = logging.getLogger("rlt.launch")
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,16 +103,45 @@ def ports_in_use(s, num_vllm: int, nccl: bool) -> list[tuple[str, int]]:
     return ports
 
 
+def _bind_error(address: str, port: int, reuse: bool) -> OSError | None:
+    with socket.socket() as sock:
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as e:
+            return e
+    return None
+
+
+def only_time_wait(port: int, tables=("/proc/net/tcp", "/proc/net/tcp6")) -> bool:
+    """Whether the kernel lists TCP sockets on local ``port`` and all are in TIME_WAIT (what a run that just ended
+    leaves; a server binding with SO_REUSEADDR may take the port over)."""
+    states = []
+    for table in tables:
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                states.append(fields[3])
+    return bool(states) and all(state == "06" for state in states)   # 06: TIME_WAIT
+
+
 def check_ports_free(ports: list[tuple[str, int]], address: str) -> None:
-    """Bind each port as the server will; one already taken is an error naming it and its key."""
+    """Each port is free to bind; one already taken is an error naming it and its key.
+
+    A plain bind fails where any socket holds the port, including another run's vLLM server that has bound it
+    (with SO_REUSEADDR, as uvicorn does) but listens only once its engine has loaded, minutes later: a check
+    with SO_REUSEADDR would pass there. A port held only by TIME_WAIT leftovers is free for the server."""
     for key, port in ports:
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-            try:
-                sock.bind((address, port))
-            except OSError as e:
-                raise ConfigError(f"{key}: port {port} on {address} is already in use ({e.strerror}) by another "
-                                  f"service or run; choose another {key}") from None
+        err = _bind_error(address, port, reuse=False)
+        if err is None or (only_time_wait(port) and _bind_error(address, port, reuse=True) is None):
+            continue
+        raise ConfigError(f"{key}: port {port} on {address} is already in use ({err.strerror}) by another "
+                          f"service or run (maybe a server still starting); choose another {key}")
 
 
 def plan_servers(s, num_vllm: int, gpus: list[str] | None, bind: str, api_key: str | None, nccl: bool):
@@ -122,8 +152,11 @@ def plan_servers(s, num_vllm: int, gpus: list[str] | None, bind: str, api_key: s
     model = resolve_model_path(s.model.require_model())  # builds rlt-tiny:N
     r = s.rollout
     log_dir = Path(r.vllm_log_dir or Path(s.args.output_dir) / "vllm_logs")
+    from rlt.generation.offline import clamp_model_len
+
+    max_model_len = clamp_model_len(model, s.data.max_prompt_length + s.args.max_completion_length)
     return [ServerSpec(model=model, host=bind, port=r.vllm_port + i, seed=s.args.seed + i,
-                       max_model_len=s.data.max_prompt_length + s.args.max_completion_length,
+                       max_model_len=max_model_len,
                        dtype=s.model.dtype, log_path=log_dir / f"server_{i}.log",
                        prefix_caching=r.vllm_enable_prefix_caching, gpu=None if gpus is None else gpus[i],
                        gpu_memory_utilization=s.args.vllm_gpu_memory_utilization, nccl_weight_transfer=nccl,
@@ -172,6 +205,7 @@ def wait_for_training(trainer, servers, poll: float = 1.0) -> int:
                              server.proc.returncode)
                 return 1
         time.sleep(poll)
+    rc = shell_exit_code(rc)   # a guard killed by signal N: 128 + N, as a shell reports it
     logger.info("training exited with code %d", rc)
     return rc
 
@@ -211,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     recorder = TreeRecorder()
     servers, trainer, sync_dir = [], None, None
     try:
-        servers = [ServerProcess(spec, recorder) for spec in specs]
+        for spec in specs:   # one by one: an interrupt while the next starts still stops those already started
+            servers.append(ServerProcess(spec, recorder))
         wait_until_healthy(servers, timeout=st.args.vllm_server_timeout)
         env = {**os.environ, API_KEY_ENV: api_key}
         if not nccl and Path("/dev/shm").is_dir():

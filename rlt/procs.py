@@ -308,7 +308,8 @@ class Guarded:
         return self.proc.wait()
 
 
-def _exit_code(rc: int) -> int:
+def shell_exit_code(rc: int) -> int:
+    """A Popen return code as a shell reports it: killed by signal N (rc -N) -> 128 + N."""
     return 128 - rc if rc < 0 else rc
 
 
@@ -348,7 +349,7 @@ def guard_main(argv: list[str]) -> int:
         remove_private_dir(d)
     rc = child.wait()
     reap_children()
-    return 128 + stopped[0] if stopped else _exit_code(rc)
+    return 128 + stopped[0] if stopped else shell_exit_code(rc)
 
 
 def reap_children() -> None:
@@ -403,7 +404,7 @@ def supervise(cmd: list[str]) -> int:
             signal.signal(sig, handler)
     if received:
         logger.warning("stopped by %s: %s", signal.Signals(received[0]).name, " ".join(cmd[:4]))
-    return _exit_code(rc)
+    return shell_exit_code(rc)
 
 
 def run_supervised(module: str, argv: list[str]) -> int | None:

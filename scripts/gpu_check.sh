@@ -86,7 +86,8 @@ else
           [sft_offload]=75 [rl_tiny]=50 [score_tiny]=20 [rl_0.5b]=40 [rl_7b_offload_step]=75
           [vllm_server_nccl]=120 [vllm_server_filesystem]=120)
 fi
-for kv in ${RLT_GPU_CHECK_EXPECT//,/ }; do   # NAME=SECONDS,...: other expected times (a slower or faster card)
+OTHER_EXPECT="${RLT_GPU_CHECK_EXPECT:-}"
+for kv in ${OTHER_EXPECT//,/ }; do   # NAME=SECONDS,...: other expected times (a slower or faster card)
   n="${kv%%=*}" s="${kv#*=}"
   if [[ "$kv" == *=* && "$s" =~ ^[0-9]+$ ]] && has " ${ALL_STAGES[*]} " "$n"; then EXPECT[$n]=$s; continue; fi
   echo "gpu_check.sh: RLT_GPU_CHECK_EXPECT: '$kv': accepted NAME=SECONDS,... with NAME one of: ${ALL_STAGES[*]}" >&2

@@ -18,6 +18,8 @@ import pytest
 
 from conftest import ROOT, free_port, run_cmd
 from rlt import procs
+from rlt.errors import ConfigError
+from rlt.generation.config import RolloutConfig
 
 LAUNCH = ["./launch_with_server.sh", "1", "2", "cfgs/run_cfg/tiny_teacher_rlt.yaml"]
 PY = sys.executable
@@ -361,6 +363,96 @@ def test_vllm_host_with_a_scheme_port_or_path_is_refused(host):
     with pytest.raises(ConfigError, match=r"vllm_host=.*: give a host name or address alone"):
         RolloutConfig(vllm_host=host)
     assert RolloutConfig(vllm_host="gpu-node-1.cluster").vllm_host == "gpu-node-1.cluster"
+
+
+def test_a_port_bound_by_a_server_still_loading_is_in_use(tmp_path):
+    """vLLM binds its port (SO_REUSEADDR, as uvicorn) but listens only once its engine has loaded: another run's
+    check must see the port taken then too; a port with only TIME_WAIT leftovers is free."""
+    import socket
+
+    from rlt.launch_with_server import check_ports_free, only_time_wait
+
+    with socket.socket() as loading:
+        loading.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        loading.bind(("127.0.0.1", 0))   # bound, not listening
+        port = loading.getsockname()[1]
+        with pytest.raises(ConfigError, match=rf"vllm_port: port {port} on 127\.0\.0\.1 is already in use .*maybe a "
+                                              r"server still starting\); choose another vllm_port"):
+            check_ports_free([("vllm_port", port)], "127.0.0.1")
+    check_ports_free([("vllm_port", port)], "127.0.0.1")   # released: free again
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    table = tmp_path / "tcp"
+    table.write_text(header + f"   0: 0100007F:{port:04X} 0100007F:9C40 06 00000000:00000000 03:00000AD0 00000000 0 0 0\n")
+    assert only_time_wait(port, (str(table),)) and not only_time_wait(port + 1, (str(table),))
+    table.write_text(table.read_text() + f"   1: 00000000:{port:04X} 00000000:0000 0A 00000000:00000000 00:00000000 "
+                                         "00000000 0 0 1\n")   # and one listening: in use
+    assert not only_time_wait(port, (str(table),))
+
+
+def test_a_servers_log_tail_is_its_own_not_an_earlier_runs(tmp_path, monkeypatch):
+    from rlt.generation.server import ServerProcess, ServerSpec
+
+    log = tmp_path / "server_0.log"
+    log.write_text("".join(f"earlier run, line {k}\n" for k in range(30)))
+    spec = ServerSpec(model="m", host="127.0.0.1", port=free_port(), seed=0, max_model_len=64, dtype="auto",
+                      log_path=log)
+    monkeypatch.setattr(ServerSpec, "command", lambda self: [sys.executable, "-c", "print('this run died early')"])
+    server = ServerProcess(spec)
+    server.proc.wait(timeout=60)
+    server.stop()
+    assert server.tail() == "this run died early"
+
+
+def test_prefix_cache_reset_is_checked_and_retried():
+    from rlt.generation.client import ServerDown, VLLMServerPool
+
+    pool = VLLMServerPool.__new__(VLLMServerPool)
+    pool.urls, pool.log_dir = ["http://127.0.0.1:1"], None
+    answers = [{"success": False}, {"success": False}, {"success": True}]
+    pool._post = lambda i, path, body, timeout=None: answers.pop(0)
+    pool.reset_prefix_cache(0, tries=5, wait=0)
+    assert answers == []   # asked until it succeeded
+    pool._post = lambda i, path, body, timeout=None: {"success": False}
+    with pytest.raises(ServerDown, match="did not drop its prefix cache after new weights"):
+        pool.reset_prefix_cache(0, tries=3, wait=0)
+
+
+def test_trainer_killed_by_a_signal_exits_as_a_shell_reports_it():
+    from types import SimpleNamespace
+
+    from rlt.launch_with_server import wait_for_training
+
+    trainer = SimpleNamespace(poll=lambda: -9)
+    assert wait_for_training(trainer, [], poll=0) == 137
+
+
+def test_nccl_sync_without_cuda_is_one_line_at_check(tmp_path):
+    from rlt.config import build_train_settings, compose
+    from rlt.trainers.grpo_run import validate_grpo
+
+    cfg = compose("tiny_teacher_rlt", [f"output_dir={tmp_path}", "vllm_host=127.0.0.1", "vllm_weight_sync=nccl"])
+    with pytest.raises(ConfigError, match="vllm_weight_sync=nccl needs CUDA; use filesystem"):
+        validate_grpo(build_train_settings(cfg, 1), 1)
+
+
+def test_server_engine_takes_the_rollout_settings(monkeypatch):
+    """rlt.distill / rlt.eval through servers use the run's request timeout and log dir (they were the pool's
+    defaults: an eval request past an hour failed whatever vllm_request_timeout said)."""
+    from rlt.generation.client import API_KEY_ENV
+    from rlt.generation.offline import make_engine
+
+    handler = type("Handler", (_HangingServer,), {"hung": threading.Event(), "release": threading.Event()})
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)   # holds "run-key"; not hung: no POST here
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv(API_KEY_ENV, "run-key")
+    try:
+        rollout = RolloutConfig(vllm_host="127.0.0.1", vllm_port=srv.server_address[1], vllm_request_timeout=20000.0,
+                                vllm_log_dir="/tmp/somewhere")
+        engine = make_engine("unused", rollout, 1024, 0, "auto")
+        assert engine.pool.request_timeout == 20000.0 and engine.pool.log_dir == "/tmp/somewhere"
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 # ----------------------------------------------------------------------------------------- launcher refusals

@@ -181,7 +181,18 @@ class VLLMServerPool:
         """Ask every server to load the safetensors in ``weights_path``, then drop its prefix cache."""
         for i in range(len(self.urls)):
             self._post(i, "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": weights_path}})
-            self._post(i, "/reset_prefix_cache", {})
+            self.reset_prefix_cache(i)
+
+    def reset_prefix_cache(self, i: int, tries: int = 20, wait: float = 0.5) -> None:
+        """Drop server i's prefix cache (after new weights: cached prompt states are the old policy's). vLLM
+        answers ``{"success": false}`` while blocks are held; retried, then ServerDown rather than serving
+        rollouts from stale cache."""
+        for _ in range(tries):
+            if self._post(i, "/reset_prefix_cache", {}).get("success", True):
+                return
+            time.sleep(wait)
+        raise ServerDown(f"{self.describe(i)} did not drop its prefix cache after new weights ({tries} tries, "
+                         f"{tries * wait:.0f} s): it would serve rollouts from the old policy's cache")
 
     def prompt_logprobs(self, ids: list[int], server: int = 0) -> list[float]:
         """log p(ids[t] | ids[:t]) for t >= 1 as the server computes it (for checks and tests)."""

@@ -45,14 +45,18 @@ class OfflineEngine:
 
 class ServerEngine:
     """Running vLLM servers (vllm_host, vllm_port, num_servers); ``api_key`` (default: $RLT_VLLM_API_KEY) is
-    sent on every request."""
+    sent on every request; ``request_timeout``: seconds one generation request may take; ``log_dir``: where the
+    servers' logs are, named when one fails."""
 
-    def __init__(self, host: str, port: int, num_servers: int = 1, api_key: str | None = None):
+    def __init__(self, host: str, port: int, num_servers: int = 1, api_key: str | None = None,
+                 request_timeout: float | None = None, log_dir: str | None = None):
         import os
 
         from rlt.generation.client import API_KEY_ENV, VLLMServerPool
 
-        self.pool = VLLMServerPool(host, port, num_servers, api_key=api_key or os.environ.get(API_KEY_ENV))
+        kw = {} if request_timeout is None else {"request_timeout": request_timeout}
+        self.pool = VLLMServerPool(host, port, num_servers, log_dir=log_dir,
+                                   api_key=api_key or os.environ.get(API_KEY_ENV), **kw)
 
     def generate(self, prompt_ids, n, max_tokens, temperature, top_p=1.0, seed=None):
         flat = self.pool.generate([p for p in prompt_ids for _ in range(n)], max_tokens=max_tokens,
@@ -103,7 +107,8 @@ def make_engine(model: str, rollout, max_model_len: int, seed: int, dtype: str, 
     else vLLM's offline engine on ``model``; ``longest_prompt`` (tokens) must fit the model's context."""
     if rollout.vllm_host:
         logger.info("generating with the vLLM server(s) at %s:%d", rollout.vllm_host, rollout.vllm_port)
-        return ServerEngine(rollout.vllm_host, rollout.vllm_port, rollout.vllm_num_servers)
+        return ServerEngine(rollout.vllm_host, rollout.vllm_port, rollout.vllm_num_servers,
+                            request_timeout=rollout.vllm_request_timeout, log_dir=rollout.vllm_log_dir)
     logger.info("generating with vLLM's offline engine on %s", model)
     max_model_len = clamp_model_len(model, max_model_len, longest_prompt)
     return OfflineEngine(model, max_model_len=max_model_len, seed=seed, dtype=dtype,

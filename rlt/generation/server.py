@@ -127,7 +127,8 @@ class ServerProcess:
     def __init__(self, spec: ServerSpec, recorder: TreeRecorder | None = None):
         self.spec = spec
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(spec.log_path, "ab")
+        self._log = open(spec.log_path, "ab")   # a rerun appends: its tail starts where this run's output does
+        self._log_start = self._log.tell()
         self._own_recorder = recorder is None
         self.recorder = recorder or TreeRecorder()
         logger.info("starting vLLM server on %s (log: %s)", spec.url, spec.log_path)
@@ -146,10 +147,14 @@ class ServerProcess:
         return f"vLLM server {self.spec.url} (log: {self.spec.log_path})"
 
     def tail(self, n: int = 20) -> str:
+        """The last ``n`` lines this server wrote (not an earlier run's, in the same log file)."""
         try:
-            return "\n".join(self.spec.log_path.read_text(errors="replace").splitlines()[-n:])
+            with open(self.spec.log_path, "rb") as f:
+                f.seek(self._log_start)
+                lines = f.read().decode(errors="replace").splitlines()[-n:]
         except OSError:
             return "(no log)"
+        return "\n".join(lines) if lines else "(nothing in its log yet)"
 
     def ready(self) -> bool:
         """Answering as the server started here (raises ForeignServer if something else answers)."""

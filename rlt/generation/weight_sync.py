@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from rlt.errors import ConfigError
 from rlt.generation.config import SYNC_MODES
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,11 @@ SYNC_DIR_ENV = "RLT_SYNC_DIR"  # the launcher's private /dev/shm directory for t
 
 def resolve_sync_mode(mode: str) -> str:
     if mode not in SYNC_MODES:
-        raise ValueError(f"vllm_weight_sync={mode!r}: choose from {SYNC_MODES}")
+        raise ConfigError(f"vllm_weight_sync={mode!r}: choose from {SYNC_MODES}")
     if mode == "auto":
         return "nccl" if torch.cuda.is_available() else "filesystem"
     if mode == "nccl" and not torch.cuda.is_available():
-        raise ValueError("vllm_weight_sync=nccl needs CUDA; use filesystem (or auto) on this machine")
+        raise ConfigError("vllm_weight_sync=nccl needs CUDA; use filesystem (or auto) on this machine")
     return mode
 
 
@@ -118,10 +119,19 @@ def trl_client(url: str, group_port: int, api_key: str | None, connection_timeou
     /health probe goes without it: /health is open)."""
     from trl.generation.vllm_client import VLLMClient
 
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
     class Client(VLLMClient):
         def check_server(self, *args, **kwargs):  # runs right after the session is made, before any other request
             if api_key:
                 self.session.headers["Authorization"] = f"Bearer {api_key}"
+            # trl retries POSTs on 5xx: a weight update retried after its broadcast would leave the server
+            # waiting for a second broadcast that never comes (a hang). Connections and GETs are still retried.
+            no_post_retry = Retry(total=5, connect=5, read=0, status=3, status_forcelist=[500, 502, 503],
+                                  backoff_factor=2, allowed_methods=["GET"])
+            self.session.mount("http://", HTTPAdapter(max_retries=no_post_retry))
+            self.session.mount("https://", HTTPAdapter(max_retries=no_post_retry))
             return super().check_server(*args, **kwargs)
 
     return Client(base_url=url, group_port=group_port, connection_timeout=connection_timeout)
@@ -139,7 +149,12 @@ class NcclWeightSync:
         self.clients = []
         for i, url in enumerate(self.pool.urls):
             client = trl_client(url, self.group_port + i, self.pool.api_key)
-            client.init_communicator(device=trainer.accelerator.device)
+            try:
+                client.init_communicator(device=trainer.accelerator.device)
+            except Exception as e:
+                raise RuntimeError(f"vLLM server {url}: the NCCL weight-sync group on port {self.group_port + i} "
+                                   f"(vllm_group_port + {i}) could not be set up ({type(e).__name__}: {e}); if "
+                                   "another run uses that port, choose another vllm_group_port") from e
             self.clients.append(client)
 
     def __call__(self, trainer) -> None:
@@ -165,8 +180,8 @@ class NcclWeightSync:
                     for c in self.clients:
                         c.update_named_param(name, tensor)
         if acc.is_main_process:
-            for c in self.clients:
-                c.reset_prefix_cache()
+            for i in range(len(self.clients)):
+                self.pool.reset_prefix_cache(i)   # checked (trl's call ignores a refusal), under the watchdog
         acc.wait_for_everyone()
 
     def close(self) -> None:

@@ -56,6 +56,10 @@ def validate_grpo(s, num_processes: int) -> None:
     from rlt.rewards.logprobs import check_backend
 
     check_backend(s.reward.reward_logprob_backend)   # e.g. fused on a machine without CUDA
+    if s.rollout.vllm_host:
+        from rlt.generation.weight_sync import resolve_sync_mode
+
+        resolve_sync_mode(s.rollout.vllm_weight_sync)   # e.g. nccl on a machine without CUDA
     validate_sampling(args)
 
 
