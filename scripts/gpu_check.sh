@@ -286,7 +286,7 @@ SMOKE=""
 if [ "$MODE" = gpu ]; then
   PREC=(bf16=true); STEPS=2
   MID_SHAPE=0.5b; MID_RUN=(train_batch_size=32 per_device_train_batch_size=8 num_generations=8 max_completion_length=512
-                           gradient_checkpointing=true reward_micro_batch_size=8)
+                           gradient_checkpointing=true reward_micro_batch_size=8 offload_untrained_models=true)
   BIG_SHAPE=7b; BIG_LAYERS=$LAYERS_7B; BIG_TOKENS=4096
   # the two 7B-shape models in fp32 and the oracle's copies nearly fill an 80 GB card: no fragmentation headroom lost
   BENCH_ENV=(env "PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}")
@@ -319,7 +319,8 @@ if [ "$MODE" = gpu ] && ! "$PY" -c 'import pytest' >/dev/null 2>&1; then
   skip cuda_tests "the CUDA-only tests: pytest -m cuda" "pytest is not installed in $PY (pip install pytest to run them)"
 elif [ "$MODE" = gpu ]; then
   stage cuda_tests "$L_TESTS" "the CUDA-only tests: pytest -m cuda (varlen kernel, float32 logits, packed = per sequence, fused kernel)" \
-    "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_logprobs.py tests/test_fused_logprobs.py
+    "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_logprobs.py tests/test_fused_logprobs.py \
+      tests/test_teacher_grpo.py
 else
   skip cuda_tests "the CUDA-only tests: pytest -m cuda" "no CUDA device (--cpu-smoke)"
 fi

@@ -253,6 +253,13 @@ def rl_split(log_text: str) -> dict:
         vals = [float(m.group(1)) for line in steps for m in [re.search(rf"'{re.escape(key)}': {NUM}", line)] if m]
         if vals:
             out[key.replace("/", "_") + "_mean"] = sum(vals) / len(vals)
+    # offload_untrained_models: where the frozen models' shards were before they moved (rank 0's lines)
+    offload = {}
+    for m in re.finditer(r"offload_untrained_models: (student|reference model): (?:([\d.]+) GB of ZeRO-3 shards moved "
+                         r"from (\S+) to CPU memory|its ZeRO-3 shards are (already in CPU memory))", log_text):
+        offload.setdefault(m.group(1), f"{m.group(2)} GB moved from {m.group(3)}" if m.group(2) else m.group(4))
+    if offload:
+        out["offload"] = offload
     return out
 
 
@@ -428,6 +435,8 @@ def notes(rec: dict) -> str:
             parts.append(f"{rl['steps_logged']} step(s); per step " + ", ".join(split))
         if "completions_mean_length_mean" in rl:
             parts.append(f"completion {rl['completions_mean_length_mean']:.0f} tokens")
+    if rl and rl.get("offload"):
+        parts.append("offloaded: " + ", ".join(f"{k} {v}" for k, v in rl["offload"].items()))
     for n, per in (d.get("head") or {}).items():
         parts.append(f"N={n}: " + ", ".join(f"{b} {r['seconds']:.3f}s" + (f" ({r['over_bare']:.2f}x bare)"
                                                                             if "over_bare" in r else "")

@@ -16,9 +16,11 @@ def step_logs(text):
 
 def test_rl_run_logs_reward_components_and_saves(tmp_path):
     out = tmp_path / "r"
-    proc = run_cmd(CMD + [f"output_dir={out}", "max_steps=3"])
+    proc = run_cmd(CMD + [f"output_dir={out}", "max_steps=3", "offload_untrained_models=true"])
     logs = step_logs(proc.stdout + proc.stderr)
     assert len(logs) == 3
+    for what in ("student", "reference model"):   # on CPU the shards are there already; on a GPU: "moved from cuda"
+        assert f"offload_untrained_models: {what}: its ZeRO-3 shards are already in CPU memory" in proc.stdout + proc.stderr
     for key in ("teacher_reward/r_kl", "teacher_reward/match_penalty", "teacher_reward/no_end_tag_frac",
                 "teacher_reward/thought_kl/mean", "teacher_reward/solution_log_prob/min", "'kl'",
                 "completions/mean_length", "time/generation", "time/reward", "time/update"):

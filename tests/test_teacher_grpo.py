@@ -129,8 +129,49 @@ def test_training_changes_policy_not_student(tmp_path):
     policy = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.train()
     assert all(torch.equal(v, trainer.teacher_reward.student.state_dict()[k]) for k, v in student.items())
-    assert not all(p.requires_grad for p in trainer.teacher_reward.student.parameters())
+    assert not any(p.requires_grad for p in trainer.teacher_reward.student.parameters())
+    assert not trainer.teacher_reward.student.training   # still in eval mode after train() (no dropout)
     changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, policy[k])]
     assert len(changed) > 5
     logs = [h for h in trainer.state.log_history if "teacher_reward/r_ss" in h]
     assert len(logs) == 2 and all("time/reward" in h and "time/generation" in h for h in logs)
+
+
+def zero3_like(device: str):
+    """A module whose parameters carry ZeRO-3 shards as DeepSpeed keeps them (``ds_tensor``, with attributes)."""
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    for p in m.parameters():
+        p.ds_tensor = torch.randn(p.numel() // 2 + 1, device=device)
+        p.ds_tensor.ds_numel = p.ds_tensor.numel()
+        p.ds_persist = False
+    m[1].bias.ds_persist = True   # kept whole by DeepSpeed: stays where it is
+    return m
+
+
+def test_shards_already_in_cpu_memory_are_left_alone():
+    from rlt.trainers.frozen import shards_to
+
+    m = zero3_like("cpu")
+    before = [p.ds_tensor for p in m.parameters()]
+    assert shards_to(m, "cpu") == (0, set())
+    assert [p.ds_tensor for p in m.parameters()] == before
+    assert shards_to(torch.nn.Linear(2, 2), "cpu") == (0, set())   # not a ZeRO-3 model: nothing to move
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_shards_move_to_cpu_in_place():
+    from rlt.trainers.frozen import shards_to
+
+    m = zero3_like("cuda")
+    shards = {id(p): p.ds_tensor for p in m.parameters()}
+    values = {id(p): p.ds_tensor.cpu().clone() for p in m.parameters()}
+    moved, came_from = shards_to(m, "cpu")
+    persist = m[1].bias
+    want = sum(p.ds_tensor.numel() * 4 for p in m.parameters() if p is not persist)
+    assert moved == want and came_from == {"cuda:0"}
+    for p in m.parameters():
+        assert p.ds_tensor is shards[id(p)] and p.ds_tensor.ds_numel == p.ds_tensor.numel()   # same object
+        assert p.ds_tensor.device.type == ("cuda" if p is persist else "cpu")
+        assert torch.equal(p.ds_tensor.cpu(), values[id(p)])
+    assert shards_to(m, "cpu") == (0, set())

@@ -1,8 +1,9 @@
 """Frozen (never trained) models next to the policy: the student and the reference."""
 from __future__ import annotations
 
-import copy
 import logging
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -20,14 +21,45 @@ def deepspeed_stage(accelerator) -> int | None:
     return None if plugin is None else int(plugin.deepspeed_config["zero_optimization"]["stage"])
 
 
-def prepare_frozen(model, accelerator, offload: bool = False):
+def shards_to(model, device: str = "cpu") -> tuple[int, set[str]]:
+    """Move the ZeRO-3 shards of ``model`` (each rank's part of each parameter, DeepSpeed's ``param.ds_tensor``)
+    to ``device``, in place: DeepSpeed copies a shard to the GPU when it gathers the parameter for a forward and
+    frees the gathered copy after, so between uses the model holds no GPU memory. Parameters DeepSpeed keeps
+    whole (``ds_persist``, the small ones) stay. Returns (bytes moved, devices they came from).
+
+    DeepSpeed places a shard once, where the model was partitioned (``from_pretrained`` under ZeRO-3 does it
+    with the training config: on the GPU); a later engine with ``offload_param`` does not move it.
+    """
+    moved, came_from = 0, set()
+    target = torch.device(device)
+    for p in model.parameters():
+        shard = getattr(p, "ds_tensor", None)
+        if shard is None or getattr(p, "ds_persist", False) or shard.device == target:
+            continue
+        came_from.add(str(shard.device))
+        shard.data = shard.data.to(target)   # the same tensor object: DeepSpeed's attributes on it stay
+        moved += shard.numel() * shard.element_size()
+    return moved, came_from
+
+
+def offload_frozen(model, what: str) -> None:
+    """:func:`shards_to` the CPU, logged (with where the shards were: the check that the offload happened)."""
+    moved, came_from = shards_to(model, "cpu")
+    if moved:
+        logger.info("offload_untrained_models: %s: %.2f GB of ZeRO-3 shards moved from %s to CPU memory", what,
+                    moved / 1e9, ", ".join(sorted(came_from)))
+    else:
+        logger.info("offload_untrained_models: %s: its ZeRO-3 shards are already in CPU memory", what)
+
+
+def prepare_frozen(model, accelerator, offload: bool = False, what: str = "student"):
     """Place a frozen model for inference beside the policy.
 
     With DeepSpeed it goes through trl's ``prepare_deepspeed`` (ZeRO-3: sharded like the policy; other
-    stages: replicated). ``offload`` keeps its ZeRO-3 shards in CPU memory and streams them in for each
-    forward; with other ZeRO stages it cannot apply (a warning says so). Without DeepSpeed it is moved to
-    the accelerator device. Returns the object that keeps it alive; the module itself is changed in place
-    and stays usable as before.
+    stages: replicated). ``offload`` then moves its ZeRO-3 shards to CPU memory (:func:`offload_frozen`),
+    whence each forward streams them in; with other ZeRO stages it cannot apply (a warning says so). Without
+    DeepSpeed it is moved to the accelerator device. Returns the object that keeps it alive; the module
+    itself is changed in place and stays usable as before.
     """
     freeze(model)
     stage = deepspeed_stage(accelerator)
@@ -36,27 +68,12 @@ def prepare_frozen(model, accelerator, offload: bool = False):
             logger.warning("offload_untrained_models needs DeepSpeed ZeRO-3; keeping %s on %s",
                            type(model).__name__, accelerator.device)
         return model.to(accelerator.device)
-    if not (offload and stage == 3):
-        from trl.models.utils import prepare_deepspeed
+    from trl.models.utils import prepare_deepspeed
 
-        if offload:
-            logger.warning("offload_untrained_models needs ZeRO-3 (this run uses ZeRO-%d); the frozen model is "
-                           "replicated on every device", stage)
-        return prepare_deepspeed(model, accelerator)
-    # Offloading only the frozen models needs offload_param in their own engine config, which trl's
-    # prepare_deepspeed (it copies the training config) cannot take.
-    import deepspeed
-
-    cfg = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
-    for key in ("optimizer", "scheduler"):
-        cfg.pop(key, None)
-    zero = cfg["zero_optimization"]
-    zero.pop("offload_optimizer", None)
-    hidden = getattr(model.config, "hidden_size", None)
-    if hidden:
-        zero.update({"reduce_bucket_size": hidden * hidden, "stage3_param_persistence_threshold": 10 * hidden,
-                     "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden)})
-    zero["offload_param"] = {"device": "cpu", "pin_memory": False}
-    engine, *_ = deepspeed.initialize(model=model, config=cfg)
-    engine.eval()
+    if offload and stage != 3:
+        logger.warning("offload_untrained_models needs ZeRO-3 (this run uses ZeRO-%d); the frozen model is "
+                       "replicated on every device", stage)
+    engine = prepare_deepspeed(model, accelerator)
+    if offload and stage == 3:
+        offload_frozen(model, what)
     return engine

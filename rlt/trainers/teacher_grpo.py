@@ -24,7 +24,7 @@ import torch
 from trl import GRPOTrainer
 
 from rlt.rewards.teacher_reward import RewardInput, TeacherReward
-from rlt.trainers.frozen import deepspeed_stage, prepare_frozen
+from rlt.trainers.frozen import deepspeed_stage, offload_frozen, prepare_frozen
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class TeacherGRPOTrainer(GRPOTrainer):
         self._rng = random.Random(args.seed + 1000 * self.accelerator.process_index)
         self._student_engine = prepare_frozen(student_model, self.accelerator, offload_untrained_models)
         if offload_untrained_models and self.ref_model is not None and deepspeed_stage(self.accelerator) == 3:
-            self._offload_reference()
+            # trl built and placed the reference (its engine, its forward patches); only its shards move
+            offload_frozen(getattr(self.ref_model, "module", self.ref_model), "reference model")
 
     # ------------------------------------------------------------------ prompts
     def _tokenize_prompts(self, prompts: list):
@@ -84,16 +85,6 @@ class TeacherGRPOTrainer(GRPOTrainer):
         return super()._tokenize_prompts(prompts)
 
     # ------------------------------------------------------------------ models
-    def _offload_reference(self):
-        """Re-place the reference model with its ZeRO-3 shards offloaded to CPU."""
-        from trl.trainer.callbacks import SyncRefModelCallback
-
-        ref_module = getattr(self.ref_model, "module", self.ref_model)
-        self.ref_model = prepare_frozen(ref_module, self.accelerator, offload=True)
-        for cb in self.callback_handler.callbacks:
-            if isinstance(cb, SyncRefModelCallback):
-                cb.ref_model = self.ref_model
-
     def teacher_model(self):
         """The model whose log-probs the reward uses: the policy, or the reference.
 
