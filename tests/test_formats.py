@@ -161,3 +161,25 @@ def test_rl_prompts_are_tokenized_without_a_second_bos(tokenizer):
     trainer = SimpleNamespace(processing_class=bos_tok, _is_vlm=False)
     assert GRPOTrainer._tokenize_prompts(trainer, prompts)[0][0][:2] == [bos, bos]  # what trl alone would do
     assert TeacherGRPOTrainer._tokenize_prompts(trainer, prompts) == (plain, None, {})
+
+
+def test_a_template_that_ends_turns_with_another_token_than_eos_is_refused(tiny_path):
+    """A base model's tokenizer (eos <|endoftext|>) under an instruct template (turns end <|im_end|>) would train
+    a teacher that never writes the token generation stops on."""
+    from transformers import AutoTokenizer
+
+    from rlt.data.text import check_end_of_turn, end_of_turn
+    from rlt.errors import ConfigError
+
+    fmt = resolve_format("bespoke_stratos")
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    assert end_of_turn(tok, fmt) == "<|im_end|>"
+    check_end_of_turn(tok, fmt, "tiny")   # eos is the end of turn: accepted
+    base = AutoTokenizer.from_pretrained(tiny_path, eos_token="<|endoftext|>")
+    with pytest.raises(ConfigError, match=r"tokenizer of base-model: its chat template ends the assistant's turn "
+                                          r"with '<\|im_end\|>', but its eos_token is '<\|endoftext\|>'"):
+        check_end_of_turn(base, fmt, "base-model")
+    bare = AutoTokenizer.from_pretrained(tiny_path)
+    bare.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ConfigError, match="writes nothing after the assistant's turn"):
+        check_end_of_turn(bare, fmt, "bare")

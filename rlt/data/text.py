@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from rlt.data.examples import Example
 from rlt.data.formats import DataFormat
+from rlt.errors import ConfigError
 
 
 def _chat(tokenizer, system: str, question: str, answer: str | None) -> str:
@@ -104,3 +105,26 @@ def stratos_row(question: str, thought: str, solution: str, system: str, fmt: Da
     return {"system": system, "conversations": [{"from": "user", "value": question},
                                                  {"from": "assistant", "value": student_answer(thought, solution, fmt)}],
             **extra}
+
+
+def end_of_turn(tokenizer, fmt: DataFormat) -> str:
+    """What the chat template writes right after the assistant's content (up to the newline some add): the
+    end-of-turn text a model trained on these texts learns to write."""
+    ex = Example(question="q", solution="s", thought="t")
+    full = render_teacher_text(tokenizer, ex, fmt)
+    end = _assistant_start(tokenizer, fmt, ex) + len(teacher_answer(ex.solution, ex.thought, fmt))
+    return full[end:].split("\n", 1)[0]
+
+
+def check_end_of_turn(tokenizer, fmt: DataFormat, name: str) -> None:
+    """The chat template ends the assistant's turn with ``eos_token``: the token SFT teaches the model to end
+    with (teacher and student alike) and the one generation stops on. Else one line naming tokenizer ``name``:
+    e.g. a base model's tokenizer (eos <|endoftext|>) with an instruct chat template (turns end <|im_end|>)
+    would train a teacher that never stops."""
+    eot, eos = end_of_turn(tokenizer, fmt), tokenizer.eos_token or ""
+    if eos and eot.startswith(eos):
+        return
+    ends = f"ends the assistant's turn with {eot!r}" if eot else "writes nothing after the assistant's turn"
+    raise ConfigError(f"tokenizer of {name}: its chat template {ends}, but its eos_token is {eos or None!r}; rlt "
+                      "trains models to end with eos_token and stops generation there: use a tokenizer whose "
+                      "template ends turns with its eos_token (an instruct model's)")

@@ -93,6 +93,9 @@ def build_teacher_grpo_trainer(s, examples=None, fmt=None):
         examples, fmt = load_dataset_examples(s.data, s.format)
     save_composed_config(s.composed, args.output_dir, args.process_index == 0)
     tokenizer = load_tokenizer(s.model.require_model())
+    from rlt.data.text import check_end_of_turn
+
+    check_end_of_turn(tokenizer, fmt, s.model.model_name_or_path)   # before the models load
     if not same_tokenizer(tokenizer, load_tokenizer(s.reward.student_model)):
         raise ConfigError(f"student_model={s.reward.student_model} has a different tokenizer from the teacher "
                           f"{s.model.model_name_or_path}; the reward scores both with one tokenizer")
