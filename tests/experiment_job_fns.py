@@ -8,6 +8,7 @@ def wait_for_then_write(path: str, wait_for: str) -> dict:
     deadline = time.time() + 120
     while not Path(wait_for).exists() and time.time() < deadline:
         time.sleep(0.1)
+    time.sleep(2)   # well after the failure: only a runner that lets running jobs finish sees this write
     Path(path).write_text("done")
     return {"wrote": path}
 

@@ -48,8 +48,8 @@ def test_upstream_override_keys(key, value, expect):
     ("tiny_teacher_sft", "+torch_dtype=bfloat16", lambda s: s.model.dtype == "bfloat16"),
     ("tiny_teacher_sft", "max_seq_length=64", lambda s: s.args.max_length == 64),
     ("teacher_sft", "+warmup_steps=0.2", lambda s: s.args.warmup_steps == 0.2),  # new name, recipe: old
-    ("tiny_teacher_rlt", "+steps_per_generation=4", lambda s: s.args.steps_per_generation == 4),
-    ("tiny_teacher_rlt", "generation_aggregation_steps=4", lambda s: s.args.steps_per_generation == 4),
+    ("tiny_teacher_rlt", "+steps_per_generation=2", lambda s: s.args.steps_per_generation == 2),  # default: 4
+    ("tiny_teacher_rlt", "generation_aggregation_steps=2", lambda s: s.args.steps_per_generation == 2),
 ])
 def test_either_name_of_a_renamed_key_overrides_the_recipe(recipe, override, read):
     """The names --help lists as translated work as overrides, whichever of the two the recipe uses."""

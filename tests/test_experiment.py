@@ -157,11 +157,18 @@ def test_plan_is_a_consistent_graph_with_equal_budgets(tmp_path):
         trained_on = [o for j in jobs if j.fn in ("sft", "grpo") for o in j.kwargs["overrides"]
                       if o.startswith("dataset_id_or_path=")]
         assert not any(":test:" in o or ":validation:" in o for o in trained_on)  # nothing trains on held-out data
+        # the distilled students learn the questions their distillation job wrote: the training split's
+        distilled = {j.kwargs["output"]: j.kwargs["data"] for j in jobs if j.fn == "distill"}
+        assert all(":train:" in data for out, data in distilled.items() if "/distill/" in out)
+        for o in trained_on:
+            path = o.split("=", 1)[1]
+            assert ":train:" in path or ":train:" in distilled[path], (o, distilled.get(path))
         assert names.index("teacher_rl") < names.index("student_raw_s1")  # the critical path first
 
 
-def test_every_teacher_stage_uses_the_prompt_the_teacher_was_trained_with(tmp_path):
-    """Warm-up and RL recipes, the gold-trace scoring and every distillation prompt the teacher alike."""
+def test_every_teacher_stage_uses_the_prompt_the_teacher_was_trained_with(tmp_path, monkeypatch):
+    """Warm-up and RL recipes and every distillation prompt the teacher alike (score_gold builds its format from
+    TEACHER_SYSTEM_PROMPT itself)."""
     import yaml
 
     from rlt.data.arithmetic import TEACHER_SYSTEM_PROMPT
@@ -173,6 +180,12 @@ def test_every_teacher_stage_uses_the_prompt_the_teacher_was_trained_with(tmp_pa
     distills = [j for j in plan(tmp_path, PRESETS["default"], "cpu") if j.fn == "distill"]
     assert {j.name for j in distills} == {"distill_rlt", "distill_warmup", "analysis_rewards"}
     assert all(j.kwargs["teacher_system_prompt"] == TEACHER_SYSTEM_PROMPT for j in distills)
+    from rlt.experiment import runner, stages
+
+    seen = {}
+    monkeypatch.setattr(runner, "distill", lambda *a, **k: seen.update(k) or {})
+    stages.distill(**distills[0].kwargs)   # the job's arguments reach the distillation
+    assert seen["teacher_system_prompt"] == TEACHER_SYSTEM_PROMPT
 
 
 def test_code_version_follows_the_source_and_the_commit(tmp_path):

@@ -66,9 +66,12 @@ def test_logits_float32_paths(head, caplog):
     with caplog.at_level(logging.WARNING, logger="rlt.rewards.logprobs"):
         z = L.logits_float32(h.bfloat16(), w.bfloat16(), None)
     assert z.dtype == torch.float32 and z.shape == (37, 501)
-    # float32 GEMM output where torch has it; else the rounding to bf16 is said, not silent
-    assert L._mm_float32_out(h.device, torch.bfloat16) or (
-        "rounds the output layer's logits to torch.bfloat16" in caplog.text)
+    hb, wb = h.bfloat16(), w.bfloat16()
+    if L._mm_float32_out(h.device, torch.bfloat16):   # float32 GEMM output: the float32 product of the bf16 values
+        torch.testing.assert_close(z, hb.float() @ wb.float().t(), atol=1e-3, rtol=1e-4)
+    else:   # the model-dtype GEMM, rounded to bf16; said, not silent
+        assert "rounds the output layer's logits to torch.bfloat16" in caplog.text
+        torch.testing.assert_close(z, F.linear(hb, wb).float(), atol=0, rtol=0)
     assert L.resolve_backend("auto", torch.device("cpu")) == "online"
     assert L.resolve_backend("auto", torch.device("cuda", 0)) == "rowchunk"
     with pytest.raises(ValueError, match="choose from"):

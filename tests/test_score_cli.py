@@ -1,6 +1,5 @@
 """python -m rlt.score on Countdown rows with two tiny models."""
 import json
-import os
 import sys
 
 import pytest
@@ -75,15 +74,16 @@ def test_malformed_rows_give_one_line(tmp_path, line, msg):
 
 
 def test_unwritable_output_is_found_before_any_model_loads(tmp_path):
+    # under a regular file no directory can be made, for root too; a teacher that resolves nowhere (offline)
+    # would be the error instead if any model were looked up first
     write_input(tmp_path / "in.jsonl", n=1)
-    (tmp_path / "ro").mkdir()
-    (tmp_path / "ro").chmod(0o500)
-    proc = run_cmd([sys.executable, "-m", "rlt.score", "teacher=rlt-tiny:0", "student=rlt-tiny:1",
-                    f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'ro' / 'sub' / 'out.jsonl'}"], check=False)
-    if os.geteuid() == 0:  # root writes anywhere: the check cannot be shown here
-        assert proc.returncode == 0
-        return
-    assert proc.returncode == 2 and "cannot write there" in proc.stderr.strip().splitlines()[-1]
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "afile" / "sub" / "out.jsonl"
+    proc = run_cmd([sys.executable, "-m", "rlt.score", "teacher=nosuchorg/never-resolved", "student=rlt-tiny:1",
+                    f"input={tmp_path / 'in.jsonl'}", f"output={out}"], check=False, env={"HF_HUB_OFFLINE": "1"})
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.endswith("cannot write there (Not a directory)"), last
+    assert "nosuchorg" not in last and not out.exists()
 
 
 def test_unknown_key_missing_args_and_help(tmp_path):
@@ -106,7 +106,9 @@ def test_device_is_checked_before_any_model_loads(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: device=cuda is valid here")
     write_input(tmp_path / "in.jsonl", n=1)
-    proc = score(tmp_path, "device=cuda", check=False)
+    proc = run_cmd([sys.executable, "-m", "rlt.score", "teacher=nosuchorg/never-resolved", "student=rlt-tiny:1",
+                    f"input={tmp_path / 'in.jsonl'}", f"output={tmp_path / 'out.jsonl'}", "device=cuda"],
+                   check=False, env={"HF_HUB_OFFLINE": "1"})   # a model looked up first would be the error instead
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "rlt.score: error: device=cuda: torch sees 0 GPU(s) here; choose cpu, auto")

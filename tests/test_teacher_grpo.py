@@ -158,6 +158,51 @@ def test_shards_already_in_cpu_memory_are_left_alone():
     assert shards_to(torch.nn.Linear(2, 2), "cpu") == (0, set())   # not a ZeRO-3 model: nothing to move
 
 
+class FakeShard:
+    """A GPU shard stand-in for a CPU machine: says where it is, and records where its data is sent."""
+
+    def __init__(self, numel: int, device: str):
+        self.device, self.n, self.ds_numel = torch.device(device), numel, numel
+        self._data = torch.zeros(numel)
+
+    @property
+    def data(self):
+        shard = self
+
+        class _Data:
+            def to(self, target):
+                shard.sent_to = torch.device(target)
+                return shard._data
+
+        return _Data()
+
+    @data.setter
+    def data(self, value):
+        self._data, self.device = value, value.device
+
+    def numel(self):
+        return self.n
+
+    def element_size(self):
+        return 2   # bf16
+
+
+def test_shards_on_a_gpu_are_moved_in_place_and_counted():
+    from rlt.trainers.frozen import shards_to
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    for k, p in enumerate(m.parameters()):
+        p.ds_tensor, p.ds_persist = FakeShard(10 + k, "cuda:0"), False
+    m[1].bias.ds_persist = True
+    objects = {id(p): p.ds_tensor for p in m.parameters()}
+    moved, came_from = shards_to(m, "cpu")
+    assert moved == 2 * (10 + 11 + 12) and came_from == {"cuda:0"}   # the persistent bias (numel 13) stays
+    for p in m.parameters():
+        assert p.ds_tensor is objects[id(p)]   # the same object: DeepSpeed's attributes on it stay
+        assert p.ds_tensor.device.type == ("cuda" if p is m[1].bias else "cpu")
+    assert shards_to(m, "cpu") == (0, set())
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_shards_move_to_cpu_in_place():
