@@ -49,8 +49,7 @@ def check_training(recipe: str, overrides: list[str], n: int) -> None:
         validate_grpo(settings, n)
 
 
-def check_tool(module: str, args: list[str]) -> None:
-    from rlt.config import compose_tool
+def tool_classes(module: str) -> tuple[type, tuple[type, ...]]:
     from rlt.data.config import DataConfig, FormatConfig
     from rlt.generation.config import RolloutConfig
     from rlt.models import ModelConfig
@@ -58,14 +57,31 @@ def check_tool(module: str, args: list[str]) -> None:
 
     if module == "rlt.score":
         from rlt.score import ScoreConfig as tool
-        concerns = (ModelConfig, FormatConfig, RewardConfig)
-    elif module == "rlt.distill":
+        return tool, (ModelConfig, FormatConfig, RewardConfig)
+    if module == "rlt.distill":
         from rlt.distill import DistillConfig as tool
-        concerns = (ModelConfig, DataConfig, FormatConfig, RewardConfig, RolloutConfig)
-    else:
-        from rlt.eval import EvalConfig as tool
-        concerns = (ModelConfig, DataConfig, FormatConfig, RolloutConfig)
+        return tool, (ModelConfig, DataConfig, FormatConfig, RewardConfig, RolloutConfig)
+    from rlt.eval import EvalConfig as tool
+    return tool, (ModelConfig, DataConfig, FormatConfig, RolloutConfig)
+
+
+def check_tool(module: str, args: list[str]) -> None:
+    from rlt.config import compose_tool
+
+    tool, concerns = tool_classes(module)
     compose_tool(module, tool, concerns, args)
+
+
+def check_tool_usage_keys(module: str, args: list[str]) -> None:
+    """A usage line's values are placeholders, but its keys must be keys of the tool (or their other names)."""
+    import dataclasses
+
+    from rlt.config import RENAMES
+
+    tool, concerns = tool_classes(module)
+    accepted = {f.name for c in (tool, *concerns) for f in dataclasses.fields(c)} | set(RENAMES)
+    keys = [m.group(1) for a in args if (m := re.match(r"\[?\+?([a-z_]+)=", a))]
+    assert keys and not [k for k in keys if k not in accepted], [k for k in keys if k not in accepted]
 
 
 def test_readme_has_commands():
@@ -81,7 +97,11 @@ def test_readme_command(cmd, tmp_path):
         tokens = tokens[1:]
     head = tokens[0]
     if head in ("./launch.sh", "./launch_with_server.sh"):
+        # a remote-server run on another machine: its placeholders have values here
+        tokens = [{"T": "4"}.get(t, t.replace("=OTHER_HOST", "=gpu-node-2")) for t in tokens]
         if is_template(tokens):
+            assert tokens[1:] == ["NUM_VLLM_GPUS", "NUM_TRAIN_GPUS", "RUN_CFG", "[overrides...]", "[offload|zero1]"], \
+                f"a launch line this test does not check: {cmd}"
             return
         n = int(tokens[1] if head == "./launch.sh" else tokens[2])
         recipe, overrides = (tokens[2], tokens[3:]) if head == "./launch.sh" else (tokens[3], tokens[4:])
@@ -101,9 +121,17 @@ def test_readme_command(cmd, tmp_path):
                                   timeout=600)
             assert proc.returncode == 0, proc.stderr[-3000:]
         elif module in ("rlt.score", "rlt.distill", "rlt.eval"):
-            if not is_template(args):
+            if is_template(args):
+                check_tool_usage_keys(module, args)
+            else:
                 check_tool(module, args)
-        elif module in ("rlt.plot", "rlt.report", "rlt.train", "vllm.entrypoints.openai.api_server"):
+        elif module == "vllm.entrypoints.openai.api_server":   # rlt's part of it: the middleware it names
+            import importlib
+
+            path = args[args.index("--middleware") + 1]
+            mod, _, name = path.rpartition(".")
+            assert callable(getattr(importlib.import_module(mod), name)), path
+        elif module in ("rlt.plot", "rlt.report", "rlt.train"):
             assert module != "rlt.train" or is_template(args), f"rlt.train example not checked: {cmd}"
         else:
             pytest.fail(f"unknown module in README: {cmd}")
