@@ -135,7 +135,9 @@ def check_ports_free(ports: list[tuple[str, int]], address: str) -> None:
 
     A plain bind fails where any socket holds the port, including another run's vLLM server that has bound it
     (with SO_REUSEADDR, as uvicorn does) but listens only once its engine has loaded, minutes later: a check
-    with SO_REUSEADDR would pass there. A port held only by TIME_WAIT leftovers is free for the server."""
+    with SO_REUSEADDR would pass there. A port held only by TIME_WAIT leftovers is free for the server (the
+    kernel does not list bound, not yet listening sockets, so one of those beside TIME_WAIT leftovers still
+    passes: rare, and the server then fails at start, naming the port)."""
     for key, port in ports:
         err = _bind_error(address, port, reuse=False)
         if err is None or (only_time_wait(port) and _bind_error(address, port, reuse=True) is None):

@@ -266,6 +266,10 @@ stage() {
     status=fail; reason="exit code $rc, see logs/$name.log"
     [ "$rc" = 137 ] && reason="killed (exit code 137) after $(printf %.0f "$seconds")s, before its limit: out of memory? see logs/$name.log"
   fi
+  if [ "$status" = cut ] && has "$EARLIER" "$name"; then   # an earlier failure is never hidden by a cut
+    say "$name: cut off by the budget after ${limit}s; its record from an earlier call stays"
+    "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$name"; REC=(); archive; return
+  fi
   "$PY" "$HELPER" record --stages "$STAGES" --stages-dir "$OUT" --run "$RUN" --name "$name" --what "$what" \
     --status "$status" --seconds "$seconds" --rc "$rc" --log "$log" \
     --mem "$mem" ${reason:+--reason "$reason"} ${REC[@]+"${REC[@]}"} ||

@@ -417,6 +417,38 @@ def test_prefix_cache_reset_is_checked_and_retried():
         pool.reset_prefix_cache(0, tries=3, wait=0)
 
 
+def test_the_nccl_syncs_client_never_retries_a_post():
+    """A weight update retried after its broadcast would leave the server waiting for a broadcast that never comes:
+    trl's client retries POSTs on 5xx; rlt's does not (GETs still are)."""
+    from rlt.generation.weight_sync import trl_client
+
+    hits = {"POST": 0, "GET /v1/models": 0}
+
+    class Handler(_FakeService):
+        def do_GET(self):
+            if self.path == "/v1/models":
+                hits["GET /v1/models"] += 1
+                if hits["GET /v1/models"] == 1:   # a passing 503: retried
+                    return self._answer(503, {})
+            self._answer(200, {"data": [{"id": "m"}]})
+
+        def do_POST(self):
+            hits["POST"] += 1
+            self._answer(500, {"error": "engine busy"})
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        client = trl_client(f"http://127.0.0.1:{srv.server_address[1]}", free_port(), "key", connection_timeout=5)
+        assert client.model == "m" and hits["GET /v1/models"] == 2
+        with pytest.raises(Exception, match="Request failed: 500"):
+            client._post(f"{client.base_url}/update_named_param", json={})
+        assert hits["POST"] == 1
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_trainer_killed_by_a_signal_exits_as_a_shell_reports_it():
     from types import SimpleNamespace
 
@@ -427,6 +459,10 @@ def test_trainer_killed_by_a_signal_exits_as_a_shell_reports_it():
 
 
 def test_nccl_sync_without_cuda_is_one_line_at_check(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nccl is valid here")
     from rlt.config import build_train_settings, compose
     from rlt.trainers.grpo_run import validate_grpo
 

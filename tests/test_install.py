@@ -529,3 +529,25 @@ def test_gpu_check_stage_cut_by_the_budget_is_not_a_failure_and_a_cold_resume_un
                        ({"RLT_GPU_CHECK_EXPECT": "nope=3"}, "'nope=3': accepted NAME=SECONDS")):
         proc = subprocess.run(script, env={**resumed, **bad}, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and re.search(match, proc.stderr) and proc.stdout == "", (bad, proc.stderr)
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_gpu_check_earlier_failure_cut_again_by_the_budget_keeps_its_record(tmp_path):
+    """A stage that failed in an earlier call, run again and cut off by the budget, keeps the failed record: the
+    last call's table never reads PASS over an unresolved failure."""
+    helper = load_gpu_check_helper()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "runs.jsonl").write_text(json.dumps({"run": "R0", "mode": "cpu-smoke", **helper.machine_info()}) + "\n")
+    failed = {"name": "bench_reward_7b_bf16", "status": "fail", "seconds": 5.0, "run": "R0", "what": "bench",
+              "reason": "exit code 1"}
+    (out / "stages.jsonl").write_text(json.dumps(failed) + "\n")
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_RESUME": "1", "RLT_GPU_CHECK_BUDGET": "30",
+           "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16", "RLT_GPU_CHECK_EXPECT": "bench_reward_7b_bf16=1,install=1",
+           "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert "bench_reward_7b_bf16: cut off by the budget after" in proc.stdout, proc.stdout[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert {s["name"]: s for s in summary["stages"]}["bench_reward_7b_bf16"] == failed
+    assert summary["failed"] == ["bench_reward_7b_bf16"] and not summary["passed"] and proc.returncode == 1

@@ -111,9 +111,11 @@ def end_of_turn(tokenizer, fmt: DataFormat) -> str:
     """What the chat template writes right after the assistant's content (up to the newline some add): the
     end-of-turn text a model trained on these texts learns to write."""
     ex = Example(question="q", solution="s", thought="t")
-    full = render_teacher_text(tokenizer, ex, fmt)
-    end = _assistant_start(tokenizer, fmt, ex) + len(teacher_answer(ex.solution, ex.thought, fmt))
-    return full[end:].split("\n", 1)[0]
+    full, start = render_teacher_text(tokenizer, ex, fmt), _assistant_start(tokenizer, fmt, ex)
+    answer = teacher_answer(ex.solution, ex.thought, fmt)
+    if not full.startswith(answer, start):
+        raise ValueError("the chat template altered the assistant content; rlt needs it verbatim")
+    return full[start + len(answer):].split("\n", 1)[0]
 
 
 def check_end_of_turn(tokenizer, fmt: DataFormat, name: str) -> None:

@@ -126,9 +126,10 @@ def trl_client(url: str, group_port: int, api_key: str | None, connection_timeou
         def check_server(self, *args, **kwargs):  # runs right after the session is made, before any other request
             if api_key:
                 self.session.headers["Authorization"] = f"Bearer {api_key}"
-            # trl retries POSTs on 5xx: a weight update retried after its broadcast would leave the server
-            # waiting for a second broadcast that never comes (a hang). Connections and GETs are still retried.
-            no_post_retry = Retry(total=5, connect=5, read=0, status=3, status_forcelist=[500, 502, 503],
+            # trl retries POSTs on 5xx and read errors: a weight update retried after its broadcast would leave
+            # the server waiting for a second broadcast that never comes (a hang). Failed connections (nothing
+            # sent) are retried for every request, read errors and 5xx answers for GETs only.
+            no_post_retry = Retry(total=5, connect=5, read=5, status=3, status_forcelist=[500, 502, 503],
                                   backoff_factor=2, allowed_methods=["GET"])
             self.session.mount("http://", HTTPAdapter(max_retries=no_post_retry))
             self.session.mount("https://", HTTPAdapter(max_retries=no_post_retry))

@@ -100,7 +100,9 @@ def online_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Te
     return out
 
 
-HEAD_SCALES = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # config keys that change the logits
+# config keys that change the logits (Gemma-2/3, Cohere, Granite, Falcon-H1); a model that scales its hidden
+# states between the body and the head in code alone (e.g. MiniCPM) is not caught by this list
+HEAD_SCALES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
 
 
 def check_output_layer(model, what: str) -> None:

@@ -71,9 +71,10 @@ def run_sft(s, examples=None, fmt=None) -> None:
         examples, fmt = load_dataset_examples(s.data, s.format)
     save_composed_config(s.composed, args.output_dir, args.process_index == 0)
     tokenizer = load_tokenizer(s.model.require_model())
-    from rlt.data.text import check_end_of_turn
+    if not student:   # the student's completion ends with eos_token itself (tokenize_student_example)
+        from rlt.data.text import check_end_of_turn
 
-    check_end_of_turn(tokenizer, fmt, s.model.model_name_or_path)   # before the model loads
+        check_end_of_turn(tokenizer, fmt, s.model.model_name_or_path)   # before the model loads
     with args.main_process_first(desc="tokenizing"):
         dataset = build_sft_dataset(tokenizer, examples, fmt, args.max_length, student=student)
     logger.info("%s SFT on %d examples; gradient_accumulation_steps=%d",
