@@ -194,9 +194,11 @@ def test_shards_on_a_gpu_are_moved_in_place_and_counted():
     for k, p in enumerate(m.parameters()):
         p.ds_tensor, p.ds_persist = FakeShard(10 + k, "cuda:0"), False
     m[1].bias.ds_persist = True
+    m[0].weight.ds_secondary_tensor = FakeShard(5, "cuda:1")   # hpZ's node-local copy moves too
     objects = {id(p): p.ds_tensor for p in m.parameters()}
     moved, came_from = shards_to(m, "cpu")
-    assert moved == 2 * (10 + 11 + 12) and came_from == {"cuda:0"}   # the persistent bias (numel 13) stays
+    assert moved == 2 * (10 + 11 + 12 + 5) and came_from == {"cuda:0", "cuda:1"}   # the persistent bias stays
+    assert m[0].weight.ds_secondary_tensor.device.type == "cpu"
     for p in m.parameters():
         assert p.ds_tensor is objects[id(p)]   # the same object: DeepSpeed's attributes on it stay
         assert p.ds_tensor.device.type == ("cuda" if p is m[1].bias else "cpu")

@@ -25,7 +25,10 @@ def shards_to(model, device: str = "cpu") -> tuple[int, set[str]]:
     """Move the ZeRO-3 shards of ``model`` (each rank's part of each parameter, DeepSpeed's ``param.ds_tensor``)
     to ``device``, in place: DeepSpeed copies a shard to the GPU when it gathers the parameter for a forward and
     frees the gathered copy after, so between uses the model holds no GPU memory. Parameters DeepSpeed keeps
-    whole (``ds_persist``, the small ones) stay. Returns (bytes moved, devices they came from).
+    whole (``ds_persist``, the small ones) stay. With hierarchical partitioning (hpZ) the node-local secondary
+    copy (``ds_secondary_tensor``), which gathers then read, moves too. Shards go to pageable memory (pinning
+    30 GB a node for a 7B student and reference would outweigh the faster copies). Returns (bytes moved,
+    devices they came from).
 
     DeepSpeed places a shard once, where the model was partitioned (``from_pretrained`` under ZeRO-3 does it
     with the training config: on the GPU); a later engine with ``offload_param`` does not move it.
@@ -33,12 +36,15 @@ def shards_to(model, device: str = "cpu") -> tuple[int, set[str]]:
     moved, came_from = 0, set()
     target = torch.device(device)
     for p in model.parameters():
-        shard = getattr(p, "ds_tensor", None)
-        if shard is None or getattr(p, "ds_persist", False) or shard.device == target:
+        if getattr(p, "ds_persist", False):
             continue
-        came_from.add(str(shard.device))
-        shard.data = shard.data.to(target)   # the same tensor object: DeepSpeed's attributes on it stay
-        moved += shard.numel() * shard.element_size()
+        for attr in ("ds_tensor", "ds_secondary_tensor"):
+            shard = getattr(p, attr, None)
+            if shard is None or shard.device == target:
+                continue
+            came_from.add(str(shard.device))
+            shard.data = shard.data.to(target)   # the same tensor object: DeepSpeed's attributes on it stay
+            moved += shard.numel() * shard.element_size()
     return moved, came_from
 
 
