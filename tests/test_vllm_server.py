@@ -112,16 +112,18 @@ def test_weight_sync_makes_the_server_match_the_trained_policy(tmp_path, tiny_se
             policy = torch.log_softmax(trainer.model(torch.tensor([ids])).logits[0, -1].float(), -1)[tid].item()
         return tid, lp["token_logprobs"][0], policy
 
-    before_server, before_policy = torch.tensor(pool.prompt_logprobs(ids)), policy_logprobs()
-    assert torch.allclose(before_server, before_policy, atol=2e-3)
-    _, served, policy = next_token()   # also fills the prefix cache with the old weights' prompt states
-    assert abs(served - policy) < 2e-3
-    trainer.train()
-    trainer.weight_sync(trainer)  # the sync the next generation would run
-    after_server, after_policy = torch.tensor(pool.prompt_logprobs(ids)), policy_logprobs()
-    assert (after_policy - before_policy).abs().max() > 0.05  # the step moved the policy
-    assert torch.allclose(after_server, after_policy, atol=2e-3)
-    assert (after_server - before_server).abs().max() > 0.05
-    _, served, policy = next_token()   # a stale prefix cache would answer from the old policy's states
-    assert abs(served - policy) < 2e-3
-    trainer.weight_sync.close()
+    try:   # the sync copy in /dev/shm goes even when an assertion fails
+        before_server, before_policy = torch.tensor(pool.prompt_logprobs(ids)), policy_logprobs()
+        assert torch.allclose(before_server, before_policy, atol=2e-3)
+        _, served, policy = next_token()   # also fills the prefix cache with the old weights' prompt states
+        assert abs(served - policy) < 2e-3
+        trainer.train()
+        trainer.weight_sync(trainer)  # the sync the next generation would run
+        after_server, after_policy = torch.tensor(pool.prompt_logprobs(ids)), policy_logprobs()
+        assert (after_policy - before_policy).abs().max() > 0.05  # the step moved the policy
+        assert torch.allclose(after_server, after_policy, atol=2e-3)
+        assert (after_server - before_server).abs().max() > 0.05
+        _, served, policy = next_token()   # a stale prefix cache would answer from the old policy's states
+        assert abs(served - policy) < 2e-3
+    finally:
+        trainer.weight_sync.close()
