@@ -497,8 +497,8 @@ def test_gpu_check_stage_cut_by_the_budget_is_not_a_failure_and_a_cold_resume_un
     again by a resumed call. RLT_GPU_CHECK_RESUME_FROM unpacks an earlier call's archive where no run is (a fresh
     machine), so the resumed call goes on from it."""
     out, archive = tmp_path / "out", tmp_path / "check.tgz"
-    # the CPU-smoke reward benchmark takes minutes: told it takes 1 s, it starts and the 30 s budget cuts it off
-    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_BUDGET": "30", "TMPDIR": str(tmp_path),
+    # the CPU-smoke reward benchmark takes minutes: told it takes 1 s, it starts and the 60 s budget cuts it off
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_BUDGET": "60", "TMPDIR": str(tmp_path),
            "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16", "RLT_GPU_CHECK_EXPECT": "bench_reward_7b_bf16=1",
            "RLT_GPU_CHECK_ARCHIVE": str(archive)}
     script = [BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"]
@@ -542,7 +542,7 @@ def test_gpu_check_earlier_failure_cut_again_by_the_budget_keeps_its_record(tmp_
     failed = {"name": "bench_reward_7b_bf16", "status": "fail", "seconds": 5.0, "run": "R0", "what": "bench",
               "reason": "exit code 1"}
     (out / "stages.jsonl").write_text(json.dumps(failed) + "\n")
-    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_RESUME": "1", "RLT_GPU_CHECK_BUDGET": "30",
+    env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_RESUME": "1", "RLT_GPU_CHECK_BUDGET": "60",
            "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16", "RLT_GPU_CHECK_EXPECT": "bench_reward_7b_bf16=1,install=1",
            "TMPDIR": str(tmp_path)}
     proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,

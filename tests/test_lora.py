@@ -163,17 +163,23 @@ def test_nccl_sync_streams_merged_weights(tiny_path):
 
     model = peft_tiny(tiny_path)
     expect = merged_reference(model)
-    one = NcclWeightSync(SimpleNamespace(urls=["http://a"]), group_port=0)
+    def pool(*urls):   # the prefix cache is reset through the pool (checked, under its watchdog), once per server
+        resets = []
+        return SimpleNamespace(urls=list(urls), resets=resets, reset_prefix_cache=resets.append)
+
+    one = NcclWeightSync(pool("http://a"), group_port=0)
     one.clients = [FakeNcclClient()]
     one(fake_trainer(model))
     c = one.clients[0]
     assert [n for n, _ in c.batched] == list(expect) and [m[0] for m in c.metadata] == list(expect)
-    assert all(torch.equal(t, expect[n]) for n, t in c.batched) and c.resets == 1
-    two = NcclWeightSync(SimpleNamespace(urls=["http://a", "http://b"]), group_port=0)
+    assert all(torch.equal(t, expect[n]) for n, t in c.batched)
+    assert one.pool.resets == [0] and c.resets == 0   # not trl's unchecked reset
+    two = NcclWeightSync(pool("http://a", "http://b"), group_port=0)
     two.clients = [FakeNcclClient(), FakeNcclClient()]
     two(fake_trainer(model))
+    assert two.pool.resets == [0, 1]
     for c in two.clients:
-        assert c.updates == 1 and c.resets == 1 and [n for n, _ in c.single] == list(expect)
+        assert c.updates == 1 and c.resets == 0 and [n for n, _ in c.single] == list(expect)
         assert all(torch.equal(t, expect[n]) for n, t in c.single)
 
 
