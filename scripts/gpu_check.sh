@@ -268,7 +268,7 @@ stage() {
   fi
   if [ "$status" = cut ] && has "$EARLIER" "$name"; then   # an earlier failure is never hidden by a cut
     say "$name: cut off by the budget after ${limit}s; its record from an earlier call stays"
-    "$PY" "$HELPER" keep --stages "$STAGES" --kept "$OUT/kept.jsonl" --name "$name"; REC=(); archive; return
+    skip "$name" "$what" ""; archive; return   # skip keeps the earlier record
   fi
   "$PY" "$HELPER" record --stages "$STAGES" --stages-dir "$OUT" --run "$RUN" --name "$name" --what "$what" \
     --status "$status" --seconds "$seconds" --rc "$rc" --log "$log" \

@@ -454,10 +454,8 @@ def test_gpu_check_expected_times_never_skip_a_prerequisite_before_its_stage():
             assert all(table[pre] <= table[u] for u in users), (pre, {u: table[u] for u in users}, table[pre])
 
 
-@pytest.mark.skipif(BASH is None, reason="needs bash")
-def test_gpu_check_resumed_failure_chosen_again_but_out_of_budget_keeps_its_record(tmp_path):
-    """A stage that failed in an earlier call, chosen again in a call whose budget no longer covers it, keeps its
-    failed record: the table and the exit code never turn an unresolved failure into a skip."""
+def earlier_failed_run(tmp_path: Path) -> tuple[Path, dict]:
+    """A results dir as an earlier CPU-smoke call on this machine left it: bench_reward_7b_bf16 failed."""
     helper = load_gpu_check_helper()
     out = tmp_path / "out"
     out.mkdir()
@@ -465,6 +463,14 @@ def test_gpu_check_resumed_failure_chosen_again_but_out_of_budget_keeps_its_reco
     failed = {"name": "bench_reward_7b_bf16", "status": "fail", "seconds": 5.0, "run": "R0", "what": "bench",
               "reason": "exit code 1"}
     (out / "stages.jsonl").write_text(json.dumps(failed) + "\n")
+    return out, failed
+
+
+@pytest.mark.skipif(BASH is None, reason="needs bash")
+def test_gpu_check_resumed_failure_chosen_again_but_out_of_budget_keeps_its_record(tmp_path):
+    """A stage that failed in an earlier call, chosen again in a call whose budget no longer covers it, keeps its
+    failed record: the table and the exit code never turn an unresolved failure into a skip."""
+    out, failed = earlier_failed_run(tmp_path)
     env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_RESUME": "1", "RLT_GPU_CHECK_BUDGET": "150",
            "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16", "TMPDIR": str(tmp_path)}
     proc = subprocess.run([BASH, str(ROOT / "scripts" / "gpu_check.sh"), "--cpu-smoke"], env=env, cwd=ROOT,
@@ -535,13 +541,7 @@ def test_gpu_check_stage_cut_by_the_budget_is_not_a_failure_and_a_cold_resume_un
 def test_gpu_check_earlier_failure_cut_again_by_the_budget_keeps_its_record(tmp_path):
     """A stage that failed in an earlier call, run again and cut off by the budget, keeps the failed record: the
     last call's table never reads PASS over an unresolved failure."""
-    helper = load_gpu_check_helper()
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "runs.jsonl").write_text(json.dumps({"run": "R0", "mode": "cpu-smoke", **helper.machine_info()}) + "\n")
-    failed = {"name": "bench_reward_7b_bf16", "status": "fail", "seconds": 5.0, "run": "R0", "what": "bench",
-              "reason": "exit code 1"}
-    (out / "stages.jsonl").write_text(json.dumps(failed) + "\n")
+    out, failed = earlier_failed_run(tmp_path)
     env = {**os.environ, "RLT_GPU_CHECK_OUT": str(out), "RLT_GPU_CHECK_RESUME": "1", "RLT_GPU_CHECK_BUDGET": "60",
            "RLT_GPU_CHECK_STAGES": "bench_reward_7b_bf16", "RLT_GPU_CHECK_EXPECT": "bench_reward_7b_bf16=1,install=1",
            "TMPDIR": str(tmp_path)}
