@@ -449,6 +449,79 @@ def test_the_nccl_syncs_client_never_retries_a_post():
         srv.server_close()
 
 
+class _BlockedNcclClient:
+    """A trl client whose broadcast blocks, as NCCL does when the server on the other end is gone; only the
+    watchdog's on_fail releases it (after 30 s the test gives up)."""
+
+    def __init__(self, release: threading.Event):
+        self.release = release
+
+    def update_named_params(self, metadata, named_params):
+        list(named_params)
+        assert self.release.wait(30), "the watchdog never fired: the broadcast would have blocked forever"
+
+
+def blocked_nccl_sync(pool):
+    from types import SimpleNamespace
+
+    from rlt.generation.weight_sync import NcclWeightSync
+
+    fired, release = [], threading.Event()
+    sync = NcclWeightSync(pool, group_port=0, on_fail=lambda m: (fired.append(m), release.set()))
+    sync.clients = [_BlockedNcclClient(release)]
+    import torch
+
+    trainer = SimpleNamespace(model=torch.nn.Linear(2, 2), accelerator=SimpleNamespace(
+        is_main_process=True, unwrap_model=lambda m: m, wait_for_everyone=lambda: None))
+    return sync, trainer, fired
+
+
+def test_nccl_sync_blocked_on_a_dead_server_is_ended_by_the_watchdog():
+    """A server that dies during an NCCL broadcast leaves the trainer blocked in NCCL (no exception can reach it):
+    the watchdog polls /health and ends the sync within its health window."""
+    from rlt.generation.client import VLLMServerPool
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeService)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    pool = VLLMServerPool("127.0.0.1", port, log_dir="/logs", api_key=None, connect_timeout=5,
+                          request_timeout=600, health_interval=0.3, health_failures=2)
+    pool.reset_prefix_cache = lambda i: None
+    sync, trainer, fired = blocked_nccl_sync(pool)
+    srv.shutdown()                          # the server dies; the broadcast to it blocks
+    srv.server_close()
+    t0 = time.monotonic()
+    sync(trainer)
+    assert time.monotonic() - t0 < 5        # about health_interval * health_failures, not request_timeout
+    assert len(fired) == 1 and fired[0].startswith(f"vLLM server http://127.0.0.1:{port} (log: /logs/server_0.log) "
+                                                   "stopped answering /health during the NCCL weight sync")
+
+
+def test_nccl_sync_that_outlasts_the_request_timeout_is_ended(fake_service):
+    from rlt.generation.client import VLLMServerPool
+
+    pool = VLLMServerPool("127.0.0.1", fake_service(200), api_key=None, connect_timeout=5, request_timeout=1,
+                          health_interval=0.2, health_failures=2)   # healthy all along: it is the deadline
+    pool.reset_prefix_cache = lambda i: None
+    sync, trainer, fired = blocked_nccl_sync(pool)
+    sync(trainer)
+    assert len(fired) == 1 and "the NCCL weight sync did not finish within 1 s (vllm_request_timeout)" in fired[0]
+
+
+def test_the_watchdogs_exit_ends_a_process_whose_main_thread_is_blocked():
+    """exit_process, called from the watchdog's thread, ends the process although the main thread sits in a
+    blocking C call (a sleep standing in for NCCL), with status 1 and the reason in the log."""
+    code = ("import logging, threading, time\n"
+            "from rlt.generation.weight_sync import exit_process\n"
+            "logging.basicConfig(level=logging.INFO)\n"
+            "threading.Timer(0.5, exit_process, ['server 0 stopped answering']).start()\n"
+            "time.sleep(60)\n")
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 1 and time.monotonic() - t0 < 30
+    assert "ERROR:rlt.generation.weight_sync:server 0 stopped answering" in r.stderr
+
+
 def test_trainer_killed_by_a_signal_exits_as_a_shell_reports_it():
     from types import SimpleNamespace
 

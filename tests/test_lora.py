@@ -165,16 +165,20 @@ def test_nccl_sync_streams_merged_weights(tiny_path):
     expect = merged_reference(model)
     def pool(*urls):   # the prefix cache is reset through the pool (checked, under its watchdog), once per server
         resets = []
-        return SimpleNamespace(urls=list(urls), resets=resets, reset_prefix_cache=resets.append)
+        return SimpleNamespace(urls=list(urls), resets=resets, reset_prefix_cache=resets.append,
+                               health_interval=0.05, health_failures=2, request_timeout=60, alive=lambda i: True)
 
-    one = NcclWeightSync(pool("http://a"), group_port=0)
+    def no_failure(message):
+        raise AssertionError(f"the sync watchdog fired on healthy servers: {message}")
+
+    one = NcclWeightSync(pool("http://a"), group_port=0, on_fail=no_failure)
     one.clients = [FakeNcclClient()]
     one(fake_trainer(model))
     c = one.clients[0]
     assert [n for n, _ in c.batched] == list(expect) and [m[0] for m in c.metadata] == list(expect)
     assert all(torch.equal(t, expect[n]) for n, t in c.batched)
     assert one.pool.resets == [0] and c.resets == 0   # not trl's unchecked reset
-    two = NcclWeightSync(pool("http://a", "http://b"), group_port=0)
+    two = NcclWeightSync(pool("http://a", "http://b"), group_port=0, on_fail=no_failure)
     two.clients = [FakeNcclClient(), FakeNcclClient()]
     two(fake_trainer(model))
     assert two.pool.resets == [0, 1]

@@ -126,7 +126,9 @@ class VLLMServerPool:
                                  f"last try: {why[:300]}")
             time.sleep(1.0)
 
-    def _alive(self, i: int) -> bool:
+    def alive(self, i: int) -> bool:
+        """Server i answers /health with 200 within ``health_interval``. vLLM's API process answers /health
+        itself (engine dead: 503), without a round trip to the engine, so it answers during a weight update."""
         try:
             return requests.get(self.urls[i] + "/health", timeout=self.health_interval).status_code == 200
         except requests.RequestException:
@@ -143,7 +145,7 @@ class VLLMServerPool:
                 r = fut.result(timeout=self.health_interval)
                 break
             except cf.TimeoutError:
-                misses = 0 if self._alive(i) else misses + 1
+                misses = 0 if self.alive(i) else misses + 1
                 if misses >= self.health_failures:
                     raise ServerDown(f"{self.describe(i)} stopped answering during {path}") from None
             except requests.RequestException as e:

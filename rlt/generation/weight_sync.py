@@ -17,7 +17,10 @@ import logging
 import os
 import shutil
 import stat
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import torch
@@ -138,12 +141,66 @@ def trl_client(url: str, group_port: int, api_key: str | None, connection_timeou
     return Client(base_url=url, group_port=group_port, connection_timeout=connection_timeout)
 
 
-class NcclWeightSync:
-    """trl's NCCL path, one communicator per server (group port vllm_group_port + i)."""
+def exit_process(message: str) -> None:
+    """Log ``message`` and end this process with status 1 at once (from any thread)."""
+    logger.error("%s", message)
+    for h in logging.getLogger().handlers:
+        with contextlib.suppress(Exception):
+            h.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
-    def __init__(self, pool, group_port: int):
+
+class SyncWatchdog:
+    """Guards a call that talks to the servers outside HTTP (the NCCL rendezvous and broadcast).
+
+    A thread blocked in NCCL waits forever for a server that died, and no Python exception can interrupt
+    it. While the block runs, a daemon thread polls each server's /health every ``pool.health_interval``
+    seconds. When one server misses ``pool.health_failures`` polls in a row, or the block outlasts
+    ``pool.request_timeout`` (vllm_request_timeout), it calls ``on_fail(message)``. The default ends the
+    process (status 1); the launcher then stops the run's other ranks and servers.
+    """
+
+    def __init__(self, pool, what: str, on_fail=exit_process):
+        self.pool, self.what, self.on_fail = pool, what, on_fail
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _watch(self) -> None:
+        p = self.pool
+        deadline = time.monotonic() + p.request_timeout
+        misses = [0] * len(p.urls)
+        while not self._stop.wait(p.health_interval):
+            for i in range(len(p.urls)):
+                misses[i] = 0 if p.alive(i) else misses[i] + 1
+                if self._stop.is_set():
+                    return
+                if misses[i] >= p.health_failures:
+                    return self.on_fail(f"{p.describe(i)} stopped answering /health during {self.what}; a "
+                                        "broadcast to it cannot be interrupted, so this process exits")
+            if time.monotonic() > deadline:
+                return self.on_fail(f"{self.what} did not finish within {p.request_timeout:.0f} s "
+                                    "(vllm_request_timeout) although the servers answer /health; a blocked "
+                                    "broadcast cannot be interrupted, so this process exits")
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="rlt-sync-watchdog")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class NcclWeightSync:
+    """trl's NCCL path, one communicator per server (group port vllm_group_port + i), under a
+    :class:`SyncWatchdog` on the main process."""
+
+    def __init__(self, pool, group_port: int, on_fail=exit_process):
         self.pool = pool
         self.group_port = group_port
+        self.on_fail = on_fail
         self.clients = None
 
     def _connect(self, trainer):
@@ -160,6 +217,14 @@ class NcclWeightSync:
 
     def __call__(self, trainer) -> None:
         acc = trainer.accelerator
+        guard = (SyncWatchdog(self.pool, "the NCCL weight sync", self.on_fail) if acc.is_main_process
+                 else contextlib.nullcontext())
+        with guard:
+            self._sync(trainer)
+        acc.wait_for_everyone()
+
+    def _sync(self, trainer) -> None:
+        acc = trainer.accelerator
         if acc.is_main_process and self.clients is None:
             self._connect(trainer)
         from rlt.models import full_named_weights, full_weight_metadata
@@ -169,7 +234,8 @@ class NcclWeightSync:
         if not acc.is_main_process:
             for _ in weights:  # take part in the ZeRO-3 gathers
                 pass
-        elif len(self.clients) == 1:
+            return
+        if len(self.clients) == 1:
             # trl's batched, packed broadcast: the metadata first, then the tensors as the iterator yields them
             self.clients[0].update_named_params(full_weight_metadata(model), weights)
         else:
@@ -180,10 +246,8 @@ class NcclWeightSync:
                 for name, tensor in weights:
                     for c in self.clients:
                         c.update_named_param(name, tensor)
-        if acc.is_main_process:
-            for i in range(len(self.clients)):
-                self.pool.reset_prefix_cache(i)   # checked (trl's call ignores a refusal), under the watchdog
-        acc.wait_for_everyone()
+        for i in range(len(self.clients)):
+            self.pool.reset_prefix_cache(i)   # checked (trl's call ignores a refusal), under the pool's watchdog
 
     def close(self) -> None:
         for c in self.clients or []:
