@@ -91,7 +91,7 @@ def test_reference_teacher_with_lora_needs_no_beta(tmp_path):
 
 
 def test_an_output_layer_the_reward_would_score_wrongly_is_refused(tmp_path, tiny_path):
-    from rlt.rewards.logprobs import check_output_layer
+    from rlt.rewards.logprobs import HEAD_SCALES, check_output_layer
     from rlt.trainers.grpo_run import validate_grpo
 
     cfg = compose("tiny_teacher_rlt", [f"output_dir={tmp_path}", "use_peft=true", "lora_target_modules=[q_proj,lm_head]"])
@@ -107,6 +107,48 @@ def test_an_output_layer_the_reward_would_score_wrongly_is_refused(tmp_path, tin
     capped.config.final_logit_softcapping = 30.0  # as Gemma-2's config sets it
     with pytest.raises(ConfigError, match=r"student_model: its config sets final_logit_softcapping=30\.0"):
         check_output_layer(capped, "student_model")
+    scaled = load_causal_lm(tiny_path, "float32")
+    check_output_layer(scaled, "student_model")
+    for key in HEAD_SCALES:   # each key, set to another value than 1, is refused; 1 is not
+        setattr(scaled.config, key, 1.0)
+        check_output_layer(scaled, "student_model")
+        setattr(scaled.config, key, 24.0)
+        with pytest.raises(ConfigError, match=rf"student_model: its config sets {key}=24\.0"):
+            check_output_layer(scaled, "student_model")
+        delattr(scaled.config, key)
+    rows = scaled.get_output_embeddings().out_features
+    scaled.config.unpadded_vocab_size = rows
+    check_output_layer(scaled, "student_model")
+    scaled.config.unpadded_vocab_size = rows - 3
+    with pytest.raises(ConfigError, match=rf"unpadded_vocab_size={rows - 3} below the output layer's {rows} rows"):
+        check_output_layer(scaled, "student_model")
+
+
+def test_the_head_scale_keys_cover_transformers_causal_lm_heads():
+    """Every config key that a transformers causal-LM forward uses to scale or cap its logits (or the hidden states
+    right before the head) is one check_output_layer refuses: a scan of the installed modeling files."""
+    import re
+
+    import transformers
+
+    from rlt.rewards.logprobs import HEAD_SCALES
+
+    root = Path(transformers.__file__).parent / "models"
+    # "logits = logits / self.config.K", "hidden_states = outputs[0] / self.config.text_config.K",
+    # "self.lm_head(...) * self.model.K", ...
+    pattern = re.compile(r"(?:logits|hidden_states|outputs\[0\]|last_hidden_state|\))\s*(?:[*/]=?|=\s*\w+\s*[*/])\s*"
+                         r"self\.(?:config\.(?:text_config\.|decoder\.)?|model\.)?(\w+)")
+    found = {}
+    for f in root.glob("*/modeling_*.py"):
+        text = f.read_text()
+        for m in re.finditer(r"logits = self\.lm_head\(", text):
+            window = text[max(0, m.start() - 400):m.end() + 500]
+            for key in pattern.findall(window):
+                found.setdefault(key, f.parent.name)
+    assert found, "the scan found no scaled head at all: the pattern no longer matches transformers' code"
+    assert {"final_logit_softcapping", "logit_scale", "logits_scaling"} <= set(found)
+    missed = {k: where for k, where in found.items() if k not in HEAD_SCALES}
+    assert not missed, f"config keys that scale logits and are not refused by check_output_layer: {missed}"
 
 
 # ------------------------------------------------------------------------------------------ merged weights

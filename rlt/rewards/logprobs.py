@@ -100,9 +100,12 @@ def online_logprobs(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Te
     return out
 
 
-# config keys that change the logits (Gemma-2/3, Cohere, Granite, Falcon-H1); a model that scales its hidden
-# states between the body and the head in code alone (e.g. MiniCPM) is not caught by this list
-HEAD_SCALES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier")
+# config keys whose value (other than None/1) changes the logits, from a scan of transformers 5.19's causal-LM
+# heads: softcapping (Gemma-2/3/4, VaultGemma, nanochat), scales on the logits (Cohere, Granite, Falcon-H1,
+# HyperCLOVA X) or on the hidden states before the head (MiniCPM3's logits_scaling, Inkling), MuseGlimmer's
+# multiplier. A model that scales in code alone, with no config key, is not caught.
+HEAD_SCALES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "lm_head_multiplier",
+               "logits_mup_width_multiplier", "output_multiplier")
 
 
 def check_output_layer(model, what: str) -> None:
@@ -123,6 +126,11 @@ def check_output_layer(model, what: str) -> None:
         if value not in (None, 1, 1.0):
             raise ConfigError(f"{what}: its config sets {key}={value}, which changes the logits; the reward computes "
                               "them as plain h W^T + b, so its log-probs would not be the model's")
+    unpadded = getattr(config, "unpadded_vocab_size", None)   # Inkling drops the head's padding rows
+    if unpadded is not None and unpadded < head.out_features:
+        raise ConfigError(f"{what}: its config sets unpadded_vocab_size={unpadded} below the output layer's "
+                          f"{head.out_features} rows; the reward normalizes over every row, so its log-probs would "
+                          "not be the model's")
 
 
 @functools.lru_cache(maxsize=None)
