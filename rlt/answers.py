@@ -1,14 +1,18 @@
 """Extracting and checking final answers.
 
-extract_answer: the last \\boxed{...} (nested braces handled) of the solution
-section (from the solution start tag to its end tag or the end of the text);
-else, when the section was closed, its last non-empty line; without a solution
-section, the last \\boxed{...} after the closed thought (or anywhere in a text without thought tags). Anything
-else is no answer (None): a run-on thought (opened, never closed: e.g. cut at the token limit) is never read as an
-answer, even when it holds a \\boxed{...}.
+extract_answer: the last non-empty \\boxed{...} (nested braces handled; an
+unbalanced one is skipped) of the solution section (from the solution start tag
+to its end tag or the end of the text); else, when the section was closed, the
+whole section (math-verify finds the answer in it); without a solution section,
+the last \\boxed{...} after the closed thought (or anywhere in a text without
+thought tags). Anything else is no answer (None): a run-on thought (opened,
+never closed: e.g. cut at the token limit) is never read as an answer, even
+when it holds a \\boxed{...} or a solution tag.
 check_answer: Countdown rows (numbers + target) evaluate the expression
-exactly; other answers go through math-verify, with a normalised exact match
-when math-verify cannot parse them.
+exactly (the last line or side of an equation that is one); answers that are
+plain words compare as words (case, \\text{} and a final period aside); other
+answers go through math-verify, with a normalised exact match when math-verify
+cannot parse them.
 """
 from __future__ import annotations
 
@@ -21,20 +25,24 @@ from fractions import Fraction
 from rlt.data.formats import DataFormat
 
 
+def _boxes(text: str):
+    """Contents of the balanced \\boxed{...} in ``text``, last first (nested braces handled)."""
+    start = len(text)
+    while (start := text.rfind("\\boxed{", 0, start)) >= 0:
+        i, depth = start + len("\\boxed{"), 1
+        for j in range(i, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    yield text[i:j]
+                    break
+
+
 def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, with nested braces."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i:j]
-    return None
+    """Content of the last balanced \\boxed{...} that is not empty, with nested braces (None without one)."""
+    return next((b for b in _boxes(text) if b.strip()), None)
 
 
 def solution_section(text: str, fmt: DataFormat) -> tuple[str, bool] | None:
@@ -49,22 +57,19 @@ def solution_section(text: str, fmt: DataFormat) -> tuple[str, bool] | None:
 
 
 def extract_answer(text: str, fmt: DataFormat) -> str | None:
-    section = solution_section(text, fmt)
+    t0, t1 = fmt.think_tags
+    if t0 in text and t1 not in text:  # a run-on thought, whatever it holds
+        return None
+    section = solution_section(text.split(t1, 1)[1] if t1 in text else text, fmt)
     if section is None:
-        t0, t1 = fmt.think_tags
-        if t0 in text and t1 not in text:  # a run-on thought
-            return None
         after = text.split(t1, 1)[1] if t1 in text else text
         boxed = last_boxed(after)
-        return boxed.strip() if boxed is not None and boxed.strip() else None
+        return boxed.strip() if boxed is not None else None
     body, closed = section
     boxed = last_boxed(body)
     if boxed is not None:
-        return boxed.strip() or None
-    if not closed:
-        return None
-    lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else None
+        return boxed.strip()
+    return (body.strip() or None) if closed else None
 
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
@@ -79,21 +84,42 @@ def _eval(node, used: list[int]) -> Fraction:
     raise ValueError("only integers and + - * / are allowed")
 
 
-def check_countdown(expr: str | None, numbers: list[int], target: int) -> bool:
-    """True if expr uses exactly the given numbers once each and equals target (exact arithmetic)."""
-    if not expr:
-        return False
-    expr = expr.split("=")[0].replace("\\times", "*").replace("×", "*").replace("\\div", "/").replace("÷", "/")
+def _countdown_value(expr: str) -> tuple[Fraction, list[int]] | None:
+    expr = expr.strip().strip("$").strip().rstrip(".").replace("\\left", "").replace("\\right", "")
+    for a, b in (("\\times", "*"), ("\\cdot", "*"), ("×", "*"), ("·", "*"), ("\\div", "/"), ("÷", "/"),
+                 ("{", "("), ("}", ")")):
+        expr = expr.replace(a, b)
     try:
         used: list[int] = []
-        value = _eval(ast.parse(expr, mode="eval").body, used)
+        return _eval(ast.parse(expr, mode="eval").body, used), used
     except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
+        return None
+
+
+def check_countdown(expr: str | None, numbers: list[int], target: int) -> bool:
+    """True if expr uses exactly the given numbers once each and equals target (exact arithmetic). The expression
+    may be LaTeX (\\times, \\cdot, \\div, \\left/\\right, braces) and one side of an equation (``14 = (3+4)*2``);
+    in a text of several lines (a whole solution section), any line that is such an expression counts."""
+    if not expr:
         return False
-    return Counter(used) == Counter(numbers) and value == target
+    want = Counter(int(n) for n in numbers)
+    lines = [line for line in expr.splitlines() if line.strip()]
+    for line in reversed(lines):
+        for side in line.split("="):
+            got = _countdown_value(side)
+            if got is not None and got[0] == Fraction(target) and Counter(got[1]) == want:
+                return True
+    return False
 
 
 def _normalise(s: str) -> str:
     return re.sub(r"\s+", "", s).strip("$.").lower()
+
+
+def _words(s: str) -> str | None:
+    """``s`` as lower-case words when it is only words (\\text{...}, $...$ and a final period aside), else None."""
+    s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", s).strip().strip("$").strip().rstrip(".")
+    return " ".join(s.lower().split()) if re.fullmatch(r"[A-Za-z][A-Za-z' -]*", s) else None
 
 
 def check_answer(pred: str | None, gold: str, numbers: list[int] | None = None, target: int | None = None) -> bool:
@@ -101,6 +127,9 @@ def check_answer(pred: str | None, gold: str, numbers: list[int] | None = None, 
         return False
     if numbers is not None and target is not None:
         return check_countdown(pred, numbers, target)
+    words, pred_words = _words(gold), _words(pred)
+    if words and pred_words and len(words) > 1:  # not math: math-verify reads "listen" as a product of letters
+        return pred_words == words
     from math_verify import parse, verify
 
     try:

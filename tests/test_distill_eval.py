@@ -214,7 +214,11 @@ def test_device_settings_are_checked_before_any_model_loads(tmp_path):
     ("<|begin_of_thought|>\n\nMaybe \\boxed{25}? 10 + 5 = 15, 15 + 9 = 2", None),  # cut off mid-thought: no answer
     ("So it is \\boxed{24}.", "24"),  # no thought tags at all: the last box
     ("<|begin_of_thought|>x<|end_of_thought|>\n\nso \\boxed{7}", "7"),  # no section, but a box after the thought
-    ("<|begin_of_solution|>\n\nThe answer is 7\n\n<|end_of_solution|>", "The answer is 7"),  # closed section
+    ("<|begin_of_solution|>\n\nThe answer is 7\n\nThis completes it.\n\n<|end_of_solution|>",
+     "The answer is 7\n\nThis completes it."),  # closed section without a box: all of it (math-verify reads it)
+    ("<|begin_of_solution|>\\boxed{5} and so \\boxed{}<|end_of_solution|>", "5"),  # an empty box hides nothing
+    ("<|begin_of_solution|>\\boxed{5}, then \\boxed{6<|end_of_solution|>", "5"),  # an unbalanced box is skipped
+    ("<|begin_of_thought|>\n\nplan <|begin_of_solution|>\\boxed{9}", None),  # run-on thought holding a section
     ("<|begin_of_solution|>\n\nThe answer is 7 and", None),  # unclosed section without a box
     ("<|begin_of_solution|>\\boxed{(3 + 4) * 2}<|end_of_solution|>", "(3 + 4) * 2"),
     ("<|begin_of_solution|>   <|end_of_solution|>", None),  # missing answer
@@ -231,13 +235,21 @@ def test_last_boxed_nested_and_unbalanced():
 def test_check_answers():
     assert check_answer("\\frac{1}{2}", "0.5") and check_answer("1/2", "\\frac{1}{2}")
     assert not check_answer("3", "4") and not check_answer(None, "4")
-    assert check_answer("Paris", "paris")  # not math: normalised exact match
+    assert check_answer("Paris", "paris") and check_answer("north", "\\text{North}")  # words compare as words
+    assert check_answer("The Eiffel  tower.", "the eiffel tower")
+    assert not check_answer("silent", "listen") and not check_answer("no", "on")  # not products of letters
+    assert check_answer("The answer is 5.\n\nThis completes the proof.", "5")  # a whole solution section
+    assert not check_answer("The answer is 4.\n\nThis completes the proof.", "5")
     assert check_countdown("(3 + 4) * 2", [2, 3, 4], 14)
     assert check_countdown("25 * ((14 - 2) - 9) = 75", [25, 14, 2, 9], 75)
     assert not check_countdown("3 * 4 * 2", [2, 3, 4], 14)      # wrong value
     assert not check_countdown("(3 + 4) * 2 * 1", [2, 3, 4], 14)  # extra number
     assert not check_countdown("__import__('os')", [1], 1)        # not arithmetic
     assert check_countdown("10 / 4 * 2", [10, 4, 2], 5)          # exact fractions
+    for latex in ("(3 + 4) \\cdot 2", "\\left(3+4\\right)\\times 2", "$(3+4)*2$", "{(3+4)}*2", "14 = (3+4)*2",
+                  "We add first.\n(3 + 4) * 2 = 14"):   # LaTeX, either side of "=", a line of a whole section
+        assert check_countdown(latex, [2, 3, 4], 14), latex
+    assert not check_countdown("We add first.\n(3 + 4) * 2 * 1 = 14", [2, 3, 4], 14)
 
 
 def test_eval_on_a_model_that_always_answers_right_is_100_percent(tokenizer):
