@@ -74,11 +74,14 @@ def eval_rows(data: DataConfig, fmt_cfg: FormatConfig) -> tuple[list[dict], obje
     fmt = resolve_format(fmt_cfg.data_format, None if plain_qa else ds.column_names, source=source,
                          student_system_prompt=fmt_cfg.student_system_prompt)
     parse = qa_parser(ds.column_names, source) if plain_qa else row_parser(fmt, ds.column_names, source)
+    # custom rows with an answer column need no solution (it is only where a row without an answer takes one from)
+    with_answer = qa_parser(ds.column_names, source) if "answer" in cols and not plain_qa and \
+        "conversations" not in cols else parse
     rows, bad = [], []
     for i, raw in enumerate(ds):
         try:
-            ex = parse(raw)
             answer = raw.get("answer")
+            ex = with_answer(raw) if answer is not None and str(answer).strip() else parse(raw)
             if answer is None or not str(answer).strip():
                 answer = last_boxed(ex.solution)
             if answer is None or not str(answer).strip():
@@ -96,6 +99,11 @@ def eval_rows(data: DataConfig, fmt_cfg: FormatConfig) -> tuple[list[dict], obje
                        ", ".join(bad[:10]))
     if not rows:
         raise RowError(f"{source}: no row to evaluate")
+    if fmt_cfg.student_system_prompt is None and any(r["system"] is None for r in rows):
+        logger.warning("%s: %d row(s) have no system prompt; the model sees the format's default student prompt "
+                       "(%r); if it was trained with another (e.g. Stratos rows' own), give it as "
+                       "student_system_prompt=...", source, sum(r["system"] is None for r in rows),
+                       fmt.student_system_prompt[:60] + "...")
     return rows, fmt
 
 

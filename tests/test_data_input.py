@@ -175,3 +175,29 @@ def test_a_saved_dataset_names_its_splits(tmp_path):
     assert [e.question for e in load(str(tmp_path / "saved"))[0]] == ["q1"]
     assert error_of(str(tmp_path / "saved"), dataset_split="tset") == (
         f"dataset_split=tset: {tmp_path / 'saved'} has the splits ['train']")
+
+
+def test_a_chat_template_that_alters_or_refuses_the_turns_is_one_line(tokenizer):
+    """A template that rewrites the assistant's content (a Qwen3-like empty think block) or refuses a system turn
+    (Gemma-like) is a ConfigError naming the tokenizer, not a traceback."""
+    import copy
+
+    from rlt.data.formats import resolve_format
+    from rlt.data.text import check_end_of_turn, render_student_prompt, teacher_prompt
+
+    fmt = resolve_format("custom")
+    base = tokenizer.chat_template
+    thinking = copy.deepcopy(tokenizer)
+    thinking.chat_template = base.replace("+ message['content'] +", "+ ('<think>\n\n</think>\n\n' if message['role'] "
+                                          "== 'assistant' else '') + message['content'] +")
+    assert thinking.chat_template != base
+    for call in (lambda: teacher_prompt(thinking, "q", "s", fmt), lambda: check_end_of_turn(thinking, fmt, "m")):
+        with pytest.raises(ConfigError, match=r"the chat template of .* alters the assistant's content \(it renders "
+                                              r"'<think>\\n\\n</think>"):
+            call()
+    no_system = copy.deepcopy(tokenizer)
+    no_system.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not "
+                               "supported') }}{% endif %}" + base)
+    with pytest.raises(ConfigError, match=r"refused a system \+ user \+ assistant conversation \(TemplateError: "
+                                          r"System role not supported\)"):
+        render_student_prompt(no_system, "q", None, fmt)

@@ -351,9 +351,39 @@ def test_eval_reads_a_benchmarks_question_answer_rows(tmp_path, tokenizer):
     (tmp_path / "aime.jsonl").write_text(json.dumps({"problem": "What is 2+2?", "answer": 4}) + "\n")  # numbers
     assert [r["answer"] for r in eval_rows(DataConfig(dataset_id_or_path=str(tmp_path / "aime.jsonl")),
                                            FormatConfig())[0]] == ["4"]
+    (tmp_path / "mixed.jsonl").write_text(json.dumps({"problem": "What is 2+2?", "answer": 4}) + "\n" +
+                                          json.dumps({"problem": "Half of 1?", "answer": "\\frac{1}{2}"}) + "\n")
+    assert [r["answer"] for r in eval_rows(DataConfig(dataset_id_or_path=str(tmp_path / "mixed.jsonl")),
+                                           FormatConfig())[0]] == ["4", "\\frac{1}{2}"]  # numbers and text mixed
+    # MATH-500's columns: a solution column that may be empty where the answer column is given
+    (tmp_path / "math.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"problem": "a?", "solution": "", "answer": "5"}, {"problem": "b?", "solution": None, "answer": 6},
+        {"problem": "c?", "solution": "so \\boxed{7}", "answer": ""}]))
+    assert [r["answer"] for r in eval_rows(DataConfig(dataset_id_or_path=str(tmp_path / "math.jsonl")),
+                                           FormatConfig())[0]] == ["5", "6", "7"]
     (tmp_path / "q_only.jsonl").write_text(json.dumps({"problem": "What is 2+2?"}) + "\n")  # neither answer nor solution
     with pytest.raises(ConfigError, match=r"cannot tell the data format from its columns \['problem'\]"):
         eval_rows(DataConfig(dataset_id_or_path=str(tmp_path / "q_only.jsonl")), FormatConfig())
+
+
+def test_eval_rows_without_a_system_prompt_warn_unless_one_is_given(tmp_path, caplog):
+    import logging
+
+    from rlt.eval import eval_rows
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text(json.dumps({"problem": "What is 2+2?", "answer": "4"}) + "\n" +
+                    json.dumps({"problem": "Half of 1?", "answer": "0.5", "system": "Be brief."}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="rlt.eval"):
+        eval_rows(DataConfig(dataset_id_or_path=str(data)), FormatConfig())
+    assert "1 row(s) have no system prompt; the model sees the format's default student prompt" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlt.eval"):
+        rows, fmt = eval_rows(DataConfig(dataset_id_or_path=str(data)), FormatConfig(student_system_prompt="Mine."))
+    assert "no system prompt" not in caplog.text
+    from rlt.data.text import student_system
+
+    assert [student_system(r["system"], fmt) for r in rows] == ["Mine.", "Be brief."]  # a row's own is kept
 
 
 def test_generation_length_is_clamped_to_the_model_context(tiny_path, caplog):

@@ -21,7 +21,11 @@ Rows carry a short student system prompt (STUDENT_SYSTEM_PROMPT); runs on this t
 ``teacher_system_prompt`` to TEACHER_SYSTEM_PROMPT (cfgs/experiment/*.yaml do).
 
 Splits are disjoint by construction: a question's split is fixed by a hash of
-its numbers (80% train, 10% validation, 10% test), whatever the seed or N.
+its numbers in order (80% train, 10% validation, 10% test), whatever the seed or
+N. A test question can be a reordering of a training one: the same sum, other
+steps (209 of the experiment's 400 test questions against its 4000 training
+ones). Every arm of the experiment trains on the same questions, so this lifts
+all arms alike; absolute accuracies are those of sums partly seen in another order.
 
     dataset_id_or_path: rlt-arith:SPLIT:N:SEED[:key-value+key-value...]
         SPLIT train | validation | test; N rows (distinct questions); SEED of the sampler;

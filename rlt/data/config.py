@@ -15,7 +15,8 @@ class FormatConfig:
         "help": "auto (from the columns: conversations -> bespoke_stratos, question/prompt + solution -> custom) "
                 "or a format name in rlt/data/formats.py (bespoke_stratos, custom, custom_r1)"})
     student_system_prompt: str | None = field(default=None, metadata={
-        "help": "student system prompt (null: the row's `system`, else the format's default)"})
+        "help": "student system prompt for rows without a `system` (a row's own `system` is kept; null: the "
+                "format's default)"})
     teacher_system_prompt: str | None = field(default=None, metadata={
         "help": "teacher system prompt (null: the format's default)"})
 

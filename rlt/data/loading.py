@@ -146,6 +146,8 @@ def check_rows(path: str | Path, numbered: list[tuple[int, dict]], drop_bad_rows
         if problem:
             reject(lineno, problem)
         else:
+            if isinstance(row.get("answer"), (int, float)):  # a number, here, is text in another row: one column
+                row = {**row, "answer": str(row["answer"])}
             kept.append((lineno, row))
     for column in _union_columns([row for _, row in kept]):
         values = [row.get(column) for _, row in kept]

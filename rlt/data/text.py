@@ -15,10 +15,28 @@ from rlt.errors import ConfigError
 
 def _chat(tokenizer, system: str, question: str, answer: str | None) -> str:
     messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-    if answer is None:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    messages.append({"role": "assistant", "content": answer})
-    return tokenizer.apply_chat_template(messages, tokenize=False)
+    if answer is not None:
+        messages.append({"role": "assistant", "content": answer})
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
+    except Exception as e:  # jinja's TemplateError, a template's raise_exception(...): e.g. no system role
+        if type(e).__name__ not in ("TemplateError", "TemplateSyntaxError", "UndefinedError"):
+            raise
+        raise ConfigError(f"the chat template of {_name(tokenizer)} refused a system + user + assistant "
+                          f"conversation ({type(e).__name__}: {str(e)[:200]}); rlt needs a template that takes a "
+                          "system turn") from None
+
+
+def _name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or "the tokenizer"
+
+
+def _check_verbatim(tokenizer, full: str, start: int, answer: str) -> None:
+    if not full.startswith(answer, start):
+        got = full[start:start + 60]
+        raise ConfigError(f"the chat template of {_name(tokenizer)} alters the assistant's content (it renders "
+                          f"{got!r}... where {answer[:40]!r}... was given, e.g. a template that adds an empty think "
+                          "block); rlt needs the content verbatim: use a model or chat template that keeps it")
 
 
 def teacher_answer(solution: str, thought: str, fmt: DataFormat) -> str:
@@ -74,8 +92,7 @@ def teacher_prompt_and_completion(tokenizer, ex: Example, fmt: DataFormat) -> tu
     full = render_teacher_text(tokenizer, ex, fmt)
     start = _assistant_start(tokenizer, fmt, ex)
     answer = teacher_answer(ex.solution, ex.thought, fmt)
-    if not full.startswith(answer, start):
-        raise ValueError("the chat template altered the assistant content; rlt needs it verbatim")
+    _check_verbatim(tokenizer, full, start, answer)
     s0, s1 = fmt.solution_tags
     cut = start + len(s0 + ex.solution + s1 + fmt.think_solution_delimiter + fmt.explanation_tags[0])
     if full.startswith(fmt.delimiter_padding, cut):
@@ -93,8 +110,7 @@ def student_text_with_spans(tokenizer, question: str, thought: str, solution: st
     text = render_student_text(tokenizer, question, thought, solution, system, fmt)
     head = len(render_student_prompt(tokenizer, question, system, fmt))
     answer = student_answer(thought, solution, fmt)
-    if not text.startswith(answer, head):
-        raise ValueError("the chat template altered the assistant content; rlt needs it verbatim")
+    _check_verbatim(tokenizer, text, head, answer)
     t0 = head + len(fmt.think_prefix) + len(fmt.think_tags[0])
     s0 = t0 + len(thought) + len(fmt.think_tags[1]) + len(fmt.think_solution_delimiter) + len(fmt.solution_tags[0])
     return text, (t0, t0 + len(thought)), (s0, s0 + len(solution))
@@ -113,8 +129,7 @@ def end_of_turn(tokenizer, fmt: DataFormat) -> str:
     ex = Example(question="q", solution="s", thought="t")
     full, start = render_teacher_text(tokenizer, ex, fmt), _assistant_start(tokenizer, fmt, ex)
     answer = teacher_answer(ex.solution, ex.thought, fmt)
-    if not full.startswith(answer, start):
-        raise ValueError("the chat template altered the assistant content; rlt needs it verbatim")
+    _check_verbatim(tokenizer, full, start, answer)
     return full[start + len(answer):].split("\n", 1)[0]
 
 
