@@ -18,7 +18,10 @@ Crash safety: each question's rows are appended in one write and flushed; on a
 rerun a torn last line is cut off (logged), a question with fewer rows than its
 `question_rows` is removed and redone, and finished questions are skipped; a
 row whose question is not the dataset's question at its `source_index` stops the
-run (the file is someone else's) before anything is changed. An output ending
+run (the file is someone else's) before anything is changed, as does a file
+written with another teacher (path or weights) or other sampling, selection,
+data or reward settings (OUT.jsonl.settings.json); max_samples, batching and
+devices may change between calls. An output ending
 in .parquet is written from the jsonl progress file at the end. Prompts longer
 than max_prompt_length tokens are dropped (counted in the log), as in training.
 OUT.summary.json describes the whole file: its rows and questions, the dataset's
@@ -106,6 +109,51 @@ def scorer_device(setting: str, servers: bool, gpus: int | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------- progress file
+def settings_path(progress: Path) -> Path:
+    return progress.with_name(progress.name + ".settings.json")
+
+
+def run_settings(teacher: str, student: str | None, cfg: DistillConfig, data: DataConfig, fmt_cfg: FormatConfig,
+                 reward: RewardConfig) -> dict:
+    """What the rows of a progress file depend on: the teacher (path and weights), the data and format, how
+    explanations are sampled and kept, and, with best_of_k, the student and reward. Run length (max_samples),
+    batching, device and dtype may change between calls."""
+    from rlt.models import weights_fingerprint
+
+    sampling = {k: getattr(cfg, k) for k in ("num_explanations", "select", "missing_end_tag", "temperature", "top_p",
+                                             "max_completion_length", "seed")}
+    data_keys = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("max_samples", "drop_bad_rows")}
+    out = {"teacher": teacher, "teacher_weights": weights_fingerprint(teacher), "data": data_keys,
+           "format": dataclasses.asdict(fmt_cfg), **sampling}
+    if cfg.select == "best_of_k":
+        out.update(student=student, student_weights=weights_fingerprint(student), reward=dataclasses.asdict(reward))
+    return out
+
+
+def check_settings(progress: Path, settings: dict) -> None:
+    """A progress file holding rows must have been written with ``settings`` (its .settings.json): else one line
+    naming the keys that differ (e.g. a teacher trained again at the same path), before anything is changed. A
+    file from before settings were recorded is resumed unchecked, with a warning."""
+    if not progress.is_file() or not progress.stat().st_size:
+        return
+    keep = (f"move it away (and {settings_path(progress).name}) to distill from the start, or give the settings "
+            "it was written with")
+    try:
+        before = json.loads(settings_path(progress).read_text())
+    except FileNotFoundError:
+        logger.warning("%s: no %s beside it (written before settings were recorded): resumed without checking that "
+                       "its rows come from this teacher and these settings", progress, settings_path(progress).name)
+        return
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{settings_path(progress)}: unreadable ({type(e).__name__}); {keep}") from None
+    from rlt.runs import changed_keys
+
+    changed = changed_keys(before, settings)
+    if changed:
+        raise ConfigError(f"{progress}: its rows were written with other settings ({', '.join(changed)} differ); "
+                          f"{keep}")
+
+
 def load_progress(progress: Path, questions: list[str] | None = None) -> set[int]:
     """Finished question indices of a progress file, after repairing it.
 
@@ -263,6 +311,8 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     student = resolve_model_path(reward.student_model, "student") if cfg.select == "best_of_k" else None
     examples, fmt = load_dataset_examples(data, fmt_cfg)
     tok = load_tokenizer(teacher)
+    settings = run_settings(teacher, student, cfg, data, fmt_cfg, reward)
+    check_settings(progress, settings)
     done = load_progress(progress, [ex.question for ex in examples])
     todo = [(i, ex) for i, ex in enumerate(examples) if i not in done]
     logger.info("%d questions, %d already written, %d to do", len(examples), len(done), len(todo))
@@ -276,6 +326,8 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     if todo and engine is None:
         engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
                              model.dtype, longest_prompt=max(map(len, prompt_ids.values())))
+    if todo:
+        settings_path(progress).write_text(json.dumps(settings, indent=2, default=str))
     with open(progress, "a") as f:
         starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
         distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts)

@@ -7,6 +7,7 @@ other value is a local path or a hub id passed to transformers unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -49,6 +50,22 @@ TINY_VERSION = "v3"  # bump when the tiny builder changes
 
 def cache_dir() -> Path:
     return Path(os.environ.get("RLT_CACHE_DIR", Path.home() / ".cache" / "rlt"))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def weights_fingerprint(path: str) -> str | None:
+    """A short hash of a local model directory's weight files (names, sizes, modification times): it changes
+    when the model at that path is trained again. None for a hub id (its resolved revision names it)."""
+    root = Path(path)
+    if not root.is_dir():
+        return None
+    import hashlib
+
+    stats = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*")
+                   if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def resolve_model_path(name_or_path: str, key: str | None = None) -> str:

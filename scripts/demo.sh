@@ -40,6 +40,8 @@ run_stage "3/7 teacher RL: 1 vLLM server + 2 training processes, reward scored b
 run_stage "3/7 plots of the teacher's RL run" "$D/3_teacher_rl_plots.log" \
   python -m rlt.plot "$D/rlt_teacher" --out "$D/plots"
 
+# stage 3 trained the teacher again: explanations an earlier demo left here are another teacher's
+rm -f "$D/distilled.jsonl" "$D/distilled.jsonl.settings.json" "$D/distilled.summary.json"
 run_stage "4/7 distillation: 2 explanations per training question, best of 2 by the teacher reward" \
   "$D/4_distill.log" \
   python -m rlt.distill "teacher=$D/rlt_teacher" "student=$D/student_raw" "dataset=$TRAIN" "output=$D/distilled.jsonl" \

@@ -123,6 +123,37 @@ def test_resume_skips_finished_questions(tmp_path, tokenizer, tiny_path):
     assert len(datasets.load_dataset("parquet", data_files=str(tmp_path / "d.parquet"), split="train")) == 12
 
 
+def test_a_resume_with_another_teacher_or_settings_is_refused(tmp_path, tokenizer, tiny_path, caplog):
+    """The rows already written must come from this teacher (same path, same weights) and these settings, else
+    one line naming what differs and the file is left as it was; only the run's length may change."""
+    import os
+    import shutil
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_path, teacher)
+    out = tmp_path / "d.jsonl"
+    base = dict(teacher=str(teacher), dataset="rlt-countdown:4:3", output=str(out), num_explanations=2)
+    distill(*distill_args(**base, max_samples=2), engine=FakeEngine(tokenizer))
+    written = out.read_bytes()
+    with pytest.raises(ConfigError, match=r"d\.jsonl: its rows were written with other settings \(num_explanations, "
+                                          r"temperature differ\); move it away \(and d\.jsonl\.settings\.json\)"):
+        distill(*distill_args(**{**base, "num_explanations": 3, "temperature": 1.0}), engine=FakeEngine(tokenizer))
+    weights = next(teacher.glob("*.safetensors"))
+    mtime = weights.stat().st_mtime_ns
+    os.utime(weights, ns=(mtime, mtime + 10**9))   # the teacher trained again at the same path
+    with pytest.raises(ConfigError, match=r"\(teacher_weights differ\)"):
+        distill(*distill_args(**base), engine=FakeEngine(tokenizer))
+    assert out.read_bytes() == written
+    os.utime(weights, ns=(mtime, mtime))
+    engine = FakeEngine(tokenizer)
+    distill(*distill_args(**base, chunk_size=1), engine=engine)   # longer run, other batching: goes on
+    assert engine.prompts == 2 and out.read_bytes().startswith(written)
+    (tmp_path / "d.jsonl.settings.json").unlink()   # a file from before settings were recorded
+    with caplog.at_level("WARNING", logger="rlt.distill"):
+        distill(*distill_args(**{**base, "num_explanations": 3}), engine=FakeEngine(tokenizer))
+    assert "resumed without checking that its rows come from this teacher" in caplog.text
+
+
 def test_torn_and_partial_questions_are_repaired_and_redone(tmp_path, tokenizer, tiny_path, caplog):
     out = tmp_path / "d.jsonl"
     base = dict(teacher=tiny_path, dataset="rlt-countdown:4:3", output=str(out), num_explanations=2)
