@@ -71,3 +71,27 @@ def without_torn_line(path: Path, data: bytes) -> bytes:
     cut = data.rfind(b"\n") + 1
     logger.warning("%s: removing a torn last line (%d bytes) left by an interrupted run", path, len(data) - cut)
     return data[:cut]
+
+
+def write_json_atomic(path: Path, value) -> None:
+    """``value`` as indented JSON in ``path``, through a temporary file renamed over it: a kill or a full disk
+    leaves the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(value, indent=2))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path, default=None):
+    """The JSON in ``path`` (``default`` when there is no such file); unreadable JSON is one ConfigError naming
+    the file."""
+    path = Path(path)
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}); it was cut off or edited: restore it or remove it") from None

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rlt.cli import user_errors
+from rlt.cli import read_json, user_errors
 from rlt.errors import ConfigError
 from rlt.stats import rise_z
 
@@ -24,7 +24,7 @@ RUNS = [  # (directory, what it is)
 
 
 def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path, {})
 
 
 def reward_windows(rewards: list[float], window: int = 5) -> str:

@@ -5,6 +5,7 @@ import logging
 import math
 import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -242,6 +243,43 @@ def test_a_failed_job_lets_the_running_ones_finish_and_keeps_their_results(tmp_p
     assert out.read_text() == "done" and list(saved) == ["slow"]  # finished after the failure, and kept
     assert not (tmp_path / "x").exists()  # nothing new started after the failure
     assert "injected failure" in (tmp_path / "bad.log").read_text()
+
+
+def test_a_job_to_be_rerun_is_unlisted_before_it_starts(tmp_path):
+    """A finished job that must run again (other settings, other code) leaves the saved record before it starts:
+    a rerun that fails midway (its output already overwritten) must not leave it, or what follows it, "done"."""
+    from rlt.experiment.jobs import Job, JobFailed, fingerprint, run_jobs
+
+    now = {"code": "c" * 12, "commit": "abc1234"}
+    first = Job("distill", "experiment_job_fns:fail_after_writing", {"path": str(tmp_path / "data")},
+                str(tmp_path / "d.log"))
+    after = Job("student", "experiment_job_fns:fail_after_writing", {"path": str(tmp_path / "x")},
+                str(tmp_path / "s.log"), deps=("distill",))
+    stale = {"distill": {"fingerprint": "another run's settings", **now},
+             "student": {"fingerprint": fingerprint(after), **now}}
+    saved = []
+    with pytest.raises(JobFailed, match="distill failed"):
+        run_jobs([first, after], workers=1, threads=1, results=stale, version=now,
+                 on_done=lambda r: saved.append(dict(r)))
+    assert saved == [{}]   # both records dropped (the student depends on the rerun), saved before distill started
+
+
+def test_json_records_are_written_whole_and_read_with_one_line_errors(tmp_path):
+    from rlt.cli import read_json, write_json_atomic
+    from rlt.errors import ConfigError
+
+    path = tmp_path / "jobs.json"
+    assert read_json(path, {}) == {}
+    write_json_atomic(path, {"results": {"a": 1}})
+    assert read_json(path) == {"results": {"a": 1}} and [p.name for p in tmp_path.iterdir()] == ["jobs.json"]
+    path.write_text('{"results": {"a"')   # cut off by a kill in the middle of a plain write
+    with pytest.raises(ConfigError, match=r"jobs\.json: not valid JSON \(.*\); it was cut off or edited"):
+        read_json(path)
+    (tmp_path / "run_meta.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "rlt.experiment", "report", "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "rlt.experiment report: error: " in r.stderr and "jobs.json: not valid JSON" in r.stderr
 
 
 def test_kept_jobs_made_by_other_code_are_named_or_rerun_with_what_follows(caplog):

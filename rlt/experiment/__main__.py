@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from rlt.cli import read_json, user_errors, write_json_atomic
+
 logger = logging.getLogger("rlt.experiment")
 
 
@@ -76,7 +78,7 @@ def cmd_run(args) -> int:
     preset = PRESETS[name]
     out = Path(args.out or ("results/experiment_quick" if args.quick else "results/experiment"))
     state_file = out / "jobs.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() and not args.restart else {}
+    state = read_json(state_file, {}) if not args.restart else {}
     if args.restart:
         logger.info("--restart: discarding the earlier jobs in %s", out)
         # the record of finished jobs first: a restart stopped early must not find the old jobs listed as done
@@ -93,8 +95,7 @@ def cmd_run(args) -> int:
     version = code_version()
 
     def save(results):
-        state_file.write_text(json.dumps({"results": results, "seconds": seconds0 + time.perf_counter() - t0},
-                                         indent=2))
+        write_json_atomic(state_file, {"results": results, "seconds": seconds0 + time.perf_counter() - t0})
 
     with LoadMonitor() as load:
         try:
@@ -159,10 +160,10 @@ def cmd_report(args) -> int:
     if not meta_file.is_file() or not state_file.is_file():
         raise SystemExit(f"python -m rlt.experiment report: error: {out}: no finished run there (a run writes "
                          f"jobs.json and, when it ends, run_meta.json); run `{run}` first")
-    meta = json.loads(meta_file.read_text())
+    meta = read_json(meta_file)
     device = "cuda" if str(meta.get("device", "")).startswith("CUDA") else "cpu"
     jobs = plan(Path(meta.get("out", out)), PRESETS[name], device)  # the jobs name paths as the run spelled them
-    finished = reusable(jobs, json.loads(state_file.read_text()).get("results", {}))
+    finished = reusable(jobs, read_json(state_file).get("results", {}))
     missing = [j.name for j in jobs if j.name not in finished]
     if missing:
         other = "" if args.quick else " (a --quick run needs --quick)"
@@ -194,7 +195,7 @@ def cmd_curves(args) -> int:
         raise SystemExit(f"python -m rlt.experiment curves: error: --steps {args.steps}: give one positive "
                          f"integer, or one per shape ({len(shapes)})")
     state_file = out / "jobs.json"
-    done = json.loads(state_file.read_text()) if state_file.exists() else {}
+    done = read_json(state_file, {})
     if "results" in done:  # a run's record ({"results": ..., "seconds": ...}), not the study's
         raise SystemExit(f"python -m rlt.experiment curves: error: --out {out}: {state_file} is an experiment "
                          "run's; the study goes into its own directory (default: results/experiment/curves)")
@@ -204,7 +205,7 @@ def cmd_curves(args) -> int:
     with LoadMonitor() as load:
         try:
             done = run_jobs(jobs, args.workers, args.threads, done, rerun_other_code=args.rerun_other_code,
-                            on_done=lambda r: state_file.write_text(json.dumps(r, indent=2)))
+                            on_done=lambda r: write_json_atomic(state_file, r))
         except JobFailed as e:
             logger.error("%s", e)
             return 1
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_experiment_logging()
     try:
-        return {"run": cmd_run, "curves": cmd_curves, "report": cmd_report}[args.cmd](args)
+        with user_errors(f"rlt.experiment {args.cmd}"):
+            return {"run": cmd_run, "curves": cmd_curves, "report": cmd_report}[args.cmd](args)
     except KeyboardInterrupt:
         logger.error("interrupted")
         return 130

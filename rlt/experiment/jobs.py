@@ -159,7 +159,10 @@ def run_jobs(jobs: list[Job], workers: int, threads: int, results: dict | None =
     (to save progress). A failing job stops the run with its log named: no job starts after it, and the jobs
     already running finish first, so their results are kept (a Ctrl-C stops them at once instead)."""
     version = version or code_version()
-    results = kept(jobs, results or {}, version, rerun_other_code)
+    given = results or {}
+    results = kept(jobs, given, version, rerun_other_code)
+    if on_done is not None and results != given:
+        on_done(results)   # before any job starts: a job about to be rerun must not stay listed as done
     fps = {j.name: fingerprint(j) for j in jobs}
     pending = [j for j in jobs if j.name not in results]
     names = {j.name for j in jobs}

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from rlt import stats
+from rlt.cli import read_json
 
 logger = logging.getLogger("rlt.experiment")
 COMPONENTS = [  # (log key, label) of every reward component the RL stage logs, in plotting order
@@ -26,7 +27,7 @@ COMPONENTS = [  # (log key, label) of every reward component the RL stage logs, 
 
 
 def _read(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path)
 
 
 def _jsonl(path: Path) -> list[dict]:
