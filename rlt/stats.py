@@ -3,7 +3,7 @@
 mean_se          mean and standard error (sample standard deviation / sqrt(n))
 t_quantile       quantile of Student's t (regularised incomplete beta, inverted by bisection)
 mean_ci95        mean and the half-width of its two-sided 95% t interval
-rise_z           z-score of the difference of two window means (Welch: sqrt(se1^2 + se2^2))
+rise_z           Welch's t of the difference of two window means (sqrt(se1^2 + se2^2)), its df and 95% critical value
 pearson          Pearson's r, with a 95% interval from Fisher's z transform
 spearman         Spearman's rho (Pearson's r on average ranks)
 """
@@ -101,12 +101,19 @@ def mean_ci95(xs: Sequence[float]) -> dict:
 
 
 def rise_z(first: Sequence[float], last: Sequence[float]) -> dict:
-    """Means and standard errors of two windows and z = (mean_last - mean_first) / sqrt(se_first^2 + se_last^2)."""
+    """Means and standard errors of two windows, z = (mean_last - mean_first) / sqrt(se_first^2 + se_last^2)
+    (Welch's t), its Welch-Satterthwaite degrees of freedom ``df`` and ``crit``, the two-sided 95% critical
+    value of t at ``df``: with windows of a few steps, |z| > 2 happens by chance far more often than 5%."""
     m1, s1 = mean_se(first)
     m2, s2 = mean_se(last)
     denom = math.sqrt(s1 * s1 + s2 * s2) if len(first) > 1 and len(last) > 1 else float("nan")
     z = (m2 - m1) / denom if denom and denom == denom else float("nan")
-    return {"first_mean": m1, "first_se": s1, "last_mean": m2, "last_se": s2, "z": z}
+    df = crit = float("nan")
+    if denom and denom == denom:
+        v1, v2 = s1 ** 4 / (len(first) - 1), s2 ** 4 / (len(last) - 1)
+        df = denom ** 4 / (v1 + v2)
+        crit = t_quantile(0.975, df)
+    return {"first_mean": m1, "first_se": s1, "last_mean": m2, "last_se": s2, "z": z, "df": df, "crit": crit}
 
 
 # ----------------------------------------------------------------------------------------- correlation

@@ -40,8 +40,38 @@ def test_rise_z_by_hand():
     r = stats.rise_z([1, 2, 3], [4, 5, 6])
     assert (r["first_mean"], r["last_mean"]) == (2, 5)
     assert r["first_se"] == pytest.approx(1 / math.sqrt(3)) and r["z"] == pytest.approx(3.674235, abs=1e-6)
+    # Welch-Satterthwaite: (2/3)^2 / ((1/3)^2/2 + (1/3)^2/2) = 4 degrees of freedom; t(0.975, 4) = 2.776445
+    assert r["df"] == pytest.approx(4) and r["crit"] == pytest.approx(2.776445, abs=1e-5)
     assert stats.rise_z([3, 2, 1], [1, 2, 3])["z"] == 0
     assert math.isnan(stats.rise_z([1], [2])["z"])  # no standard error from one step
+    assert math.isnan(stats.rise_z([1], [2])["crit"])
+
+
+def verdict_of(z, crit, diffs):
+    from rlt.experiment.report import verdict
+
+    s = {"reward_rise_z": z, "reward_rise_crit": crit, "reward_rise_df": 4.0,
+         "acc_paired_differences": {k: diffs for k in ("rlt_minus_raw", "rlt_minus_warmup", "warmup_minus_raw")}}
+    return verdict(s)
+
+
+def test_verdict_reads_the_rise_against_welchs_bound_in_both_directions():
+    diffs = {"mean": 0.05, "ci95": 0.02}
+    assert "raised the teacher reward (z = 3.00; Welch's t, 4.0 degrees of freedom: 95% bound 2.78)" in \
+        verdict_of(3.0, 2.776, diffs)[0]
+    assert "did not clearly change the teacher reward (z = 2.50, within ±2.78: noise" in verdict_of(2.5, 2.776, diffs)[0]
+    assert "lowered the teacher reward (z = -6.00" in verdict_of(-6.0, 2.776, diffs)[0]   # a drop is not noise
+    assert "undetermined" in verdict_of(float("nan"), float("nan"), diffs)[0]   # said, not left out
+    assert "Students on RLT explanations vs. the raw traces: better" in verdict_of(3.0, 2.776, diffs)[1]
+
+
+def test_verdict_treats_seeds_that_agree_up_to_rounding_as_flat():
+    # accuracies 0.7, 0.8, 0.9 vs 0.6, 0.7, 0.8: every difference is 0.1 but the floats give a spread of 1.6e-16
+    d = [a - b for a, b in zip([0.7, 0.8, 0.9], [0.6, 0.7, 0.8])]
+    spread = stats.mean_ci95(d)
+    assert 0 < spread["ci95"] < 1e-12
+    line = verdict_of(3.0, 2.776, {"mean": spread["mean"], "ci95": spread["ci95"]})[1]
+    assert "undetermined (every seed gave the same difference" in line
 
 
 def test_pearson_with_fisher_interval_by_hand():

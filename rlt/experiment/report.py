@@ -337,7 +337,8 @@ def summarize(out: Path, preset_name: str, preset, meta: dict) -> dict:
         "preset": preset_name, "seeds": seeds,
         "reward_first10_mean": win.get("first_mean"), "reward_first10_se": win.get("first_se"),
         "reward_last10_mean": win.get("last_mean"), "reward_last10_se": win.get("last_se"),
-        "reward_rise_z": win.get("z"), "reward_window": win.get("window"), "rl_steps": win.get("steps"),
+        "reward_rise_z": win.get("z"), "reward_rise_df": win.get("df"), "reward_rise_crit": win.get("crit"),
+        "reward_window": win.get("window"), "rl_steps": win.get("steps"),
         "acc_raw": {"mean": acc["raw"]["mean"], "ci95": acc["raw"]["ci95"]},
         "acc_rlt": {"mean": acc["rlt"]["mean"], "ci95": acc["rlt"]["ci95"]},
         "acc_warmup": {"mean": acc["warmup"]["mean"], "ci95": acc["warmup"]["ci95"]},
@@ -495,7 +496,7 @@ def _excludes_zero(a: dict) -> int | str:
     an interval, "flat" when the seeds agree exactly (no spread, so no interval to judge by)."""
     if a["mean"] != a["mean"] or a["ci95"] != a["ci95"]:
         return "nan"
-    if a["ci95"] == 0:
+    if a["ci95"] <= 1e-9 * max(1.0, abs(a["mean"])):   # rounding, not spread: e.g. 0.8-0.7 vs 0.9-0.8
         return "flat"
     if a["mean"] - a["ci95"] > 0:
         return 1
@@ -507,10 +508,19 @@ def _excludes_zero(a: dict) -> int | str:
 def verdict(s: dict) -> list[str]:
     """Plain statements that follow from the numbers (no claim the intervals do not support)."""
     out = []
-    z = s["reward_rise_z"]
-    if z == z:
-        out.append(f"* The RL stage {'raised' if z > 2 else 'did not clearly raise'} the teacher reward "
-                   f"(z = {z:.2f}{'' if z > 2 else '; below 2 the rise is within noise'}).")
+    z, crit, df = s["reward_rise_z"], s.get("reward_rise_crit"), s.get("reward_rise_df")
+    if z is None or z != z or crit is None or crit != crit:
+        out.append("* The RL stage's effect on the teacher reward is undetermined (no spread in a window, or too "
+                   "few logged steps).")
+    else:
+        bound = f"Welch's t, {df:.1f} degrees of freedom: 95% bound {crit:.2f}"
+        if z > crit:
+            out.append(f"* The RL stage raised the teacher reward (z = {z:.2f}; {bound}).")
+        elif z < -crit:
+            out.append(f"* The RL stage lowered the teacher reward (z = {z:.2f}; {bound}).")
+        else:
+            out.append(f"* The RL stage did not clearly change the teacher reward (z = {z:.2f}, within ±{crit:.2f}: "
+                       f"noise; {bound}).")
     d = s["acc_paired_differences"]
     for key, what in (("rlt_minus_raw", "RLT explanations vs. the raw traces"),
                       ("rlt_minus_warmup", "RLT explanations vs. the warm-up teacher's (the RL stage's own effect)"),
@@ -521,4 +531,6 @@ def verdict(s: dict) -> list[str]:
                 "nan": "undetermined (a value is missing)",
                 "flat": "undetermined (every seed gave the same difference, so there is no interval)"}[sign]
         out.append(f"* Students on {what}: {word}; difference {_acc(d[key])}.")
+    out.append("* The accuracy intervals are over the seeds (t, seeds - 1 degrees of freedom) on these test "
+               "questions: they leave out the noise of which questions were drawn.")
     return out
