@@ -312,6 +312,14 @@ def test_json_records_are_written_whole_and_read_with_one_line_errors(tmp_path):
     assert "rlt.experiment report: error: " in r.stderr and "jobs.json: not valid JSON" in r.stderr
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal without CUDA")
+def test_device_cuda_without_cuda_is_refused_before_any_job(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "rlt.experiment", "run", "--quick", "--device", "cuda", "--out",
+                        str(tmp_path / "exp")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "rlt.experiment run: error: --device cuda: no CUDA device is visible" in r.stderr
+    assert not (tmp_path / "exp").exists()   # nothing planned, nothing written
+
+
 def test_kept_jobs_made_by_other_code_are_named_or_rerun_with_what_follows(caplog):
     from rlt.experiment.jobs import Job, fingerprint, kept
 

@@ -76,6 +76,10 @@ def cmd_run(args) -> int:
 
     name = "quick" if args.quick else "default"
     preset = PRESETS[name]
+    if args.device == "cuda":   # before anything runs: the SFT and RL jobs would train on the CPU and fail later
+        from rlt.experiment.runner import device_of
+
+        device_of("cuda")
     out = Path(args.out or ("results/experiment_quick" if args.quick else "results/experiment"))
     state_file = out / "jobs.json"
     state = read_json(state_file, {}) if not args.restart else {}
