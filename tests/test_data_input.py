@@ -201,3 +201,31 @@ def test_a_chat_template_that_alters_or_refuses_the_turns_is_one_line(tokenizer)
     with pytest.raises(ConfigError, match=r"refused a system \+ user \+ assistant conversation \(TemplateError: "
                                           r"System role not supported\)"):
         render_student_prompt(no_system, "q", None, fmt)
+
+
+def test_csv_columns_are_read_as_text(tmp_path):
+    """pandas would type the columns: a solution `4` would be a number (refused as no text), an answer `007` the
+    number 7 and, beside a blank cell, `4` would become `4.0`."""
+    from rlt.eval import eval_rows
+
+    data = tmp_path / "qa.csv"
+    data.write_text('question,solution,answer\nWhat is 2+2?,4,007\nx?,"so \\boxed{5}",\nHalf?,"\\boxed{1/2}",4\n')
+    examples, _ = load_dataset_examples(DataConfig(dataset_id_or_path=str(data)), FormatConfig())
+    assert [ex.solution for ex in examples] == ["4", "so \\boxed{5}", "\\boxed{1/2}"]
+    rows, _ = eval_rows(DataConfig(dataset_id_or_path=str(data)), FormatConfig())
+    assert [r["answer"] for r in rows] == ["007", "5", "4"]
+
+
+def test_a_system_turn_in_the_conversation_is_the_rows_system_prompt():
+    from rlt.data.examples import RowError, parse_stratos_row
+    from rlt.data.formats import resolve_format
+
+    fmt = resolve_format("bespoke_stratos")
+    answer = "<|begin_of_thought|>\n\nt\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\ns\n\n<|end_of_solution|>"
+    turns = [{"from": "user", "value": "q"}, {"from": "assistant", "value": answer}]
+    inline = [{"from": "system", "value": "MY SYSTEM PROMPT"}] + turns
+    assert parse_stratos_row({"conversations": inline}, fmt).system == "MY SYSTEM PROMPT"
+    assert parse_stratos_row({"conversations": inline, "system": "column"}, fmt).system == "column"
+    assert parse_stratos_row({"conversations": turns}, fmt).system is None
+    with pytest.raises(RowError, match=r"one system turn may come first\); found \['user', 'system', 'assistant'\]"):
+        parse_stratos_row({"conversations": [turns[0], inline[0], turns[1]]}, fmt)

@@ -98,8 +98,10 @@ def test_parse_custom_rows_question_and_prompt_columns(caplog):
     ({"conversations": [{"from": "user", "value": Q}, {"from": "assistant", "value": "<|begin_of_thought|>x<|end_of_thought|>"}]}, "row 1: assistant turn after the thought: missing tag '<|begin_of_solution|>'"),
     ({"conversations": [{"from": "user", "value": "  "}, {"from": "assistant", "value": "x"}]}, "row 1: the user turn is empty"),
     ({"conversations": [{"from": "assistant", "value": "x"}, {"from": "user", "value": Q}]},
-     "row 1: 'conversations' must be one user turn followed by one assistant turn; found ['assistant', 'user']"),
-    ({"conversations": [{"from": "user", "value": Q}]}, "row 1: 'conversations' must be one user turn followed by one assistant turn; found ['user']"),
+     "row 1: 'conversations' must be one user turn followed by one assistant turn (one system turn may come "
+     "first); found ['assistant', 'user']"),
+    ({"conversations": [{"from": "user", "value": Q}]}, "row 1: 'conversations' must be one user turn followed by one "
+     "assistant turn (one system turn may come first); found ['user']"),
     ({"conversations": "text"}, "row 1: 'conversations' must be a list"),
     ({"system": "s"}, "row 1: missing column 'conversations'"),
 ])

@@ -43,16 +43,19 @@ def _between(text: str, start: str, end: str, what: str) -> tuple[str, int]:
 
 def parse_stratos_row(row: dict[str, Any], fmt: DataFormat) -> Example:
     """A Stratos row: ``conversations`` holds one user turn (the question) and then one assistant turn
-    (thought + solution); ``system`` turns inside the conversation are allowed before them."""
+    (thought + solution), optionally after one system turn, which is the row's system prompt when the row has
+    no ``system`` column value."""
     conv = row.get("conversations")
     if not conv:
         raise RowError("missing column 'conversations'")
     if not isinstance(conv, list) or not all(isinstance(t, dict) for t in conv):
         raise RowError("'conversations' must be a list of {from, value} turns")
-    turns = [t for t in conv if t.get("from") != "system"]
-    roles = [t.get("from") for t in turns]
-    if roles != ["user", "assistant"]:
-        raise RowError(f"'conversations' must be one user turn followed by one assistant turn; found {roles}")
+    roles = [t.get("from") for t in conv]
+    if roles not in (["user", "assistant"], ["system", "user", "assistant"]):
+        raise RowError("'conversations' must be one user turn followed by one assistant turn (one system turn may "
+                       f"come first); found {roles}")
+    turns = conv[-2:]
+    inline = conv[0].get("value") if len(conv) == 3 else None
     user, asst = turns
     question, text = user.get("value"), asst.get("value")
     if not isinstance(question, str) or not question.strip():
@@ -64,6 +67,8 @@ def parse_stratos_row(row: dict[str, Any], fmt: DataFormat) -> Example:
     if not solution.strip():
         raise RowError("empty solution in the assistant turn")
     system = row.get("system")
+    if not (isinstance(system, str) and system):
+        system = inline
     return Example(question=question, solution=solution, thought=thought,
                    system=system if isinstance(system, str) and system else None)
 

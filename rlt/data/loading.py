@@ -241,6 +241,25 @@ def _json_syntax_problem(path: Path) -> str | None:
     return None
 
 
+def _csv_as_text(path: Path) -> dict:
+    """For a .csv file, features that read every column as text: else pandas guesses types per column, and an
+    answer `4` becomes `4.0` beside a blank cell, `007` becomes 7, and a solution `4` is no text at all."""
+    if path.suffix != ".csv":
+        return {}
+    import csv
+
+    import datasets
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), None)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}   # the loader below reports the file's problem
+    if not header:
+        return {}
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
+
+
 def _file_rows(path: Path):
     """A local .json, .parquet or .csv file as a `datasets.Dataset`; an unreadable one is a ConfigError."""
     import datasets
@@ -251,7 +270,7 @@ def _file_rows(path: Path):
         raise ConfigError(f"dataset_id_or_path={path}: unsupported file type {path.suffix!r}; "
                           f"use one of {sorted(_FILE_BUILDERS)}")
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **_csv_as_text(path))
     except (datasets.exceptions.DatasetsError, pa.ArrowException, StopIteration) as e:
         error = e
     if path.stat().st_size == 0 or isinstance(error, StopIteration):
