@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -318,6 +319,29 @@ def test_device_cuda_without_cuda_is_refused_before_any_job(tmp_path):
                         str(tmp_path / "exp")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "rlt.experiment run: error: --device cuda: no CUDA device is visible" in r.stderr
     assert not (tmp_path / "exp").exists()   # nothing planned, nothing written
+
+
+def test_out_keeps_the_earlier_runs_spelling_and_one_run_holds_it(tmp_path, monkeypatch):
+    from rlt.errors import ConfigError
+    from rlt.experiment.__main__ import earlier_spelling, hold_lock
+    from rlt.experiment.pipeline import PRESETS, plan
+    from rlt.experiment.jobs import fingerprint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp").mkdir()
+    absolute = tmp_path / "exp"
+    assert earlier_spelling(absolute, {"out": "exp"}) == Path("exp")     # same directory, the run's spelling
+    assert earlier_spelling(absolute, {"out": "elsewhere"}) == absolute  # another directory: as given
+    assert earlier_spelling(absolute, {}) == absolute
+    (absolute / "run_meta.json").write_text(json.dumps({"out": "exp"}))  # a run from before jobs.json kept it
+    assert earlier_spelling(absolute, {}) == Path("exp")
+    fps = lambda out: {j.name: fingerprint(j) for j in plan(out, PRESETS["quick"], "cpu")}  # noqa: E731
+    assert fps(Path("exp")) != fps(absolute)   # why the spelling matters
+    held = hold_lock(absolute)
+    with pytest.raises(ConfigError, match=r"another rlt.experiment run is using this directory"):
+        hold_lock(absolute)
+    held.close()
+    hold_lock(absolute).close()
 
 
 def test_kept_jobs_made_by_other_code_are_named_or_rerun_with_what_follows(caplog):

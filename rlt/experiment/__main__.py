@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from rlt.cli import read_json, user_errors, write_json_atomic
+from rlt.errors import ConfigError
 
 logger = logging.getLogger("rlt.experiment")
 
@@ -81,8 +82,12 @@ def cmd_run(args) -> int:
 
         device_of("cuda")
     out = Path(args.out or ("results/experiment_quick" if args.quick else "results/experiment"))
+    out.mkdir(parents=True, exist_ok=True)
+    lock = hold_lock(out)   # noqa: F841  (held until this process ends)
     state_file = out / "jobs.json"
     state = read_json(state_file, {}) if not args.restart else {}
+    out = earlier_spelling(out, state)
+    state_file = out / "jobs.json"
     if args.restart:
         logger.info("--restart: discarding the earlier jobs in %s", out)
         # the record of finished jobs first: a restart stopped early must not find the old jobs listed as done
@@ -99,7 +104,8 @@ def cmd_run(args) -> int:
     version = code_version()
 
     def save(results):
-        write_json_atomic(state_file, {"results": results, "seconds": seconds0 + time.perf_counter() - t0})
+        write_json_atomic(state_file, {"results": results, "seconds": seconds0 + time.perf_counter() - t0,
+                                       "out": str(out)})
 
     with LoadMonitor() as load:
         try:
@@ -117,6 +123,31 @@ def cmd_run(args) -> int:
             "code": _code_words(results, version)}
     (out / "run_meta.json").write_text(json.dumps(meta, indent=2))
     return _write(out, name, preset, meta)
+
+
+def earlier_spelling(out: Path, state: dict) -> Path:
+    """``out`` as the earlier run in it spelled it (jobs.json, else run_meta.json), when that names the same
+    directory: the jobs name paths under it, so another spelling (relative vs absolute) would redo them all."""
+    spelled = state.get("out") or read_json(out / "run_meta.json", {}).get("out")
+    if spelled and spelled != str(out) and Path(spelled).resolve() == out.resolve():
+        logger.info("--out %s: the earlier run in it spelled it %s; its jobs keep that spelling", out, spelled)
+        return Path(spelled)
+    return out
+
+
+def hold_lock(out: Path):
+    """An exclusive lock on ``out``/.lock for this process's lifetime: a second run on the same directory would
+    write the same models and jobs.json. Refused in one line."""
+    import fcntl
+
+    f = open(out / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"--out {out}: another rlt.experiment run is using this directory (it holds {out}/.lock); "
+                          "wait for it or choose another --out") from None
+    return f
 
 
 def _code_words(results: dict, version: dict) -> dict:

@@ -479,7 +479,9 @@ def write_report(out: Path, summary: dict, preset) -> Path:
           f"RLT students over the raw students on that question (mean over seeds): Pearson r = "
           f"**{rg['pearson_r']:.3f}** (95% CI {rg['pearson_ci95'][0]:.3f} to {rg['pearson_ci95'][1]:.3f}), Spearman "
           f"rho = {rg['spearman_rho']:.3f}, {rg['questions']} questions. (The teacher sees these test solutions "
-          "only to compute this statistic; nothing is trained or selected on them.)", ""]
+          "only to compute this statistic; nothing is trained or selected on them. The reward is scored by the seed-0 raw "
+          "student, which is also one of the raw students the gain is taken over: questions it already finds easy "
+          "score high and leave less room for a gain, which pulls r down.)", ""]
     if rg_png:
         L += ["![reward vs gain](plots/reward_gain.png)", ""]
     L += ["## Verdict", ""] + verdict(s) + [""]
