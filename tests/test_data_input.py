@@ -121,7 +121,7 @@ def test_hub_ids_still_go_to_the_hub(tmp_path, monkeypatch, no_hub):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(pytest.fail.Exception):
         load("some-org/some-data")
-    assert no_hub == [("some-org/some-data",)]
+    assert no_hub == [("some-org/some-data", None)]   # the id, without a configuration
 
 
 @pytest.mark.parametrize("raised, message", [
@@ -229,3 +229,37 @@ def test_a_system_turn_in_the_conversation_is_the_rows_system_prompt():
     assert parse_stratos_row({"conversations": turns}, fmt).system is None
     with pytest.raises(RowError, match=r"one system turn may come first\); found \['user', 'system', 'assistant'\]"):
         parse_stratos_row({"conversations": [turns[0], inline[0], turns[1]]}, fmt)
+
+
+def test_custom_format_on_rows_without_a_question_column_names_the_source():
+    with pytest.raises(ConfigError, match=r"^rlt-countdown:2:0 \(data_format=custom\): custom data needs a 'question' "
+                                          r"\(or 'prompt' or 'problem'\) column; found columns \['system', "
+                                          r"'conversations'"):
+        load_dataset_examples(DataConfig(dataset_id_or_path="rlt-countdown:2:0"), FormatConfig(data_format="custom"))
+
+
+def test_a_hub_dataset_with_several_configurations_takes_dataset_config(tmp_path, monkeypatch):
+    """openai/gsm8k-like: without a configuration the hub refuses and lists them; the message names the key and the
+    choices (they were on the error's second line, which was dropped), and dataset_config reaches the hub."""
+    import datasets
+
+    calls = []
+
+    def hub(path, name=None, split=None):
+        calls.append((path, name, split))
+        if name not in ("main", "socratic"):
+            raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['main', "
+                             "'socratic']\nExample of usage:\n\t`load_dataset('openai/gsm8k', 'main')`")
+        return datasets.Dataset.from_list([{"question": "q", "answer": "4"}])
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", hub)
+    assert error_of("openai/gsm8k") == ("dataset_id_or_path=openai/gsm8k has several configurations, ['main', "
+                                        "'socratic']: give dataset_config=NAME")
+    assert error_of("openai/gsm8k", dataset_config="mian").endswith("dataset_config=mian is not one of them")
+    from rlt.data.loading import load_data_table
+
+    ds, _ = load_data_table(DataConfig(dataset_id_or_path="openai/gsm8k", dataset_config="main"))
+    assert calls[-1] == ("openai/gsm8k", "main", "train") and ds[0]["answer"] == "4"
+    with pytest.raises(ConfigError, match=r"dataset_config=main: rlt-arith:train:2:0 is not a hub dataset"):
+        load_data_table(DataConfig(dataset_id_or_path="rlt-arith:train:2:0", dataset_config="main"))

@@ -241,7 +241,7 @@ def test_device_settings_are_checked_before_any_model_loads(tmp_path):
     ("<|begin_of_solution|>\\boxed{\\frac{1}{\\sqrt{2}}}<|end_of_solution|>", "\\frac{1}{\\sqrt{2}}"),
     ("<|begin_of_thought|>\\boxed{1}<|end_of_thought|>\n\n<|begin_of_solution|>\\boxed{2}", "2"),  # unclosed section
     ("<|begin_of_thought|>x<|end_of_thought|>\n\nSo the result is\n7", None),  # no solution section, no box
-    ("We need to combine 1111 and\n1111", None),  # a run-on thought is not an answer
+    ("We need to combine 1111 and\n1111", None),  # no tags and no box: no answer
     ("<|begin_of_thought|>\n\nMaybe \\boxed{25}? 10 + 5 = 15, 15 + 9 = 2", None),  # cut off mid-thought: no answer
     ("So it is \\boxed{24}.", "24"),  # no thought tags at all: the last box
     ("<|begin_of_thought|>x<|end_of_thought|>\n\nso \\boxed{7}", "7"),  # no section, but a box after the thought

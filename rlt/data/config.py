@@ -34,6 +34,8 @@ class DataConfig:
     dataset_id_or_path: str | None = field(default=None, metadata={
         "help": "hub id, local .jsonl/.json/.parquet/.csv file or directory, or rlt-countdown:N:SEED (embedded)"})
     dataset_split: str = field(default="train", metadata={"help": "split of a hub or directory dataset"})
+    dataset_config: str | None = field(default=None, metadata={
+        "help": "configuration (subset) of a hub dataset that has several, e.g. main for openai/gsm8k"})
     drop_bad_rows: bool = field(default=False, metadata={
         "help": "skip unparseable rows (their count is logged) instead of stopping at the first"})
     max_samples: int | None = field(default=None, metadata={"help": "use only the first N rows (null: all)"})

@@ -106,7 +106,10 @@ def row_parser(fmt: DataFormat, columns: Iterable[str], source: str = "dataset")
     """The function that parses one row of ``fmt`` whose table has ``columns`` (raises :class:`RowError`)."""
     if fmt.row_schema == "stratos":
         return lambda row: parse_stratos_row(row, fmt)
-    qcol = question_column(columns)
+    try:
+        qcol = question_column(columns)
+    except RowError as e:
+        raise RowError(f"{source} (data_format={fmt.name}): {e}") from None
     logger.info("%s: custom format, questions read from column %r", source, qcol)
     return lambda row: parse_custom_row(row, qcol, fmt)
 

@@ -306,7 +306,8 @@ def _dir_rows(path: Path, split: str):
         raise ConfigError(f"dataset_split={split}: {path} has no such split ({_one_line(e)})") from None
 
 
-def load_table(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_rows: bool = False):
+def load_table(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_rows: bool = False,
+               config: str | None = None):
     """(rows as a `datasets.Dataset`, 1-based file line of each row or None) of ``rlt-countdown:N:SEED`` or
     ``rlt-arith:...`` (embedded, Stratos schema), a local jsonl/json/parquet/csv file, a directory saved with
     `save_to_disk`, a directory of data files, or a hub id. Line numbers exist for JSON-lines files only;
@@ -314,6 +315,9 @@ def load_table(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_row
     import datasets
 
     spec = str(dataset_id_or_path)
+    if config is not None and (BUILTIN_RE.match(spec) or looks_local(spec) or Path(spec).expanduser().exists()):
+        raise ConfigError(f"dataset_config={config}: {spec} is not a hub dataset; dataset_config names a hub "
+                          "dataset's configuration (leave it null)")
     if BUILTIN_RE.match(spec):
         rows = _builtin_rows(spec)
         _require_default_split(split, spec, "has its split in the id (rlt-arith:SPLIT:N:SEED)"
@@ -329,10 +333,15 @@ def load_table(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_row
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         raise ConfigError(f"dataset_id_or_path={spec}: no such file or directory{where}")
     try:
-        return datasets.load_dataset(spec, split=split), None
+        return datasets.load_dataset(spec, config, split=split), None
     except Exception as e:  # not found, gated, offline, no network, no such split: named by type and first line
         if isinstance(e, ValueError) and "split" in str(e).lower():
             raise ConfigError(f"dataset_split={split}: {spec} has no such split ({_one_line(e)})") from None
+        configs = re.search(r"available configs: (\[[^\]]*\])", str(e))
+        if isinstance(e, ValueError) and configs:
+            given = f"dataset_config={config} is not one of them" if config else "give dataset_config=NAME"
+            raise ConfigError(f"dataset_id_or_path={spec} has several configurations, {configs.group(1)}: "
+                              f"{given}") from None
         raise ConfigError(f"dataset_id_or_path={spec}: not a local path, and the hub could not give it "
                           f"({type(e).__name__}: {_one_line(e)})") from None
 
@@ -364,7 +373,8 @@ def load_examples(dataset_id_or_path: str, fmt: DataFormat, split: str = DEFAULT
 def load_data_table(data):
     """(rows, their 1-based file lines or None) of the data settings (:class:`~rlt.data.config.DataConfig`):
     ``dataset_split``, ``drop_bad_rows`` and ``max_samples`` applied (see :func:`load_table`)."""
-    return _first(*load_table(data.require_dataset(), data.dataset_split, data.drop_bad_rows), data.max_samples)
+    return _first(*load_table(data.require_dataset(), data.dataset_split, data.drop_bad_rows, data.dataset_config),
+                  data.max_samples)
 
 
 def load_dataset_examples(data, fmt_cfg) -> tuple[list[Example], DataFormat]:
