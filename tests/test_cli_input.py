@@ -158,6 +158,11 @@ def test_distill_refuses_to_resume_from_rows_of_other_questions(tmp_path, tokeni
     before = out.read_bytes() + b'{"torn'  # a torn last line is not repaired either
     out.write_bytes(before)
     engine = FakeEngine(tokenizer)
+    with pytest.raises(ConfigError, match=rf"^{out}: its rows were written with other settings \(data differ\)"):
+        distill(*distill_args(teacher=tiny_path, dataset="rlt-countdown:4:5", output=out, num_explanations=2),
+                engine=engine)
+    assert out.read_bytes() == before and not engine.prompt_ids
+    (tmp_path / "d.jsonl.settings.json").unlink()   # a file without its settings: each row's question is checked
     with pytest.raises(ConfigError, match=rf"^{out}, line 1: its question is not question 0 \(source_index\) of the "
                                           r"dataset, so this file was written from other data"):
         distill(*distill_args(teacher=tiny_path, dataset="rlt-countdown:4:5", output=out, num_explanations=2),
