@@ -48,6 +48,23 @@ def test_long_rows_dropped_with_count(tokenizer, caplog):
     assert len(ds) == 4 and "dropped 1 of 5" in caplog.text
 
 
+def test_teacher_thoughts_without_the_padding_are_counted(tokenizer, caplog):
+    """A Stratos thought kept byte-exact that does not start with the padding: its SFT prompt ends at the tag, not
+    where the RL prompt ends; said with a count (none in the embedded data)."""
+    fmt = resolve_format("bespoke_stratos")
+    exs = load_examples("rlt-countdown:4:0", fmt)
+    with caplog.at_level("WARNING"):
+        build_sft_dataset(tokenizer, exs, fmt, max_length=None)
+    assert "padding" not in caplog.text
+    with caplog.at_level("WARNING"):
+        build_sft_dataset(tokenizer, exs + [Example("q", "s", "\nOkay, so\n")], fmt, max_length=None)
+    assert "1 of 5 teacher examples have a thought that does not start with the padding" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_sft_dataset(tokenizer, [Example("q", "s", "\nOkay, so\n")], fmt, max_length=None, student=True)
+    assert "padding" not in caplog.text   # the student's text has no RL prompt
+
+
 def test_student_labels_cover_the_whole_assistant_turn(tokenizer):
     from rlt.trainers.sft import tokenize_student_example
 

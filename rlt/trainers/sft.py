@@ -44,6 +44,12 @@ def build_sft_dataset(tokenizer, examples: list[Example], fmt: DataFormat, max_l
     from rlt.data.loading import drop_longer
 
     fn = tokenize_student_example if student else tokenize_teacher_example
+    pad = fmt.delimiter_padding
+    off = 0 if student or not pad else sum(not ex.thought.startswith(pad) for ex in examples)
+    if off:   # Stratos thoughts are kept byte-exact; custom ones are padded when parsed
+        logger.warning("%d of %d teacher examples have a thought that does not start with the padding %r: their SFT "
+                       "prompt ends at the explanation tag, while the RL prompt (and distillation's) ends with the "
+                       "padding", off, len(examples), pad)
     rows = datasets.Dataset.from_list([fn(tokenizer, ex, fmt) for ex in examples])
     return drop_longer(rows, lambda r: len(r["input_ids"]), max_length, "example", "max_length")
 
