@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
@@ -48,6 +49,7 @@ RENAMES = {
     "torch_dtype": "dtype",
     "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio
     "generation_aggregation_steps": "steps_per_generation",
+    "resume_from_checkpoint": "resume_from",   # trl's scripts' key; rlt's trainers read resume_from
     # short names of the offline tools' command lines
     "teacher": "model_name_or_path",
     "model": "model_name_or_path",
@@ -183,8 +185,41 @@ def coerce_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def documented_choices(args_cls: type, key: str) -> list[str] | None:
+    """The values trl's help for ``key`` lists after "Supported values are" (None when it lists none)."""
+    f = next((f for f in dataclasses.fields(args_cls) if f.name == key), None)
+    m = re.search(r"Supported values are (.*?)\.(?:\s|$)", (f.metadata.get("help", "") if f else ""))
+    return re.findall(r"'(\w+)'", m.group(1)) if m else None
+
+
+def check_trl_choices(args_cls: type, kw: dict[str, Any]) -> None:
+    """Names trl checks only when it first uses them (the loss, the advantages: after a whole generation round;
+    the reporting integrations: after the model loaded, on every rank), refused before anything loads."""
+    loss = kw.get("loss_type")
+    choices = documented_choices(args_cls, "loss_type")
+    if loss is not None and choices and loss not in choices:
+        raise ConfigError(f"loss_type={loss!r}: choose one of {choices} (trl's {args_cls.__name__})")
+    scale = kw.get("scale_rewards")
+    if scale is not None and scale not in ("group", "batch", "none", True, False):  # trl's compute-time check
+        raise ConfigError(f"scale_rewards={scale!r}: choose group, batch or none (true/false: group/none)")
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    report = kw.get("report_to")
+    names = [report] if isinstance(report, str) else list(report or [])
+    unknown = [r for r in names if r not in INTEGRATION_TO_CALLBACK and r not in ("all", "none")]
+    if unknown:
+        raise ConfigError(f"report_to={report}: unknown integration(s) {unknown}; choose from "
+                          f"{sorted(INTEGRATION_TO_CALLBACK)}, all or none")
+
+
 def check_trl_ranges(kw: dict[str, Any]) -> None:
     """Values trl accepts but a run cannot use (or that trl divides by), refused before its config is built."""
+    for key in ("steps_per_generation", "num_iterations"):   # trl divides by them
+        if kw.get(key) is not None and kw[key] < 1:
+            raise ConfigError(f"{key}={kw[key]} must be >= 1 (null: trl's default)")
+    if kw.get("save_strategy", "steps") == "steps" and kw.get("save_steps") is not None and kw["save_steps"] <= 0:
+        raise ConfigError(f"save_steps={kw['save_steps']}: with save_strategy=steps give a number of steps >= 1 (or "
+                          "a fraction of the run in (0, 1)); transformers would never save, so a crash loses the run")
     steps = kw.get("max_steps")
     if steps is not None and steps != -1 and steps < 1:
         raise ConfigError(f"max_steps={steps}: give -1 (train num_train_epochs) or a number of steps >= 1")
@@ -383,6 +418,7 @@ def build_train_settings(cfg: dict, num_processes: int | None = None, **forced) 
     run: RunConfig = parts["run"]
     kw = coerce_fields(args_cls, kw)
     check_trl_ranges(kw)
+    check_trl_choices(args_cls, kw)
     n = num_processes_from_env() if num_processes is None else num_processes
     if n < 1:
         raise ConfigError(f"number of training processes ({n}) must be >= 1")

@@ -10,6 +10,7 @@ from dataclasses import field
 from pathlib import Path
 
 from rlt.errors import ConfigError
+from rlt.logging_utils import rank
 
 logger = logging.getLogger(__name__)
 TRAINERS = ("sft", "student_sft", "teacher_grpo")
@@ -29,8 +30,9 @@ class RunConfig:
     save_merged_model: bool = field(default=False, metadata={
         "help": "also save the full model with any LoRA adapters merged + tokenizer to <output_dir>/merged "
                 "(loadable with AutoModelForCausalLM, vLLM and rlt.distill/eval/score)"})
-    wandb_project: str = field(default="rlt", metadata={
-        "help": "wandb project when report_to includes wandb (runs are written under <output_dir>/wandb)"})
+    wandb_project: str | None = field(default=None, metadata={
+        "help": "wandb project when report_to includes wandb (null: $WANDB_PROJECT, else rlt; runs are written "
+                "under <output_dir>/wandb)"})
     train_batch_size: int = field(default=16, metadata={
         "help": "global batch = per_device_train_batch_size x processes x gradient accumulation (derived)"})
 
@@ -62,39 +64,103 @@ def configure_reporting(run: RunConfig, args) -> None:
     """wandb (when reported to) writes under output_dir, into the project ``wandb_project``, never into the
     working directory or a project named after the library."""
     if "wandb" in (args.report_to or []):
-        os.environ["WANDB_PROJECT"] = run.wandb_project
+        os.environ["WANDB_PROJECT"] = run.wandb_project or os.environ.get("WANDB_PROJECT") or "rlt"
         os.environ["WANDB_DIR"] = str(Path(args.output_dir).resolve())
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
 
 
-def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
-    """The checkpoint to resume from: ``resume_from`` if set, else the newest complete one in output_dir.
+RUN_LOCK = ".rlt_run.lock"
 
-    The Trainer writes ``trainer_state.json`` last (after the model, optimizer and RNG states), so a
-    ``checkpoint-N`` without it was cut off while being saved: it is skipped, with a warning naming it.
-    """
-    if resume_from:
-        if not Path(resume_from, "trainer_state.json").exists():
-            raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no trainer_state.json)")
-        optimizer = any(Path(resume_from).glob("global_step*")) or Path(resume_from, "optimizer.pt").exists()
-        if not optimizer:  # a finished run's output_dir also holds trainer_state.json (save_state), but no optimizer
-            raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no optimizer state: a finished run's "
-                              "output?); give one of its checkpoint-N folders, or model_name_or_path= to start "
-                              "from its weights")
-        return resume_from
-    if not Path(output_dir).is_dir():
+
+def run_lock(output_dir: str, hold: bool):
+    """An exclusive lock on ``output_dir``/.rlt_run.lock: two runs in one output_dir would write the same
+    checkpoint-N folders and rlt_config.yaml. ``hold``: take it and return the open file (the lock lasts while it
+    is open: the main process keeps it for the run); else only see that no run holds it (``--check``, which
+    creates nothing). Held by another process: one ConfigError."""
+    import fcntl
+
+    path = Path(output_dir) / RUN_LOCK
+    if not hold and not path.exists():
         return None
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
-
-    for ckpt in reversed(sort_checkpoints(output_dir, PREFIX_CHECKPOINT_DIR)):
-        if Path(ckpt, "trainer_state.json").is_file():
-            return ckpt
-        logger.warning("%s has no trainer_state.json (its save was cut off): not resuming from it", ckpt)
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(f"output_dir={output_dir}: another training run is using it (it holds {path}); wait for "
+                          "it to end, or give another output_dir") from None
+    if hold:
+        return f
+    f.close()
     return None
 
 
-# Keys a resumed run may change: how long it runs, what it saves and logs, and how it reaches its vLLM servers.
+def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
+    """The checkpoint to resume from: ``resume_from`` if set, else the newest complete one in output_dir
+    (:func:`_complete_checkpoints`). Refused in one line: a checkpoint without optimizer state, and a
+    ``resume_from`` older than complete checkpoints in output_dir (a later plain rerun would resume those)."""
+    complete = _complete_checkpoints(output_dir)
+    if resume_from:
+        if not Path(resume_from, "trainer_state.json").exists():
+            raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no trainer_state.json)")
+        if not _has_optimizer(resume_from):  # a finished run's output_dir also holds trainer_state.json (save_state)
+            raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no optimizer state: a finished run's "
+                              "output, or saved with save_only_model?); give one of its checkpoint-N folders, or "
+                              "model_name_or_path= to start from its weights")
+        newer = [Path(c).name for c in complete if _step(c) > _step(resume_from)]
+        if newer:   # a later rerun without resume_from would resume those, another run's or this one's future
+            raise ConfigError(f"resume_from={resume_from}: output_dir={output_dir} holds newer checkpoints "
+                              f"({', '.join(newer)}); a later plain rerun would resume them, not this branch. Move "
+                              "them away first (or resume the newest with a plain rerun)")
+        return resume_from
+    if not complete:
+        return None
+    ckpt = complete[-1]
+    if not _has_optimizer(ckpt):
+        raise ConfigError(f"output_dir={output_dir}: {Path(ckpt).name} holds no optimizer state (saved with "
+                          "save_only_model=true?), so it cannot be resumed; give model_name_or_path="
+                          f"{ckpt} to start a new run from its weights, in another output_dir")
+    return ckpt
+
+
+def _step(ckpt: str | Path) -> int:
+    """The step a checkpoint was saved at: its trainer_state.json's global_step, else N of checkpoint-N (-1)."""
+    try:
+        return int(json.loads(Path(ckpt, "trainer_state.json").read_text())["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        name = Path(ckpt).name
+        return int(name.rsplit("-", 1)[1]) if "-" in name and name.rsplit("-", 1)[1].isdigit() else -1
+
+
+def _has_optimizer(ckpt: str | Path) -> bool:
+    """DeepSpeed's global_step* folder or the Trainer's optimizer.pt."""
+    return any(Path(ckpt).glob("global_step*")) or Path(ckpt, "optimizer.pt").exists()
+
+
+def _complete_checkpoints(output_dir: str) -> list[str]:
+    """The checkpoint-N folders of ``output_dir``, oldest first, that hold trainer_state.json: the Trainer writes
+    it last (after the model, optimizer and RNG states), so one without it was cut off while being saved (skipped,
+    with a warning naming it)."""
+    if not output_dir or not Path(output_dir).is_dir():
+        return []
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+
+    out = []
+    for ckpt in sort_checkpoints(output_dir, PREFIX_CHECKPOINT_DIR):
+        if Path(ckpt, "trainer_state.json").is_file():
+            out.append(ckpt)
+        elif rank() == 0:   # checked by --check and again by every rank
+            logger.warning("%s has no trainer_state.json (its save was cut off): not resuming from it", ckpt)
+    return out
+
+
+# Keys a resumed run may change: how long it runs, what it saves and logs, how it reaches its vLLM servers, and
+# how it fits in memory or runs faster with the same results (the fixes for an out-of-memory crash or a timeout).
 RESUME_MAY_CHANGE = frozenset({
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_checkpointing", "attn_implementation",
+    "offload_untrained_models", "ddp_timeout", "dataloader_num_workers", "reward_micro_batch_size",
+    "reward_logit_chunk_size", "reward_vocab_chunk_size", "reward_token_budget", "reward_packing",
+    "reward_logprob_backend",
     "max_steps", "num_train_epochs", "save_steps", "save_strategy", "save_total_limit", "save_only_model",
     "save_final_model", "save_merged_model", "save_completions_probability", "logging_steps", "logging_prob",
     "report_to", "wandb_project", "run_name", "results_dir", "output_dir", "resume_from", "vllm_host", "vllm_port",

@@ -63,11 +63,19 @@ def check(cfg: dict, num_processes: int | None = None):
     check_inputs(s)
     examples, fmt = load_dataset_examples(s.data, s.format)
     check_writable(s.args.output_dir)
+    if num_processes is not None:   # before a launch: no other run may hold output_dir
+        from rlt.runs import run_lock
+
+        run_lock(s.args.output_dir, hold=False)
     return s, examples, fmt
 
 
 def run(cfg: dict) -> None:
+    from rlt.logging_utils import rank
+    from rlt.runs import run_lock
+
     s, examples, fmt = check(cfg)
+    lock = run_lock(s.args.output_dir, hold=True) if rank() == 0 else None  # noqa: F841  (held for the run)
     if s.run.trainer == "teacher_grpo":
         from rlt.trainers.grpo_run import run_teacher_grpo
 

@@ -15,6 +15,14 @@ def test_wandb_writes_under_output_dir_into_the_configured_project(tmp_path, mon
                                                           "wandb_project=my-rlt"]), num_processes=1)
     configure_reporting(s.run, s.args)
     assert os.environ["WANDB_PROJECT"] == "my-rlt" and os.environ["WANDB_DIR"] == str((tmp_path / "o").resolve())
+    exported = build_train_settings(compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'o'}", "report_to=wandb"]),
+                                    num_processes=1)
+    os.environ["WANDB_PROJECT"] = "exported"
+    configure_reporting(exported.run, exported.args)   # no wandb_project: the user's exported project is kept
+    assert os.environ["WANDB_PROJECT"] == "exported"
+    os.environ.pop("WANDB_PROJECT")
+    configure_reporting(exported.run, exported.args)   # neither: rlt's
+    assert os.environ["WANDB_PROJECT"] == "rlt"
     s = build_train_settings(compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'p'}"]), num_processes=1)
     for key in ("WANDB_PROJECT", "WANDB_DIR"):
         os.environ.pop(key)

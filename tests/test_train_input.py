@@ -34,9 +34,16 @@ def refused(fn, *args, match: str):
     ("tiny_teacher_rlt", "max_completion_length=0", r"max_completion_length=0 must be >= 1"),
     ("tiny_teacher_sft", "max_steps=-5", r"max_steps=-5: give -1 .* or a number of steps >= 1"),
     ("tiny_teacher_sft", "max_steps=0", r"max_steps=0: give -1"),
+    ("tiny_teacher_rlt", "generation_aggregation_steps=0", r"steps_per_generation=0 must be >= 1"),
+    ("tiny_teacher_rlt", "+num_iterations=0", r"num_iterations=0 must be >= 1"),
+    ("tiny_teacher_sft", "save_steps=0 save_strategy=steps", r"save_steps=0\.0: with save_strategy=steps give a number of steps >= 1"),
+    # names trl checks only when it first uses them (after a generation round, or after the model loads)
+    ("tiny_teacher_rlt", "loss_type=bogus", r"loss_type='bogus': choose one of \['grpo', 'dr_grpo', 'dapo'"),
+    ("tiny_teacher_rlt", "scale_rewards=bogus", r"scale_rewards='bogus': choose group, batch or none"),
+    ("tiny_teacher_sft", "report_to=wanbd", r"report_to=wanbd: unknown integration\(s\) \['wanbd'\]; choose from "),
 ])
 def test_trl_values_are_type_and_range_checked(tmp_path, recipe, override, match):
-    refused(settings, tmp_path, recipe, override, match=match)
+    refused(settings, tmp_path, recipe, *override.split(" "), match=match)
 
 
 def test_trl_values_convert_as_a_user_expects(tmp_path):
@@ -63,7 +70,8 @@ def test_missing_models_and_checkpoints_fail_check(tmp_path):
         ("tiny_teacher_rlt", f"student_model={nothing}", r"student_model=\S+nothing: no such directory"),
         ("tiny_teacher_sft", f"resume_from={nothing}", r"resume_from=\S+nothing: not a checkpoint"),
         ("tiny_teacher_sft", f"resume_from={finished}", r"resume_from=\S+finished: not a checkpoint \(no optimizer "
-                                                        r"state: a finished run's output\?\); give one of its"),
+                                                        r"state: a finished run's output, or saved with "
+                                                        r"save_only_model\?\); give one of its"),
     ]:
         cfg = compose(recipe, [f"output_dir={tmp_path / 'out'}", override])
         refused(check, cfg, 1, match=match)
@@ -79,12 +87,49 @@ def test_resume_skips_a_checkpoint_whose_save_was_cut_off(tmp_path, caplog):
         (out / f"checkpoint-{step}").mkdir(parents=True)
     for step in (5, 10):  # complete: the Trainer writes trainer_state.json last
         (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        (out / f"checkpoint-{step}" / "global_step{step}").mkdir()   # DeepSpeed's optimizer state
     (out / "checkpoint-20" / "model.safetensors").write_text("")  # killed while saving
     assert last_checkpoint(str(out), None) == str(out / "checkpoint-10")
     assert "checkpoint-20 has no trainer_state.json" in caplog.text
     (out / "checkpoint-10" / "trainer_state.json").unlink()
     (out / "checkpoint-5" / "trainer_state.json").unlink()
     assert last_checkpoint(str(out), None) is None
+
+
+def checkpoint(out, step: int, optimizer: bool = True):
+    (out / f"checkpoint-{step}").mkdir(parents=True)
+    (out / f"checkpoint-{step}" / "trainer_state.json").write_text(f'{{"global_step": {step}}}')
+    if optimizer:
+        (out / f"checkpoint-{step}" / f"global_step{step}").mkdir()
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_before_anything_loads(tmp_path):
+    """save_only_model=true checkpoints hold trainer_state.json but no optimizer state; DeepSpeed would raise on
+    every rank after the models loaded."""
+    out = tmp_path / "out"
+    checkpoint(out, 4)
+    checkpoint(out, 8, optimizer=False)
+    cfg = compose("tiny_teacher_sft", [f"output_dir={out}"])
+    refused(check, cfg, 1, match=rf"output_dir={out}: checkpoint-8 holds no optimizer state \(saved with "
+                                 rf"save_only_model=true\?\), so it cannot be resumed; give model_name_or_path="
+                                 rf"{out / 'checkpoint-8'} to start a new run from its weights")
+
+
+def test_resuming_an_older_checkpoint_beside_newer_ones_is_refused(tmp_path):
+    """A branch from checkpoint-25 with checkpoint-50 still in output_dir: a later plain rerun would resume
+    checkpoint-50 (the other branch), and the same command rerun would replay from 25."""
+    out = tmp_path / "out"
+    for step in (25, 50):
+        checkpoint(out, step)
+    cfg = compose("tiny_teacher_sft", [f"output_dir={out}", f"resume_from={out / 'checkpoint-25'}"])
+    refused(check, cfg, 1, match=rf"resume_from={out / 'checkpoint-25'}: output_dir={out} holds newer checkpoints "
+                                 r"\(checkpoint-50\); a later plain rerun would resume them")
+    import shutil
+
+    shutil.move(str(out / "checkpoint-50"), str(tmp_path / "checkpoint-50"))
+    check(cfg, 1)
+    cfg = compose("tiny_teacher_sft", [f"output_dir={out}", f"+resume_from_checkpoint={tmp_path / 'checkpoint-50'}"])
+    assert check(cfg, 1)[0].run.resume_from == str(tmp_path / "checkpoint-50")   # trl's name for resume_from
 
 
 def test_a_rerun_with_other_settings_does_not_silently_resume_the_old_run(tmp_path, caplog):
@@ -97,6 +142,9 @@ def test_a_rerun_with_other_settings_does_not_silently_resume_the_old_run(tmp_pa
     (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
     same = compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.001", "max_steps=50", "logging_steps=2"])
     check(same, 1)  # the same run, longer and logged more often: it resumes
+    fits = compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.001", "per_device_train_batch_size=2",
+                                        "gradient_checkpointing=true", "attn_implementation=eager"])
+    check(fits, 1)  # after an out-of-memory crash: the same batch in smaller pieces, recomputed activations
     other = compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.05", "model_name_or_path=rlt-tiny:5"])
     message = refused(check, other, 1, match=rf"output_dir={out} holds a run to resume \(checkpoint-4\) made with "
                                              r"other settings \(learning_rate: 0\.001 -> 0\.05; model_name_or_path: "
@@ -131,7 +179,8 @@ def test_launch_sh_refuses_a_missing_model_in_one_line(tmp_path):
                     f"model_name_or_path={tmp_path / 'nomodel'}"], timeout=300, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("rlt.train: error: model_name_or_path=")
-    assert "Traceback" not in proc.stderr and "[launch]" not in proc.stdout
+    # nothing was launched (the first-run notice about DeepSpeed's op may come before the check)
+    assert "Traceback" not in proc.stderr and "process(es), recipe=" not in proc.stdout
 
 
 # ----------------------------------------------------------------------------------------- 5, 6. launch_with_server
@@ -190,3 +239,19 @@ def test_launch_with_server_flags():
     refused(launch_with_server.split_flags, ["x=1", "offload", "zero1"], match="offload and zero1 exclude each other")
     refused(launch_with_server.split_flags, ["ofload"], match=r"unexpected argument 'ofload'.*offload\|zero1")
     assert launch_with_server.split_flags(["x=1", "zero1", "~y"]) == (["x=1", "~y"], ["zero1"])
+
+
+def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
+    """The running run's main process holds output_dir/.rlt_run.lock; --check of a second launch is refused in one
+    line (without a running run, --check creates no lock file)."""
+    from rlt.runs import RUN_LOCK, run_lock
+
+    out = tmp_path / "out"
+    cfg = compose("tiny_teacher_sft", [f"output_dir={out}"])
+    check(cfg, 1)
+    assert not (out / RUN_LOCK).exists()
+    held = run_lock(str(out), hold=True)   # a run in progress
+    refused(check, cfg, 1, match=rf"output_dir={out}: another training run is using it \(it holds "
+                                 rf"{out / RUN_LOCK}\); wait for it to end")
+    held.close()                            # it ended
+    check(cfg, 1)
