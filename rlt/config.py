@@ -115,6 +115,8 @@ def typed(cls: type, values: dict[str, Any]):
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         first = str(e).splitlines()[0]
+        if "is not a ListConfig" in first:
+            first = f"{cls.__name__}.{key} takes a list: write {key}=[a,b] (one item: {key}=[a])"
         raise ConfigError(f"{key}={values.get(key)!r}: {first}") from None
 
 
@@ -226,6 +228,8 @@ def check_trl_ranges(kw: dict[str, Any]) -> None:
     for key in LENGTHS:
         if kw.get(key) is not None and kw[key] < 1:
             raise ConfigError(f"{key}={kw[key]} must be >= 1 (tokens; null: no limit)")
+    if "num_generations" in kw and kw["num_generations"] is None:
+        raise ConfigError("num_generations=null: give the number of completions per prompt (>= 2)")
     g = kw.get("num_generations")
     if g is not None and g < 2:
         raise ConfigError(f"num_generations={g}: GRPO needs at least 2 completions per prompt")
@@ -324,7 +328,7 @@ def compose(recipe: str, overrides: list[str] | tuple[str, ...] = ()) -> dict:
                 cfg = hydra_compose("train", overrides=[*base, *overrides])
             out = OmegaConf.to_container(cfg, resolve=True)
         except Exception as e:  # hydra's errors name the key or the recipe
-            raise ConfigError(hydra_message(e)) from None
+            raise ConfigError(hydra_message(e, trl_fields=_recipe_trl_fields(base))) from None
     out.pop("hydra", None)
     return out
 
@@ -351,9 +355,10 @@ def _to_recipe_name(override: str, recipe_keys: set[str]) -> str:
     return prefix + there[0] + override.lstrip("+~")[len(key):]
 
 
-def hydra_message(e: Exception, tool: str | None = None) -> str:
+def hydra_message(e: Exception, tool: str | None = None, trl_fields: set[str] | None = None) -> str:
     """One line from a Hydra/OmegaConf error (the useful part is usually the first line, or its cause).
-    ``tool``: an offline tool's name (its keys are fixed: a trl training key is simply not one of them)."""
+    ``tool``: an offline tool's name (its keys are fixed: a trl training key is simply not one of them).
+    ``trl_fields``: the recipe's trl config fields (None: SFT's and GRPO's), for the ``+key`` hint."""
     text = str(e).strip() or repr(e)
     cause = e.__cause__ or e.__context__
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -362,8 +367,14 @@ def hydra_message(e: Exception, tool: str | None = None) -> str:
         key = msg.split("'")[1]
         if tool:
             return f"unknown key {key!r}: not a setting of {tool} (python -m {tool} --help lists every key)"
-        if key in _trl_field_names():
+        fields = _trl_field_names() if trl_fields is None else trl_fields
+        if key in fields or RENAMES.get(key) in fields:
             return f"{key} is a trl setting this recipe does not set: add it as +{key}=VALUE"
+        if key in _trl_field_names():
+            return f"{key} is a setting of the other trainer (SFT or GRPO), not of this recipe's"
+        if Path(CONFIG_DIR, key).is_dir():
+            options = sorted(p.stem for p in Path(CONFIG_DIR, key).glob("*.yaml"))
+            return f"{key} is a config group: write {key}@_global_=NAME (NAME one of {options})"
         return f"unknown key {key!r} (--help lists every key)"
     if cause is not None and str(cause).strip():
         msg = f"{msg} {str(cause).strip().splitlines()[0]}"
@@ -374,6 +385,17 @@ def _trl_field_names() -> set[str]:
     from trl import GRPOConfig, SFTConfig
 
     return set(field_names(SFTConfig)) | set(field_names(GRPOConfig))
+
+
+def _recipe_trl_fields(base: list[str]) -> set[str] | None:
+    """The trl config fields of the recipe composed by ``base`` (None when it cannot be told)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return set(field_names(trl_class(hydra_compose("train", overrides=base).get("trainer"))))
+    except Exception:  # the recipe itself is broken: the original error says so
+        return None
 
 
 def num_processes_from_env() -> int:

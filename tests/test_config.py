@@ -100,6 +100,34 @@ def test_unknown_mistyped_and_duplicate_keys_are_errors():
     assert compose("tiny_teacher_sft", ["+logging_first_step=true"])["logging_first_step"] is True
 
 
+@pytest.mark.parametrize("recipe, override, message", [
+    # a renamed key the recipe does not set: the +key hint works under either name
+    ("tiny_teacher_rlt", "warmup_ratio=0.1", "warmup_ratio is a trl setting this recipe does not set: add it as "
+                                             "+warmup_ratio=VALUE"),
+    # a key of the other trainer: no +key hint (it would then be refused as no field of GRPOConfig)
+    ("tiny_teacher_rlt", "max_length=4096", "max_length is a setting of the other trainer (SFT or GRPO), not of this "
+                                            "recipe's"),
+    ("tiny_teacher_sft", "num_generations=8", "num_generations is a setting of the other trainer"),
+    ("tiny_teacher_sft", "model_cfg=tiny", "model_cfg is a config group: write model_cfg@_global_=NAME (NAME one of "
+                                           "['qwen2.5_7b_instruct', 'tiny'])"),
+])
+def test_override_hints_lead_somewhere(recipe, override, message):
+    with pytest.raises(ConfigError) as e:
+        compose(recipe, [override])
+    assert str(e.value).startswith(message)
+    if "+warmup_ratio" in message:
+        assert compose(recipe, ["+warmup_ratio=0.1"])["warmup_ratio"] == 0.1
+    if "@_global_" in message:
+        assert compose(recipe, ["model_cfg@_global_=tiny"])["model_name_or_path"] == "rlt-tiny:0"
+
+
+def test_a_list_key_given_one_word_says_how_to_write_a_list():
+    cfg = compose("tiny_teacher_sft", ["lora_target_modules=all-linear"])
+    with pytest.raises(ConfigError, match=r"lora_target_modules='all-linear': LoraConfig\.lora_target_modules takes a "
+                                          r"list: write lora_target_modules=\[a,b\]"):
+        build_train_settings(cfg, num_processes=1)
+
+
 def test_no_key_is_declared_twice():
     """Each rlt key lives in one dataclass, and none shadows a field of the trl config classes."""
     from trl import GRPOConfig
