@@ -10,7 +10,7 @@ never closed: e.g. cut at the token limit) is never read as an answer, even
 when it holds a \\boxed{...} or a solution tag.
 check_answer: Countdown rows (numbers + target) evaluate the expression
 exactly (the last line or side of an equation that is one); answers that are
-plain words compare as words (case, \\text{} and a final period aside); other
+words of 3+ letters compare as words (case, \\text{} and a final period aside); other
 answers go through math-verify, with a normalised exact match when math-verify
 cannot parse them.
 """
@@ -116,10 +116,15 @@ def _normalise(s: str) -> str:
     return re.sub(r"\s+", "", s).strip("$.").lower()
 
 
+_WORD = re.compile(r"[A-Za-z]{3,}(?:['-][A-Za-z]{3,})*")  # runs of 3+ letters: "xy", "a - b" stay algebra
+
+
 def _words(s: str) -> str | None:
-    """``s`` as lower-case words when it is only words (\\text{...}, $...$ and a final period aside), else None."""
+    """``s`` as lower-case words when it is only words of 3+ letters (\\text{...}, $...$ and a final period
+    aside), else None."""
     s = re.sub(r"\\(?:text|textbf|mathrm)\{([^{}]*)\}", r"\1", s).strip().strip("$").strip().rstrip(".")
-    return " ".join(s.lower().split()) if re.fullmatch(r"[A-Za-z][A-Za-z' -]*", s) else None
+    tokens = s.split()
+    return " ".join(t.lower() for t in tokens) if tokens and all(_WORD.fullmatch(t) for t in tokens) else None
 
 
 def check_answer(pred: str | None, gold: str, numbers: list[int] | None = None, target: int | None = None) -> bool:
@@ -128,7 +133,7 @@ def check_answer(pred: str | None, gold: str, numbers: list[int] | None = None, 
     if numbers is not None and target is not None:
         return check_countdown(pred, numbers, target)
     words, pred_words = _words(gold), _words(pred)
-    if words and pred_words and len(words) > 1:  # not math: math-verify reads "listen" as a product of letters
+    if words and pred_words:  # not math: math-verify reads "listen" as a product of letters
         return pred_words == words
     from math_verify import parse, verify
 

@@ -95,3 +95,23 @@ def read_json(path: Path, default=None):
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e}); it was cut off or edited: restore it or remove it") from None
+
+
+def check_same_settings(path: Path, settings: dict, what: str, keep: str, missing: str | None = None) -> None:
+    """The settings recorded in ``path`` (JSON) must equal ``settings``, or one ConfigError: "``what`` with other
+    settings (the keys that differ); ``keep``". An unreadable file is one too; a missing one is the warning
+    ``missing`` (None: an error)."""
+    from rlt.runs import changed_keys
+
+    if not Path(path).exists():
+        if missing is None:
+            raise ConfigError(f"{what}, but its settings file {path} is missing; {keep}")
+        logger.warning("%s", missing)
+        return
+    try:
+        before = read_json(path)
+    except ConfigError:
+        raise ConfigError(f"{path}: unreadable (cut off?); {keep}") from None
+    changed = changed_keys(before, settings)
+    if changed:
+        raise ConfigError(f"{what} with other settings ({', '.join(changed)} differ); {keep}")

@@ -39,7 +39,8 @@ from collections import Counter
 from dataclasses import field
 from pathlib import Path
 
-from rlt.cli import append_jsonl_synced, check_writable_file, refuse_directories, user_errors, without_torn_line
+from rlt.cli import (append_jsonl_synced, check_same_settings, check_writable_file, refuse_directories, user_errors,
+                     without_torn_line, write_json_atomic)
 from rlt.config import compose_tool
 from rlt.data.config import DataConfig, FormatConfig
 from rlt.errors import ConfigError
@@ -115,18 +116,27 @@ def settings_path(progress: Path) -> Path:
 
 def run_settings(teacher: str, student: str | None, cfg: DistillConfig, data: DataConfig, fmt_cfg: FormatConfig,
                  reward: RewardConfig) -> dict:
-    """What the rows of a progress file depend on: the teacher (path and weights), the data and format, how
-    explanations are sampled and kept, and, with best_of_k, the student and reward. Run length (max_samples),
-    batching, device and dtype may change between calls."""
+    """What the rows of a progress file depend on: the teacher (a local one by its weights, wherever it lies; a
+    hub one by its id), the data and format, how explanations are sampled and kept, and, with best_of_k, the
+    student and reward. Run length (max_samples), batching, device, dtype and the reward's memory settings may
+    change between calls; a local dataset path is compared resolved."""
     from rlt.models import weights_fingerprint
+    from rlt.runs import RESUME_MAY_CHANGE
 
     sampling = {k: getattr(cfg, k) for k in ("num_explanations", "select", "missing_end_tag", "temperature", "top_p",
                                              "max_completion_length", "seed")}
     data_keys = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("max_samples", "drop_bad_rows")}
-    out = {"teacher": teacher, "teacher_weights": weights_fingerprint(teacher), "data": data_keys,
-           "format": dataclasses.asdict(fmt_cfg), **sampling}
+    spec = data.dataset_id_or_path
+    if spec and Path(spec).expanduser().exists():
+        data_keys["dataset_id_or_path"] = str(Path(spec).expanduser().resolve())
+    def model(key: str, path: str | None) -> dict:   # a local model by its weights (a copy elsewhere is the same)
+        fingerprint = weights_fingerprint(path) if path else None
+        return {f"{key}_weights": fingerprint} if fingerprint else {key: path}
+
+    out = {**model("teacher", teacher), "data": data_keys, "format": dataclasses.asdict(fmt_cfg), **sampling}
     if cfg.select == "best_of_k":
-        out.update(student=student, student_weights=weights_fingerprint(student), reward=dataclasses.asdict(reward))
+        scoring = {k: v for k, v in dataclasses.asdict(reward).items() if k not in RESUME_MAY_CHANGE}
+        out.update(**model("student", student), reward=scoring)
     return out
 
 
@@ -136,22 +146,12 @@ def check_settings(progress: Path, settings: dict) -> None:
     file from before settings were recorded is resumed unchecked, with a warning."""
     if not progress.is_file() or not progress.stat().st_size:
         return
-    keep = (f"move it away (and {settings_path(progress).name}) to distill from the start, or give the settings "
-            "it was written with")
-    try:
-        before = json.loads(settings_path(progress).read_text())
-    except FileNotFoundError:
-        logger.warning("%s: no %s beside it (written before settings were recorded): resumed without checking that "
-                       "its rows come from this teacher and these settings", progress, settings_path(progress).name)
-        return
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{settings_path(progress)}: unreadable ({type(e).__name__}); {keep}") from None
-    from rlt.runs import changed_keys
-
-    changed = changed_keys(before, settings)
-    if changed:
-        raise ConfigError(f"{progress}: its rows were written with other settings ({', '.join(changed)} differ); "
-                          f"{keep}")
+    meta = settings_path(progress)
+    check_same_settings(meta, settings, f"{progress}: its rows were written",
+                        f"move it away (and {meta.name}) to distill from the start, or give the settings it was "
+                        "written with",
+                        missing=f"{progress}: no {meta.name} beside it (written before settings were recorded): "
+                                "resumed without checking that its rows come from this teacher and these settings")
 
 
 def load_progress(progress: Path, questions: list[str] | None = None) -> set[int]:
@@ -327,7 +327,7 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
         engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
                              model.dtype, longest_prompt=max(map(len, prompt_ids.values())))
     if todo:
-        settings_path(progress).write_text(json.dumps(settings, indent=2, default=str))
+        write_json_atomic(settings_path(progress), json.loads(json.dumps(settings, default=str)))
     with open(progress, "a") as f:
         starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
         distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts)

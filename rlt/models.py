@@ -56,16 +56,23 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def weights_fingerprint(path: str) -> str | None:
-    """A short hash of a local model directory's weight files (names, sizes, modification times): it changes
-    when the model at that path is trained again. None for a hub id (its resolved revision names it)."""
+    """A short hash of the weight files at the top of a local model directory: names, sizes and three 64 KiB
+    samples of each (start, middle, end). Training the model again at that path changes it; copying the
+    directory, or adding or removing checkpoint-N folders inside it, does not. None for a hub id."""
     root = Path(path)
     if not root.is_dir():
         return None
     import hashlib
 
-    stats = sorted((str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns) for f in root.rglob("*")
-                   if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size};".encode())
+        with open(f, "rb") as fh:
+            for offset in sorted({0, max(0, size // 2 - 32768), max(0, size - 65536)}):
+                fh.seek(offset)
+                h.update(fh.read(65536))
+    return h.hexdigest()[:16]
 
 
 def resolve_model_path(name_or_path: str, key: str | None = None) -> str:

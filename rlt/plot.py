@@ -29,16 +29,16 @@ METRICS = [("reward", "total reward"), ("teacher_reward/r_ss", "r_SS (solution l
 
 def load_history(run_dir: Path) -> list[dict]:
     """The logged steps of a run (trainer_state.json in the run directory, else its newest complete
-    checkpoint's, as a resume picks it); a ConfigError naming the directory when there is neither."""
+    checkpoint's, resumable or not); a ConfigError naming the directory when there is neither."""
     from transformers import TrainerState
 
-    from rlt.runs import last_checkpoint
+    from rlt.runs import complete_checkpoints
 
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such directory")
     state = run_dir / "trainer_state.json"
     if not state.exists():
-        ckpt = last_checkpoint(str(run_dir), None)
+        ckpt = (complete_checkpoints(str(run_dir)) or [None])[-1]
         if ckpt is None:
             raise ConfigError(f"{run_dir}: no trainer_state.json and no complete checkpoint-N directory: not a "
                               "training run's output_dir")

@@ -308,6 +308,35 @@ class Guarded:
         return self.proc.wait()
 
 
+def exclusive_lock(path: str | Path, busy: str, hold: bool = True):
+    """An exclusive, non-blocking ``flock`` on ``path`` for this process. ``hold``: take it and return the open
+    file (the lock lasts while the file is open, at most as long as the process); else only see that nobody
+    holds it (an absent file: nobody; nothing is created). Held by another process: :class:`ConfigError`
+    ``busy``. A filesystem without flock (Lustre or NFS mounted without it): a warning, and no lock."""
+    import fcntl
+
+    from rlt.errors import ConfigError
+
+    path = Path(path)
+    if not hold and not path.exists():
+        return None
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise ConfigError(busy) from None
+    except OSError as e:
+        f.close()
+        logger.warning("%s: cannot be locked on this filesystem (%s); a second run there would not be refused",
+                       path, e.strerror or e)
+        return None
+    if hold:
+        return f
+    f.close()
+    return None
+
+
 def shell_exit_code(rc: int) -> int:
     """A Popen return code as a shell reports it: killed by signal N (rc -N) -> 128 + N."""
     return 128 - rc if rc < 0 else rc

@@ -73,33 +73,21 @@ RUN_LOCK = ".rlt_run.lock"
 
 
 def run_lock(output_dir: str, hold: bool):
-    """An exclusive lock on ``output_dir``/.rlt_run.lock: two runs in one output_dir would write the same
-    checkpoint-N folders and rlt_config.yaml. ``hold``: take it and return the open file (the lock lasts while it
-    is open: the main process keeps it for the run); else only see that no run holds it (``--check``, which
-    creates nothing). Held by another process: one ConfigError."""
-    import fcntl
+    """The lock of a training run on ``output_dir``/.rlt_run.lock (two runs there would write the same
+    checkpoint-N folders and rlt_config.yaml): ``hold`` takes it for the run (the main process), else it is only
+    checked (``--check``, which creates nothing). See :func:`rlt.procs.exclusive_lock`."""
+    from rlt.procs import exclusive_lock
 
     path = Path(output_dir) / RUN_LOCK
-    if not hold and not path.exists():
-        return None
-    f = open(path, "a")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConfigError(f"output_dir={output_dir}: another training run is using it (it holds {path}); wait for "
-                          "it to end, or give another output_dir") from None
-    if hold:
-        return f
-    f.close()
-    return None
+    return exclusive_lock(path, f"output_dir={output_dir}: another training run is using it (it holds {path}); "
+                                "wait for it to end, or give another output_dir", hold=hold)
 
 
 def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
     """The checkpoint to resume from: ``resume_from`` if set, else the newest complete one in output_dir
-    (:func:`_complete_checkpoints`). Refused in one line: a checkpoint without optimizer state, and a
+    (:func:`complete_checkpoints`). Refused in one line: a checkpoint without optimizer state, and a
     ``resume_from`` older than complete checkpoints in output_dir (a later plain rerun would resume those)."""
-    complete = _complete_checkpoints(output_dir)
+    complete = complete_checkpoints(output_dir)
     if resume_from:
         if not Path(resume_from, "trainer_state.json").exists():
             raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no trainer_state.json)")
@@ -137,7 +125,7 @@ def _has_optimizer(ckpt: str | Path) -> bool:
     return any(Path(ckpt).glob("global_step*")) or Path(ckpt, "optimizer.pt").exists()
 
 
-def _complete_checkpoints(output_dir: str) -> list[str]:
+def complete_checkpoints(output_dir: str) -> list[str]:
     """The checkpoint-N folders of ``output_dir``, oldest first, that hold trainer_state.json: the Trainer writes
     it last (after the model, optimizer and RNG states), so one without it was cut off while being saved (skipped,
     with a warning naming it)."""

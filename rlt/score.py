@@ -27,7 +27,8 @@ import sys
 from dataclasses import field
 from pathlib import Path
 
-from rlt.cli import append_jsonl_synced, check_writable_file, user_errors, without_torn_line
+from rlt.cli import (append_jsonl_synced, check_same_settings, check_writable_file, user_errors, without_torn_line,
+                     write_json_atomic)
 from rlt.config import compose_tool
 from rlt.data.config import FormatConfig
 from rlt.data.examples import RowError
@@ -138,7 +139,7 @@ def score(cfg: ScoreConfig, model: ModelConfig, fmt_cfg: FormatConfig, reward: R
     todo = rows[done:]
     if todo:
         scorer = load_scorer(teacher, student, tokenizer, fmt, reward, cfg.teacher_temperature, model.dtype, device)
-        meta.write_text(json.dumps(settings, indent=2, default=str))
+        write_json_atomic(meta, json.loads(json.dumps(settings, default=str)))
         with open(partial, "a") as f:
             for s in tqdm(range(0, len(todo), cfg.batch_size), desc="scoring", unit="batch"):
                 chunk = todo[s:s + cfg.batch_size]
@@ -164,16 +165,7 @@ def scored_before(partial: Path, meta: Path, settings: dict, rows: list[dict]) -
     if not partial.exists():
         return 0
     keep = "delete it (and its .json) to score from the start, or give the same input and settings"
-    try:
-        before = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        raise ConfigError(f"{partial}: left by an earlier run, but its settings file {meta} is missing or "
-                          f"unreadable; {keep}") from None
-    from rlt.runs import changed_keys
-
-    changed = changed_keys(before, settings)
-    if changed:
-        raise ConfigError(f"{partial}: scored with other settings ({', '.join(changed)} differ); {keep}")
+    check_same_settings(meta, settings, f"{partial}: scored", keep)
     raw = partial.read_bytes()
     data = without_torn_line(partial, raw)
     if data != raw:

@@ -214,6 +214,13 @@ def test_csv_columns_are_read_as_text(tmp_path):
     assert [ex.solution for ex in examples] == ["4", "so \\boxed{5}", "\\boxed{1/2}"]
     rows, _ = eval_rows(DataConfig(dataset_id_or_path=str(data)), FormatConfig())
     assert [r["answer"] for r in rows] == ["007", "5", "4"]
+    # Excel's BOM, and pandas' to_csv() with its unnamed index column
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
+    (tmp_path / "index.csv").write_text(',question,solution,answer\n0,What is 2+2?,4,007\n')
+    assert [r["answer"] for r in eval_rows(DataConfig(dataset_id_or_path=str(tmp_path / "bom.csv")),
+                                           FormatConfig())[0]] == ["007", "5", "4"]
+    assert [r["answer"] for r in eval_rows(DataConfig(dataset_id_or_path=str(tmp_path / "index.csv")),
+                                           FormatConfig())[0]] == ["007"]
 
 
 def test_a_system_turn_in_the_conversation_is_the_rows_system_prompt():

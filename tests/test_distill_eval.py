@@ -139,17 +139,24 @@ def test_a_resume_with_another_teacher_or_settings_is_refused(tmp_path, tokenize
                                           r"temperature differ\); move it away \(and d\.jsonl\.settings\.json\)"):
         distill(*distill_args(**{**base, "num_explanations": 3, "temperature": 1.0}), engine=FakeEngine(tokenizer))
     weights = next(teacher.glob("*.safetensors"))
-    mtime = weights.stat().st_mtime_ns
-    os.utime(weights, ns=(mtime, mtime + 10**9))   # the teacher trained again at the same path
+    original = weights.read_bytes()
+    trained = bytearray(original)
+    trained[len(trained) // 2] ^= 0xFF   # the teacher trained again at the same path: other values, same size
+    weights.write_bytes(bytes(trained))
     with pytest.raises(ConfigError, match=r"\(teacher_weights differ\)"):
         distill(*distill_args(**base), engine=FakeEngine(tokenizer))
     assert out.read_bytes() == written
-    os.utime(weights, ns=(mtime, mtime))
+    weights.write_bytes(original)
+    (teacher / "checkpoint-9").mkdir()   # the teacher's output_dir also holds a checkpoint (or lost one): same weights
+    (teacher / "checkpoint-9" / "model.safetensors").write_bytes(b"other")
     engine = FakeEngine(tokenizer)
     distill(*distill_args(**base, chunk_size=1), engine=engine)   # longer run, other batching: goes on
     assert engine.prompts == 2 and out.read_bytes().startswith(written)
+    moved = tmp_path / "copied_teacher"
+    shutil.copytree(teacher, moved)   # a copy (to local disk, say: new path, new modification times): the same teacher
+    distill(*distill_args(**{**base, "teacher": os.path.relpath(moved)}), engine=FakeEngine(tokenizer))
     (tmp_path / "d.jsonl.settings.json").unlink()   # a file from before settings were recorded
-    with caplog.at_level("WARNING", logger="rlt.distill"):
+    with caplog.at_level("WARNING"):
         distill(*distill_args(**{**base, "num_explanations": 3}), engine=FakeEngine(tokenizer))
     assert "resumed without checking that its rows come from this teacher" in caplog.text
 
@@ -268,7 +275,9 @@ def test_check_answers():
     assert not check_answer("3", "4") and not check_answer(None, "4")
     assert check_answer("Paris", "paris") and check_answer("north", "\\text{North}")  # words compare as words
     assert check_answer("The Eiffel  tower.", "the eiffel tower")
-    assert not check_answer("silent", "listen") and not check_answer("no", "on")  # not products of letters
+    assert not check_answer("silent", "listen") and not check_answer("yes", "sey")  # not products of letters
+    for pred, gold in (("a-b", "a - b"), ("p - q", "p-q"), ("yx", "xy"), ("x y", "xy")):  # algebra: math-verify
+        assert check_answer(pred, gold), (pred, gold)
     assert check_answer("The answer is 5.\n\nThis completes the proof.", "5")  # a whole solution section
     assert not check_answer("The answer is 4.\n\nThis completes the proof.", "5")
     assert check_countdown("(3 + 4) * 2", [2, 3, 4], 14)

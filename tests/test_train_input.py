@@ -255,3 +255,42 @@ def test_a_second_run_in_the_same_output_dir_is_refused(tmp_path):
                                  rf"{out / RUN_LOCK}\); wait for it to end")
     held.close()                            # it ended
     check(cfg, 1)
+
+
+def test_a_running_run_holds_its_output_dir(tmp_path, monkeypatch):
+    """rlt.train's main process holds the lock while its trainer runs (here the trainer only asks whether a
+    second launch would be refused), and lets it go when the run ends."""
+    import rlt.train
+    from rlt.trainers import sft
+
+    out = tmp_path / "out"
+    cfg = compose("tiny_teacher_sft", [f"output_dir={out}"])
+    seen = []
+
+    def trainer(s, examples, fmt):
+        with pytest.raises(ConfigError, match="another training run is using it"):
+            check(cfg, 1)
+        seen.append(True)
+
+    monkeypatch.setattr(sft, "run_sft", trainer)
+    rlt.train.run(cfg)
+    assert seen == [True]
+    import gc
+
+    gc.collect()
+    check(cfg, 1)   # the run is over: free again
+
+
+def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    from rlt.runs import run_lock
+
+    def no_flock(*a):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with caplog.at_level("WARNING"):
+        assert run_lock(str(tmp_path), hold=True) is None
+    assert "cannot be locked on this filesystem (No locks available)" in caplog.text

@@ -246,18 +246,16 @@ def _csv_as_text(path: Path) -> dict:
     answer `4` becomes `4.0` beside a blank cell, `007` becomes 7, and a solution `4` is no text at all."""
     if path.suffix != ".csv":
         return {}
-    import csv
-
     import datasets
+    import pandas as pd
 
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), None)
-    except (OSError, UnicodeDecodeError, csv.Error):
+    try:   # the column names as the loader's pandas reads them (a BOM dropped, an unnamed index "Unnamed: 0")
+        header = list(pd.read_csv(path, nrows=0).columns)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError):
         return {}   # the loader below reports the file's problem
     if not header:
         return {}
-    return {"features": datasets.Features({name: datasets.Value("string") for name in header})}
+    return {"features": datasets.Features({str(name): datasets.Value("string") for name in header})}
 
 
 def _file_rows(path: Path):

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 from rlt.cli import read_json, user_errors, write_json_atomic
-from rlt.errors import ConfigError
 
 logger = logging.getLogger("rlt.experiment")
 
@@ -136,18 +135,12 @@ def earlier_spelling(out: Path, state: dict) -> Path:
 
 
 def hold_lock(out: Path):
-    """An exclusive lock on ``out``/.lock for this process's lifetime: a second run on the same directory would
-    write the same models and jobs.json. Refused in one line."""
-    import fcntl
+    """``out``/.lock for this process's lifetime: a second run on the same directory would write the same models
+    and jobs.json (refused in one line)."""
+    from rlt.procs import exclusive_lock
 
-    f = open(out / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise ConfigError(f"--out {out}: another rlt.experiment run is using this directory (it holds {out}/.lock); "
-                          "wait for it or choose another --out") from None
-    return f
+    return exclusive_lock(out / ".lock", f"--out {out}: another rlt.experiment run is using this directory (it "
+                                         f"holds {out}/.lock); wait for it or choose another --out")
 
 
 def _code_words(results: dict, version: dict) -> dict:
