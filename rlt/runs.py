@@ -98,8 +98,9 @@ def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
         newer = [Path(c).name for c in complete if _step(c) > _step(resume_from)]
         if newer:   # a later rerun without resume_from would resume those, another run's or this one's future
             raise ConfigError(f"resume_from={resume_from}: output_dir={output_dir} holds newer checkpoints "
-                              f"({', '.join(newer)}); a later plain rerun would resume them, not this branch. Move "
-                              "them away first (or resume the newest with a plain rerun)")
+                              f"({', '.join(newer)}); a later plain rerun would resume them, not this branch. Give "
+                              "this branch a new output_dir, or move them away first (or resume the newest with a "
+                              "plain rerun, without resume_from)")
         return resume_from
     if not complete:
         return None

@@ -84,6 +84,8 @@ def read_items(path: str, tokenizer, fmt, skip_bad_rows: bool):
                 raise ValueError("'system' must be text")
             item = RewardInput(teacher_prompt(tokenizer, row["question"], row["solution"], fmt), row["completion"],
                                row["question"], row["solution"], row.get("system"))
+        except ConfigError:   # the tokenizer's chat template, not this row (ConfigError is a ValueError)
+            raise
         except ValueError as e:
             if not skip_bad_rows:
                 raise RowError(f"{path}, line {lineno}: {e} (skip_bad_rows=true skips such rows)") from None

@@ -268,5 +268,21 @@ def test_a_hub_dataset_with_several_configurations_takes_dataset_config(tmp_path
 
     ds, _ = load_data_table(DataConfig(dataset_id_or_path="openai/gsm8k", dataset_config="main"))
     assert calls[-1] == ("openai/gsm8k", "main", "train") and ds[0]["answer"] == "4"
-    with pytest.raises(ConfigError, match=r"dataset_config=main: rlt-arith:train:2:0 is not a hub dataset"):
+    with pytest.raises(ConfigError, match=r"dataset_config=main: rlt-arith:train:2:0 has no configurations"):
         load_data_table(DataConfig(dataset_id_or_path="rlt-arith:train:2:0", dataset_config="main"))
+
+
+def test_a_local_copy_of_a_dataset_with_configurations_takes_dataset_config(tmp_path):
+    """A hub dataset's repository copied to an offline node: its README lists the configurations."""
+    for name, q in (("main", "q1"), ("socratic", "q2")):
+        write_jsonl((tmp_path / name).mkdir() or tmp_path / name / "train.jsonl", [{"question": q, "solution": "s"}])
+    (tmp_path / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {n}\n  data_files:\n  - split: train\n    path: {n}/train.jsonl\n" for n in ("main", "socratic"))
+        + "---\n")
+    from rlt.data.loading import load_data_table
+
+    assert error_of(str(tmp_path)) == (f"dataset_id_or_path={tmp_path} has several configurations, ['main', "
+                                       "'socratic']: give dataset_config=NAME")
+    assert error_of(str(tmp_path), dataset_config="x").endswith("dataset_config=x is not one of them")
+    ds, _ = load_data_table(DataConfig(dataset_id_or_path=str(tmp_path), dataset_config="socratic"))
+    assert ds[0]["question"] == "q2"

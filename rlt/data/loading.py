@@ -278,7 +278,16 @@ def _file_rows(path: Path):
     raise ConfigError(f"{path}: cannot read it as a {path.suffix} file: {reason}")
 
 
-def _dir_rows(path: Path, split: str):
+def _several_configs(e: Exception, spec: str, config: str | None) -> ConfigError | None:
+    """The one-line error for a dataset with several configurations and none (or an unknown one) chosen."""
+    configs = re.search(r"(?:available configs|not found\. Available): (\[[^\]]*\])", str(e))
+    if not (isinstance(e, ValueError) and configs):
+        return None
+    given = f"dataset_config={config} is not one of them" if config else "give dataset_config=NAME"
+    return ConfigError(f"dataset_id_or_path={spec} has several configurations, {configs.group(1)}: {given}")
+
+
+def _dir_rows(path: Path, split: str, config: str | None = None):
     """A directory saved with `save_to_disk`, or a directory of data files, as a `datasets.Dataset`."""
     import datasets
     from datasets.data_files import EmptyDatasetError
@@ -292,13 +301,16 @@ def _dir_rows(path: Path, split: str):
             raise ConfigError(f"dataset_split={split}: {path} has the splits {sorted(ds)}")
         return ds[split]
     try:
-        return datasets.load_dataset(str(path), split=split)
+        return datasets.load_dataset(str(path), config, split=split)
     except EmptyDatasetError:
         raise ConfigError(f"{path}: no data files in this directory (give .jsonl/.json/.parquet/.csv files or a "
                           "dataset saved with save_to_disk)") from None
     except datasets.exceptions.DatasetsError as e:
         raise ConfigError(f"{path}: cannot read its data files: {_one_line(e.__cause__ or e)}") from None
     except ValueError as e:
+        several = _several_configs(e, str(path), config)
+        if several:
+            raise several from None
         if "split" not in str(e).lower():
             raise
         raise ConfigError(f"dataset_split={split}: {path} has no such split ({_one_line(e)})") from None
@@ -313,9 +325,11 @@ def load_table(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_row
     import datasets
 
     spec = str(dataset_id_or_path)
-    if config is not None and (BUILTIN_RE.match(spec) or looks_local(spec) or Path(spec).expanduser().exists()):
-        raise ConfigError(f"dataset_config={config}: {spec} is not a hub dataset; dataset_config names a hub "
-                          "dataset's configuration (leave it null)")
+    local = Path(spec).expanduser()
+    saved = local.is_dir() and any((local / marker).exists() for marker in SAVED_MARKERS)
+    if config is not None and (BUILTIN_RE.match(spec) or local.is_file() or saved):
+        raise ConfigError(f"dataset_config={config}: {spec} has no configurations (a built-in dataset, a file, or a "
+                          "dataset saved with save_to_disk); leave dataset_config null")
     if BUILTIN_RE.match(spec):
         rows = _builtin_rows(spec)
         _require_default_split(split, spec, "has its split in the id (rlt-arith:SPLIT:N:SEED)"
@@ -326,7 +340,7 @@ def load_table(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_row
         _require_default_split(split, spec, "is a single file, without splits")
         return read_jsonl_table(path, drop_bad_rows) if path.suffix == ".jsonl" else (_file_rows(path), None)
     if path.is_dir():
-        return _dir_rows(path, split), None
+        return _dir_rows(path, split, config), None
     if looks_local(spec):
         where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
         raise ConfigError(f"dataset_id_or_path={spec}: no such file or directory{where}")
@@ -335,11 +349,9 @@ def load_table(dataset_id_or_path: str, split: str = DEFAULT_SPLIT, drop_bad_row
     except Exception as e:  # not found, gated, offline, no network, no such split: named by type and first line
         if isinstance(e, ValueError) and "split" in str(e).lower():
             raise ConfigError(f"dataset_split={split}: {spec} has no such split ({_one_line(e)})") from None
-        configs = re.search(r"available configs: (\[[^\]]*\])", str(e))
-        if isinstance(e, ValueError) and configs:
-            given = f"dataset_config={config} is not one of them" if config else "give dataset_config=NAME"
-            raise ConfigError(f"dataset_id_or_path={spec} has several configurations, {configs.group(1)}: "
-                              f"{given}") from None
+        several = _several_configs(e, spec, config)
+        if several:
+            raise several from None
         raise ConfigError(f"dataset_id_or_path={spec}: not a local path, and the hub could not give it "
                           f"({type(e).__name__}: {_one_line(e)})") from None
 

@@ -8,6 +8,8 @@ Student text: [system: student prompt, user: question, assistant:
 """
 from __future__ import annotations
 
+import jinja2
+
 from rlt.data.examples import Example
 from rlt.data.formats import DataFormat
 from rlt.errors import ConfigError
@@ -19,9 +21,7 @@ def _chat(tokenizer, system: str, question: str, answer: str | None) -> str:
         messages.append({"role": "assistant", "content": answer})
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=answer is None)
-    except Exception as e:  # jinja's TemplateError, a template's raise_exception(...): e.g. no system role
-        if type(e).__name__ not in ("TemplateError", "TemplateSyntaxError", "UndefinedError"):
-            raise
+    except jinja2.TemplateError as e:  # a template's raise_exception(...) (e.g. no system role), or a broken one
         raise ConfigError(f"the chat template of {_name(tokenizer)} refused a system + user + assistant "
                           f"conversation ({type(e).__name__}: {str(e)[:200]}); rlt needs a template that takes a "
                           "system turn") from None

@@ -147,7 +147,9 @@ def exit_process(message: str) -> None:
     for h in logging.getLogger().handlers:
         with contextlib.suppress(Exception):
             h.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
     os._exit(1)
 
 
@@ -172,7 +174,12 @@ class SyncWatchdog:
         misses = [0] * len(p.urls)
         while not self._stop.wait(p.health_interval):
             for i in range(len(p.urls)):
-                misses[i] = 0 if p.alive(i) else misses[i] + 1
+                try:
+                    up = p.alive(i)
+                except Exception as e:  # the watchdog must not die of its own probe: count it as a miss
+                    logger.warning("probing %s failed (%s: %s)", p.describe(i), type(e).__name__, e)
+                    up = False
+                misses[i] = 0 if up else misses[i] + 1
                 if self._stop.is_set():
                     return
                 if misses[i] >= p.health_failures:
