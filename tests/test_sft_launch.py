@@ -32,7 +32,14 @@ def test_zero3_two_process_sft_trains_and_saves(tmp_path, tiny_path):
 def test_student_sft_through_launch(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from rlt.models import resolve_model_path
+
     out = tmp_path / "student"
     proc = run_cmd(["./launch.sh", "2", "cfgs/run_cfg/tiny_student_sft.yaml", f"output_dir={out}", "max_steps=2"])
-    assert "student SFT on 64 examples" in proc.stdout + proc.stderr
-    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+    log = proc.stdout + proc.stderr
+    assert "student SFT on 64 examples" in log and "'loss':" in log
+    after = AutoModelForCausalLM.from_pretrained(out)
+    before = AutoModelForCausalLM.from_pretrained(resolve_model_path("rlt-tiny:2"))   # the recipe's start
+    assert after.config.num_hidden_layers == 2
+    changed = [k for k, v in after.state_dict().items() if not torch.allclose(v, before.state_dict()[k])]
+    assert len(changed) > 10, changed   # it trained: two steps moved most weights
