@@ -385,10 +385,12 @@ def test_experiment_quick_end_to_end(tmp_path):
     for key in ("acc_raw", "acc_rlt", "acc_warmup"):
         assert set(summary[key]) == {"mean", "ci95"} and 0 <= summary[key]["mean"] <= 1
     assert summary["seeds"] == [0, 1] and summary["minutes"] < 10
+    assert all(0 <= x <= 1 for v in ("raw", "rlt", "warmup") for x in summary["no_answer_per_seed"][v])
     report = (out / "report.md").read_text()
     for png in re.findall(r"\]\((plots/[^)]+\.png)\)", report):
         assert (out / png).exists(), png
     assert "plots/reward_components.png" in report and "mean ± standard error" in report
+    assert "| no answer |" in report and "*No answer*: the share of outputs" in report
     assert "[experiment]" in proc.stdout and "log:" in proc.stdout  # stage lines name their logs
     assert "code " in summary["code"]["this_run"] and summary["code"]["jobs_by_other_code"] == {}
     assert f"Made by {summary['code']['this_run']}, every job of it." in report

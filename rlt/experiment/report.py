@@ -315,11 +315,12 @@ def summarize(out: Path, preset_name: str, preset, meta: dict) -> dict:
     seeds = list(preset.seeds)
     hist = rl_history(out / "models" / "teacher_rl")
     win = reward_windows(hist)
-    acc, shape = {}, {}
+    acc, shape, no_answer = {}, {}, {}
     for v in VARIANTS:
         sums = [_read(out / "eval" / f"{v}_s{s}" / "summary.json") or {} for s in seeds]
         acc[v] = stats.mean_ci95([x.get("accuracy", float("nan")) for x in sums])
         shape[v] = [x.get("shape") for x in sums]
+        no_answer[v] = [x.get("no_answer") for x in sums]   # outputs cut off (token budget) or without an answer
     diff = {f"{a}_minus_{b}": stats.mean_ci95([x - y for x, y in zip(acc[a]["values"], acc[b]["values"])])
             for a, b in (("rlt", "raw"), ("rlt", "warmup"), ("warmup", "raw"))}
     rg = reward_gain(out, seeds)
@@ -350,7 +351,7 @@ def summarize(out: Path, preset_name: str, preset, meta: dict) -> dict:
                                                   "explanations vs (RLT students' accuracy - raw students' "
                                                   "accuracy), averaged over seeds"},
         "explanations_all_k": expl, "explanations_selected": sel,
-        "student_outputs": shape, "val_curves_seed0": val_curves, "training_budgets": budgets,
+        "student_outputs": shape, "no_answer_per_seed": no_answer, "val_curves_seed0": val_curves, "training_budgets": budgets,
         "gold_trace_rewards": _read(out / "analysis" / "gold_trace_rewards.json"),
         "minutes": meta.get("minutes"), "load_average": meta.get("load"), "device": meta.get("device"),
         "models": meta.get("models"), "jobs": meta.get("jobs"), "code": meta.get("code"),
@@ -462,14 +463,19 @@ def write_report(out: Path, summary: dict, preset) -> Path:
             L += [f"*{name}*, {r['question']} (reward {r['reward']:.3f} = r_SS {r['r_ss']:.3f} - r_KL "
                   f"{r['r_kl']:.3f}{pen}):", "", "```", r["completion"].strip(), "```", ""]
     L += ["## Students (held-out test split)", "", "![accuracy](plots/accuracy.png)", "",
-          "| students trained on | accuracy (mean ± 95% CI) | per seed | thoughts that fold steps | with a wrong step |",
-          "|---|---|---|---|---|"]
+          "| students trained on | accuracy (mean ± 95% CI) | per seed | no answer | thoughts that fold steps | "
+          "with a wrong step |",
+          "|---|---|---|---|---|---|"]
     for i, v in enumerate(VARIANTS):
         shp = [x for x in s["student_outputs"][v] if x]
         fold = stats.mean([x["folded_frac"] for x in shp]) if shp else float("nan")
         wrong = stats.mean([x["with_wrong_step_frac"] for x in shp]) if shp else float("nan")
+        na = [x for x in s.get("no_answer_per_seed", {}).get(v, []) if x is not None]
         L.append(f"| ({'abc'[i]}) {VARIANTS[v]} | **{_acc(s['acc_' + v])}** | "
-                 f"{', '.join(f'{x:.3f}' for x in s['acc_per_seed'][v])} | {fold:.2f} | {wrong:.2f} |")
+                 f"{', '.join(f'{x:.3f}' for x in s['acc_per_seed'][v])} | "
+                 f"{stats.mean(na) if na else float('nan'):.3f} | {fold:.2f} | {wrong:.2f} |")
+    L += ["", "*No answer*: the share of outputs without a final answer (cut at the evaluation's token budget, or "
+          "never boxed), mean over seeds."]
     L += ["", "Paired by seed (same initialisation and data order):", ""]
     for k, v in s["acc_paired_differences"].items():
         L.append(f"* {k.replace('_minus_', ' - ')}: {_acc(v)}")
