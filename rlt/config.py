@@ -462,6 +462,12 @@ def build_train_settings(cfg: dict, num_processes: int | None = None, **forced) 
     if kw.get("report_to") in (None, "none", []):
         kw["report_to"] = "none"
     kw.update(forced)
+    groups = {f.name: f.default for f in dataclasses.fields(args_cls)}.get("num_generations")
+    if groups is not None:   # GRPO; before trl's own check, which names its derived generation_batch_size
+        g = kw.get("num_generations", groups)
+        if run.train_batch_size % g:
+            raise ConfigError(f"train_batch_size={run.train_batch_size} must be a multiple of num_generations={g} "
+                              "(each optimizer step sees whole groups)")
     args = build_args(args_cls, kw, num_processes, n)
     return TrainSettings(args=args, composed=cfg, **parts)
 

@@ -20,7 +20,7 @@ def test_paper_values_compose():
     cfg = compose("teacher_rlt")
     expect = dict(model_name_or_path="results/pre_rl_model", student_model="bespokelabs/Bespoke-Stratos-7B",
                   max_steps=125, train_batch_size=1024, per_device_train_batch_size=1,
-                  generation_aggregation_steps=256, num_generations=64, temperature=0.7, learning_rate=1e-6,
+                  generation_aggregation_steps=None, num_generations=64, temperature=0.7, learning_rate=1e-6,
                   lr_scheduler_type="constant", beta=0.04, sync_ref_model=True, ref_model_mixup_alpha=0.9,
                   ref_model_sync_steps=32, max_prompt_length=16384, max_completion_length=16384,
                   answer_log_prob_coeff=[1.0, 0.01], kl_penalty_reward_coeff=[3.0, 0.03],
@@ -42,7 +42,8 @@ def test_validation_errors(tmp_path):
             cfg = compose("teacher_rlt", [f"output_dir={tmp_path}", *overrides])
             validate_grpo(build_train_settings(cfg, num_processes=n), n)
 
-    check([], 8, r"generation_aggregation_steps=256 must divide gradient_accumulation_steps=128")
+    check(["generation_aggregation_steps=256"], 8, r"generation_aggregation_steps=256 must divide "
+                                                   r"gradient_accumulation_steps=128")
     check(["train_batch_size=1000"], 4, r"train_batch_size=1000 must be a multiple of num_generations=64")
     check(["num_generations=1"], 4, r"at least 2")
     check(["generation_aggregation_steps=2"], 4, r"generation_batch_size \(8\) must be divisible by num_generations \(64\)"
@@ -60,6 +61,10 @@ def test_validation_errors(tmp_path):
     s = build_train_settings(compose("teacher_rlt", [f"output_dir={tmp_path}"]), num_processes=4)
     validate_grpo(s, 4)
     assert s.args.gradient_accumulation_steps == 256 and s.args.steps_per_generation == 256
+    # and on 8 (generation_aggregation_steps: null follows the accumulation: one generation round per step)
+    s = build_train_settings(compose("teacher_rlt", [f"output_dir={tmp_path}"]), num_processes=8)
+    validate_grpo(s, 8)
+    assert s.args.gradient_accumulation_steps == 128 and s.args.steps_per_generation == 128
 
 
 def test_student_with_another_tokenizer_is_refused(tmp_path):

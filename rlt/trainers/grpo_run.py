@@ -27,10 +27,7 @@ def validate_sampling(args) -> None:
 def validate_grpo(s, num_processes: int) -> None:
     """Startup checks of a teacher GRPO run, with errors that say which key to change. Touches no model."""
     args = s.args
-    g = args.num_generations  # >= 2: checked where the settings are built (rlt.config.check_trl_ranges)
-    if s.run.train_batch_size % g:
-        raise ConfigError(f"train_batch_size={s.run.train_batch_size} must be a multiple of num_generations={g} "
-                          "(each optimizer step sees whole groups)")
+    # num_generations >= 2 and whole groups per step are checked where the settings are built (rlt.config)
     ga, spg = args.gradient_accumulation_steps, args.steps_per_generation
     if spg is not None and ga % spg:
         raise ConfigError(
