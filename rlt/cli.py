@@ -74,12 +74,12 @@ def without_torn_line(path: Path, data: bytes) -> bytes:
 
 
 def write_json_atomic(path: Path, value) -> None:
-    """``value`` as indented JSON in ``path``, through a temporary file renamed over it: a kill or a full disk
-    leaves the old file or the new one, never a torn one."""
+    """``value`` as indented JSON in ``path`` (values JSON lacks, such as paths, as text), through a temporary
+    file renamed over it: a kill or a full disk leaves the old file or the new one, never a torn one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(value, indent=2))
+        tmp.write_text(json.dumps(value, indent=2, default=str))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -327,7 +327,7 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
         engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
                              model.dtype, longest_prompt=max(map(len, prompt_ids.values())))
     if todo:
-        write_json_atomic(settings_path(progress), json.loads(json.dumps(settings, default=str)))
+        write_json_atomic(settings_path(progress), settings)
     with open(progress, "a") as f:
         starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
         distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts)

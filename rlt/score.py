@@ -141,7 +141,7 @@ def score(cfg: ScoreConfig, model: ModelConfig, fmt_cfg: FormatConfig, reward: R
     todo = rows[done:]
     if todo:
         scorer = load_scorer(teacher, student, tokenizer, fmt, reward, cfg.teacher_temperature, model.dtype, device)
-        write_json_atomic(meta, json.loads(json.dumps(settings, default=str)))
+        write_json_atomic(meta, settings)
         with open(partial, "a") as f:
             for s in tqdm(range(0, len(todo), cfg.batch_size), desc="scoring", unit="batch"):
                 chunk = todo[s:s + cfg.batch_size]

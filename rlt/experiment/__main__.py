@@ -120,7 +120,7 @@ def cmd_run(args) -> int:
             "models": _model_description(out, preset.shape),
             "jobs": {k: round(v.get("job_seconds", 0)) for k, v in results.items()},
             "code": _code_words(results, version)}
-    (out / "run_meta.json").write_text(json.dumps(meta, indent=2))
+    write_json_atomic(out / "run_meta.json", meta)
     return _write(out, name, preset, meta)
 
 
