@@ -237,19 +237,19 @@ def select_rows(examples, completions, fmt, cfg: DistillConfig, scorer=None, tea
             if any(tag in thought for tag in student_tags):
                 counts["tags_in_thought"] += 1
                 continue
-            kept.append((text, thought))
+            kept.append((text, thought, matched))
         if not kept:
             counts["questions_without_rows"] += 1
             continue
         if cfg.select == "best_of_k":
-            items = [RewardInput(teacher_prompts[idx], text, ex.question, ex.solution, system) for text, _ in kept]
+            items = [RewardInput(teacher_prompts[idx], text, ex.question, ex.solution, system) for text, _, _ in kept]
             rewards = scorer(items).rewards.tolist()
             best = max(range(len(kept)), key=lambda i: rewards[i])
             rows = [stratos_row(ex.question, kept[best][1], ex.solution, system, fmt, source_index=idx,
-                                question_rows=1, reward=rewards[best])]
+                                question_rows=1, reward=rewards[best], end_tag=kept[best][2])]
         else:
             rows = [stratos_row(ex.question, thought, ex.solution, system, fmt, source_index=idx,
-                                question_rows=len(kept)) for _, thought in kept]
+                                question_rows=len(kept), end_tag=matched) for _, thought, matched in kept]
         per_question.append((idx, rows))
     return per_question, counts
 

@@ -42,6 +42,7 @@ def test_distilled_student_text_is_byte_identical_to_the_scored_one(tokenizer, t
     [(idx, rows)], counts = select_rows([(0, ex)], [COMPLETIONS], FMT, cfg, teacher_prompts={0: prompt})
     assert counts["no_end_tag"] == 1 and len(rows) == len(COMPLETIONS) and idx == 0
     assert all(r["question_rows"] == len(COMPLETIONS) for r in rows)
+    assert [r["end_tag"] for r in rows] == [True, False, True, True, True]  # the second is cut off
     reward = TeacherReward(load_causal_lm("rlt-tiny:1", "float32"), tokenizer, FMT, RewardConfig(), 0.7)
     for row, comp in zip(rows, COMPLETIONS):
         scored = reward.prepare(RewardInput(prompt, comp, ex.question, ex.solution, ex.system)).student_text
@@ -88,6 +89,7 @@ def test_best_of_k_keeps_the_highest_reward(tokenizer, tiny_path):
                                               FMT.student_system_prompt if ex.system is None else ex.system)
                                   for c in comps]).rewards.tolist()
         assert row["reward"] == pytest.approx(max(scores))
+        assert row["end_tag"] == (comps[scores.index(max(scores))] != COMPLETIONS[1])
         best = comps[scores.index(max(scores))]
         assert parse_stratos_row(row, FMT).thought == "\n\n" + best.split(E1)[0]
 

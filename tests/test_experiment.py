@@ -391,6 +391,9 @@ def test_experiment_quick_end_to_end(tmp_path):
         assert (out / png).exists(), png
     assert "plots/reward_components.png" in report and "mean ± standard error" in report
     assert "| no answer |" in report and "*No answer*: the share of outputs" in report
+    assert "| cut off (no end tag) |" in report
+    for v in ("warmup", "rlt"):  # the distilled rows' share kept without the end tag, from their end_tag column
+        assert 0 <= summary["explanations_selected"][v]["no_end_tag_frac"] <= 1
     assert "[experiment]" in proc.stdout and "log:" in proc.stdout  # stage lines name their logs
     assert "code " in summary["code"]["this_run"] and summary["code"]["jobs_by_other_code"] == {}
     assert f"Made by {summary['code']['this_run']}, every job of it." in report

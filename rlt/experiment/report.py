@@ -73,7 +73,8 @@ def explanation_stats(rows: list[dict], selected: list[dict] | None = None) -> d
 
 
 def selected_stats(distilled: Path) -> dict:
-    """Shape of the explanations distillation kept (one per question)."""
+    """Shape of the explanations distillation kept (one per question); ``no_end_tag_frac``: the share kept
+    without the end tag (cut off at the token budget, kept with the penalty)."""
     from rlt.data.arithmetic import trace_stats
     from rlt.data.examples import parse_stratos_row
     from rlt.data.formats import FORMATS
@@ -87,6 +88,7 @@ def selected_stats(distilled: Path) -> dict:
             "wrong_frac": sum(s["wrong_steps"] > 0 for s in st) / n,
             "unparsed_frac": sum(not s["parsed"] for s in st) / n,
             "steps_mean": stats.mean([s["steps"] for s in st]),
+            "no_end_tag_frac": (sum(not r["end_tag"] for r in rows) / n) if "end_tag" in rows[0] else None,
             "reward": stats.mean([r["reward"] for r in rows]) if "reward" in rows[0] else None}
 
 
@@ -445,18 +447,24 @@ def write_report(out: Path, summary: dict, preset) -> Path:
         L += ["", f"Paired difference (fully worked - raw): "
                   f"{_pm(g['full_minus_raw']['mean'], g['full_minus_raw']['se'])}.", ""]
     L += ["## Explanations", "",
-          "| source | n | fold steps | with a wrong step | unparsed | mean reward |", "|---|---|---|---|---|---|"]
+          "| source | n | fold steps | with a wrong step | unparsed | cut off (no end tag) | mean reward |",
+          "|---|---|---|---|---|---|---|"]
     sel, allk = s["explanations_selected"], s["explanations_all_k"]
-    L.append(f"| raw traces (training data) | {sel['raw']['n']} | {sel['raw']['folded_frac']:.2f} | 0.00 | 0.00 | |")
+    L.append(f"| raw traces (training data) | {sel['raw']['n']} | {sel['raw']['folded_frac']:.2f} | 0.00 | 0.00 | "
+             "0.00 | |")
     for v, name in (("warmup", "warm-up teacher"), ("rlt", "RL teacher")):
         a, b = allk.get(v, {}), sel.get(v, {})
         if a.get("n"):
             L.append(f"| {name}, all {preset.k} samples | {a['n']} | {a['folded_frac']:.2f} | {a['wrong_frac']:.2f} | "
-                     f"{a['unparsed_frac']:.2f} | {a.get('reward', float('nan')):.3f} |")
+                     f"{a['unparsed_frac']:.2f} | {a['no_end_tag_frac']:.2f} | {a.get('reward', float('nan')):.3f} |")
         if b.get("n"):
+            cut = "" if b.get("no_end_tag_frac") is None else f"{b['no_end_tag_frac']:.2f}"  # rows from before end_tag
             L.append(f"| {name}, best of {preset.k} (distilled) | {b['n']} | {b['folded_frac']:.2f} | "
-                     f"{b['wrong_frac']:.2f} | {b['unparsed_frac']:.2f} | {b.get('reward') or float('nan'):.3f} |")
-    L += ["", "Distilled explanations (best of k) of the first training questions, warm-up teacher vs. RL teacher:", ""]
+                     f"{b['wrong_frac']:.2f} | {b['unparsed_frac']:.2f} | {cut} | {b.get('reward') or float('nan'):.3f} |")
+    L += ["", f"*Cut off*: explanations without the end tag (cut at the {preset.max_tokens}-token budget); "
+          "distillation keeps them with the reward's penalty, so when none of a question's explanations ends, a "
+          "cut-off one becomes student data.",
+          "", "Distilled explanations (best of k) of the first training questions, warm-up teacher vs. RL teacher:", ""]
     for v, name in (("warmup", "warm-up teacher"), ("rlt", "RL teacher")):
         for r in _best_per_question(_jsonl(out / "distill" / f"{v}.explanations.jsonl"), 3):
             pen = f" + penalty {r['match_penalty']:.0f}" if r.get("match_penalty") else ""
