@@ -88,7 +88,7 @@ def selected_stats(distilled: Path) -> dict:
             "wrong_frac": sum(s["wrong_steps"] > 0 for s in st) / n,
             "unparsed_frac": sum(not s["parsed"] for s in st) / n,
             "steps_mean": stats.mean([s["steps"] for s in st]),
-            "no_end_tag_frac": (sum(not r["end_tag"] for r in rows) / n) if "end_tag" in rows[0] else None,
+            "no_end_tag_frac": (sum(not r["end_tag"] for r in rows) / n) if all("end_tag" in r for r in rows) else None,
             "reward": stats.mean([r["reward"] for r in rows]) if "reward" in rows[0] else None}
 
 
