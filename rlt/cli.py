@@ -1,4 +1,5 @@
-"""What every entry point does with a user error: one line on stderr (main process only), exit code 2."""
+"""What every entry point does with a user error: one line on stderr (main process only; the others' go to
+torchrun's failure summary), exit code 2."""
 from __future__ import annotations
 
 import contextlib
@@ -22,10 +23,16 @@ def user_errors(prog: str):
     try:
         yield
     except ConfigError as e:
+        msg = " ".join(str(e).split("\n")[0].split())
         if rank() == 0:  # from the launcher's environment: the error may come before accelerate's state
-            msg = " ".join(str(e).split("\n")[0].split())
             sys.stderr.write(f"{prog}: error: {msg}\n")
             sys.stderr.flush()
+        elif os.environ.get("TORCHELASTIC_ERROR_FILE"):
+            # Another rank stays quiet (every rank usually meets the same error); its message goes to the error
+            # file torchrun reads, so the failure summary names it when rank 0 did not fail the same way.
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(ConfigError(f"{prog}: error: {msg}"))
         raise SystemExit(USER_ERROR_EXIT) from None
 
 

@@ -271,3 +271,21 @@ def test_tool_keys_an_alias_twice_and_training_keys_are_one_clear_line():
         compose("+learning_rate=1e-5", "input=x", "output=y")  # no hint to add it with +, which is what was done
     objs = compose("teacher=a/b", "student=c/d", "student=e/f", "input=x", "output=y")  # one name twice: the last
     assert objs[RewardConfig].student_model == "e/f"
+
+
+@pytest.mark.parametrize("failing", ["1", "0,1"])
+def test_a_user_error_on_another_rank_reaches_torchruns_summary(tmp_path, failing):
+    """Rank 0 writes the one line; another rank's error goes to torchrun's failure summary (it was silent)."""
+    script = tmp_path / "fail.py"
+    script.write_text("import os\nfrom rlt.cli import user_errors\nfrom rlt.errors import ConfigError\n"
+                      "with user_errors('prog'):\n"
+                      f"    if os.environ['RANK'] in {failing.split(',')!r}:\n"
+                      "        raise ConfigError(f\"row 3: seen by rank {os.environ['RANK']}\")\n")
+    r = run_cmd([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)], check=False)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "exitcode  : 2" in out
+    if failing == "1":
+        assert "ConfigError: row 3: seen by rank 1" in out and "prog: error:" not in out
+    else:
+        assert out.count("prog: error: row 3: seen by rank 0\n") == 1
