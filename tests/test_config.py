@@ -33,6 +33,16 @@ def test_teacher_sft_paper_values():
     assert cfg["report_to"] == "none"
 
 
+def test_student_sft_paper_values():
+    """The students' recipe is SkyThought's Bespoke-17k 7B one, which the reference's students were trained with
+    (3 epochs, lr 1e-5 cosine, 10% warm-up, batch 96 = 8 GPUs x 12 accumulation, HF's AdamW defaults)."""
+    cfg = compose("student_sft")
+    assert (cfg["num_train_epochs"], cfg["learning_rate"], cfg["lr_scheduler_type"], cfg["warmup_ratio"]) == (3, 1e-5, "cosine", 0.1)
+    assert (cfg["train_batch_size"], cfg["per_device_train_batch_size"], cfg["max_length"]) == (96, 1, 16384)
+    assert (cfg["adam_beta1"], cfg["adam_beta2"], cfg["weight_decay"], cfg["max_grad_norm"]) == (0.9, 0.999, 0.0, 1.0)
+    assert cfg["save_total_limit"] == 2
+
+
 @pytest.mark.parametrize("key,value,expect", [
     ("model_name_or_path", "my/model", "my/model"), ("dataset_id_or_path", "x.jsonl", "x.jsonl"),
     ("learning_rate", "3e-6", 3e-6), ("num_train_epochs", "2", 2), ("max_steps", "7", 7),
