@@ -214,6 +214,34 @@ def check_trl_choices(args_cls: type, kw: dict[str, Any]) -> None:
                           f"{sorted(INTEGRATION_TO_CALLBACK)}, all or none")
 
 
+# SFTConfig keys that act in trl's dataset preparation, the tokenizer or the model loading, none of which an rlt SFT
+# run uses: it tokenizes the rows itself (the loss masks: rlt.trainers.sft), passes its own loaded model, and has
+# tokenized with the model's own tokenizer before trl could change it. Set to anything but trl's default, refused.
+SFT_UNUSED = {
+    "packing": "trl packs in its dataset preparation", "packing_strategy": "it only acts with packing",
+    "eval_packing": "trl packs in its dataset preparation",
+    "padding_free": "with max_length set trl refuses it after the model loads",
+    "completion_only_loss": "the loss masks are rlt's (the explanation, or the student's whole turn)",
+    "assistant_only_loss": "the loss masks are rlt's (the explanation, or the student's whole turn)",
+    "dataset_text_field": "rlt reads the dataset's columns by data_format",
+    "truncation_mode": "rows longer than max_length are dropped (and counted), never cut",
+    "shuffle_dataset": "trl shuffles in its dataset preparation; the Trainer's sampler shuffles each epoch",
+    "dataset_num_proc": "trl's dataset preparation does not run",
+    "eos_token": "the data is tokenized with the model's own tokenizer before trl would change it",
+    "chat_template_path": "the data is tokenized with the model's own tokenizer before trl would change it",
+    "model_init_kwargs": "rlt loads the model (dtype, attn_implementation)",
+}
+
+
+def check_sft_unused(args_cls: type, kw: dict[str, Any]) -> None:
+    """An :data:`SFT_UNUSED` key set to anything but trl's default: one line, before anything loads (trl would
+    ignore it silently, or refuse it only after the model loaded on every rank)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(args_cls)}
+    for key, why in SFT_UNUSED.items():
+        if key in kw and key in defaults and kw[key] != defaults[key]:
+            raise ConfigError(f"{key}={kw[key]}: rlt's SFT does not use it ({why}); drop the key")
+
+
 def check_trl_ranges(kw: dict[str, Any]) -> None:
     """Values trl accepts but a run cannot use (or that trl divides by), refused before its config is built."""
     for key in ("steps_per_generation", "num_iterations"):   # trl divides by them
@@ -441,6 +469,8 @@ def build_train_settings(cfg: dict, num_processes: int | None = None, **forced) 
     kw = coerce_fields(args_cls, kw)
     check_trl_ranges(kw)
     check_trl_choices(args_cls, kw)
+    if trainer != "teacher_grpo":
+        check_sft_unused(args_cls, kw)
     n = num_processes_from_env() if num_processes is None else num_processes
     if n < 1:
         raise ConfigError(f"number of training processes ({n}) must be >= 1")

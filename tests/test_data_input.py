@@ -286,3 +286,21 @@ def test_a_local_copy_of_a_dataset_with_configurations_takes_dataset_config(tmp_
     assert error_of(str(tmp_path), dataset_config="x").endswith("dataset_config=x is not one of them")
     ds, _ = load_data_table(DataConfig(dataset_id_or_path=str(tmp_path), dataset_config="socratic"))
     assert ds[0]["question"] == "q2"
+
+
+def test_cut_off_distilled_rows_are_counted_in_a_warning(tmp_path, caplog):
+    """rlt.distill marks a cut-off explanation it kept (missing_end_tag=penalise) with end_tag false; training on
+    such rows says how many there are."""
+    from rlt.data.formats import FORMATS
+    from rlt.data.text import stratos_row
+
+    fmt = FORMATS["bespoke_stratos"]
+    rows = [stratos_row(f"q{i}", f"step {i}", f"\\boxed{{{i}}}", "sys", fmt, end_tag=i != 1) for i in range(3)]
+    with caplog.at_level("WARNING", logger="rlt.data.loading"):
+        examples, _ = load(write_jsonl(tmp_path / "d.jsonl", rows))
+    assert len(examples) == 3
+    assert "1 of 3 rows hold a cut-off explanation (end_tag false" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlt.data.loading"):
+        load(write_jsonl(tmp_path / "e.jsonl", [dict(r, end_tag=True) for r in rows]))
+    assert "cut-off" not in caplog.text

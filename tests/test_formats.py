@@ -185,3 +185,17 @@ def test_a_template_that_ends_turns_with_another_token_than_eos_is_refused(tiny_
     bare.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(ConfigError, match="writes nothing after the assistant's turn"):
         check_end_of_turn(bare, fmt, "bare")
+
+
+def test_student_sft_needs_an_eos_token(tiny_path):
+    """The student's answers end with eos_token; without one it would never learn to stop."""
+    from transformers import AutoTokenizer
+
+    from rlt.data.text import check_student_eos
+    from rlt.errors import ConfigError
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    check_student_eos(tok, "tiny")
+    tok.eos_token = None
+    with pytest.raises(ConfigError, match=r"^tokenizer of tiny has no eos_token: a student trained with it would "):
+        check_student_eos(tok, "tiny")

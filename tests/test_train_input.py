@@ -41,6 +41,12 @@ def refused(fn, *args, match: str):
     ("tiny_teacher_rlt", "loss_type=bogus", r"loss_type='bogus': choose one of \['grpo', 'dr_grpo', 'dapo'"),
     ("tiny_teacher_rlt", "scale_rewards=bogus", r"scale_rewards='bogus': choose group, batch or none"),
     ("tiny_teacher_sft", "report_to=wanbd", r"report_to=wanbd: unknown integration\(s\) \['wanbd'\]; choose from "),
+    # SFTConfig keys an rlt SFT run never uses (trl ignored them, or refused them after the model loaded)
+    ("tiny_teacher_sft", "+packing=true", r"packing=True: rlt's SFT does not use it \(trl packs in its dataset "),
+    ("tiny_student_sft", "+padding_free=true", r"padding_free=True: rlt's SFT does not use it \(with max_length set"),
+    ("tiny_teacher_sft", "+completion_only_loss=false", r"completion_only_loss=False: rlt's SFT does not use it"),
+    ("tiny_student_sft", "+assistant_only_loss=true", r"assistant_only_loss=True: rlt's SFT does not use it"),
+    ("tiny_teacher_sft", "+eos_token=x", r"eos_token=x: rlt's SFT does not use it \(the data is tokenized with"),
 ])
 def test_trl_values_are_type_and_range_checked(tmp_path, recipe, override, match):
     refused(settings, tmp_path, recipe, *override.split(" "), match=match)

@@ -399,6 +399,11 @@ def load_dataset_examples(data, fmt_cfg) -> tuple[list[Example], DataFormat]:
     if not examples:
         raise RowError(f"{source}: no usable rows")
     logger.info("loaded %d examples from %s (%s format)", len(examples), source, fmt.name)
+    cut = sum(v is False for v in ds["end_tag"]) if "end_tag" in ds.column_names else 0
+    if cut:   # rlt.distill's rows: false when a cut-off explanation was kept (missing_end_tag=penalise)
+        logger.warning("%s: %d of %d rows hold a cut-off explanation (end_tag false, kept by rlt.distill's "
+                       "missing_end_tag=penalise); a model trained on them learns to end its thought early",
+                       source, cut, len(ds))
     return examples, fmt
 
 

@@ -133,6 +133,14 @@ def end_of_turn(tokenizer, fmt: DataFormat) -> str:
     return full[start + len(answer):].split("\n", 1)[0]
 
 
+def check_student_eos(tokenizer, name: str) -> None:
+    """Student SFT ends each answer with ``eos_token`` (the token generation stops on); a tokenizer without one
+    would train a student that never stops: one line naming tokenizer ``name``."""
+    if not tokenizer.eos_token:
+        raise ConfigError(f"tokenizer of {name} has no eos_token: a student trained with it would never learn to "
+                          "stop; use a tokenizer that has one (an instruct model's)")
+
+
 def check_end_of_turn(tokenizer, fmt: DataFormat, name: str) -> None:
     """The chat template ends the assistant's turn with ``eos_token``: the token SFT teaches the model to end
     with (teacher and student alike) and the one generation stops on. Else one line naming tokenizer ``name``:

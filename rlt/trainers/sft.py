@@ -81,6 +81,10 @@ def run_sft(s, examples=None, fmt=None) -> None:
         from rlt.data.text import check_end_of_turn
 
         check_end_of_turn(tokenizer, fmt, s.model.model_name_or_path)   # before the model loads
+    else:
+        from rlt.data.text import check_student_eos
+
+        check_student_eos(tokenizer, s.model.model_name_or_path)
     with args.main_process_first(desc="tokenizing"):
         dataset = build_sft_dataset(tokenizer, examples, fmt, args.max_length, student=student)
     logger.info("%s SFT on %d examples; gradient_accumulation_steps=%d",
