@@ -31,6 +31,15 @@ done
 
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -x "$ROOT/.venv/bin/python" ]; then PATH="$ROOT/.venv/bin:$PATH"; fi
 PY=python
+# A cluster launcher's variables (a pod's RANK, torchrun's PET_*) would reach this single-node run: the check
+# would run as a non-main rank (its errors unprinted) and torchrun would wait for nodes that never come.
+DROPPED=()
+for v in $(compgen -e); do
+  case "$v" in RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|GROUP_RANK|ROLE_RANK|NODE_RANK|MASTER_ADDR|MASTER_PORT|PET_*|TORCHELASTIC_*)
+    DROPPED+=("$v"); unset "$v" ;;
+  esac
+done
+[ ${#DROPPED[@]} -eq 0 ] || echo "[launch] a single-node run: ignoring the environment's ${DROPPED[*]}"
 PORT="$($PY -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 # Precision is the run config's bf16/fp16 (the trainer fills the DeepSpeed json's "auto"); accelerate's
 # own setting stays "no" and on the command line: from its config file it is refused next to a DeepSpeed json.

@@ -29,7 +29,7 @@ from pathlib import Path
 from rlt.cli import user_errors
 from rlt.errors import ConfigError
 from rlt.logging_utils import setup_logging
-from rlt.procs import shell_exit_code
+from rlt.procs import drop_cluster_env, shell_exit_code
 
 logger = logging.getLogger("rlt.launch")
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +213,10 @@ def wait_for_training(trainer, servers, poll: float = 1.0) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    dropped = drop_cluster_env()   # before logging and errors read RANK
     setup_logging()
+    if dropped:
+        logger.info("a single-node run: ignoring the environment's %s", " ".join(dropped))
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("--help", "-h") for a in argv):
         from rlt.config import train_help

@@ -37,6 +37,11 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 DIST_ENV_PREFIXES = ("ACCELERATE_", "MASTER_", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+# A cluster launcher's variables that would make a single-node launch act as one rank of a larger job (launch.sh
+# drops the same names in bash).
+CLUSTER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "NODE_RANK",
+               "MASTER_ADDR", "MASTER_PORT")
+CLUSTER_ENV_PREFIXES = ("PET_", "TORCHELASTIC_")
 SHM = Path("/dev/shm")
 SHM_PREFIXES = ("psm_", "sem.mp-")  # multiprocessing.shared_memory segments and named semaphores
 PARENT_ENV = "RLT_GUARD_PARENT"     # pid of the guard's owner: the guard dies with it
@@ -53,6 +58,16 @@ def non_distributed_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """A copy of the environment without the variables of a distributed launch, for helper
     processes (a tiny-model build, a vLLM server) started from inside one."""
     return {k: v for k, v in (os.environ if env is None else env).items() if not k.startswith(DIST_ENV_PREFIXES)}
+
+
+def drop_cluster_env(env=None) -> list[str]:
+    """Remove :data:`CLUSTER_ENV` and ``PET_*``/``TORCHELASTIC_*`` from ``env`` (default: this process's
+    environment); returns the names removed."""
+    env = os.environ if env is None else env
+    names = sorted(k for k in env if k in CLUSTER_ENV or k.startswith(CLUSTER_ENV_PREFIXES))
+    for k in names:
+        del env[k]
+    return names
 
 
 # ----------------------------------------------------------------------------------------- parent death

@@ -189,6 +189,29 @@ def test_launch_sh_refuses_a_missing_model_in_one_line(tmp_path):
     assert "Traceback" not in proc.stderr and "process(es), recipe=" not in proc.stdout
 
 
+def test_launch_sh_ignores_a_cluster_launchers_variables(tmp_path):
+    """Inside a pod of a larger job (RANK=1, torchrun's PET_*), the check ran as a non-main rank and printed no
+    error, and torchrun would have waited for the other nodes; launch.sh drops them and says so."""
+    import os
+
+    env = {"RANK": "1", "PET_NNODES": "2", "MASTER_PORT": "1"}
+    proc = run_cmd([str(ROOT / "launch.sh"), "1", "tiny_teacher_sft", f"output_dir={tmp_path}", "bogus_key=1"],
+                   timeout=300, check=False, env=env)
+    assert proc.returncode == 2
+    assert "[launch] a single-node run: ignoring the environment's MASTER_PORT PET_NNODES RANK" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("rlt.train: error: unknown key 'bogus_key'")
+    assert os.environ.get("RANK") != "1"
+
+
+def test_launch_with_server_ignores_a_cluster_launchers_variables(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("PET_NNODES", "2")
+    with pytest.raises(SystemExit) as e:
+        launch_with_server.main(["1", "1", "tiny_teacher_rlt", f"output_dir={tmp_path}", "bogus_key=1"])
+    assert e.value.code == 2
+    assert "launch_with_server.sh: error: unknown key 'bogus_key'" in capsys.readouterr().err  # it was silent
+
+
 # ----------------------------------------------------------------------------------------- 5, 6. launch_with_server
 def test_launch_with_server_names_a_recipe_of_another_kind(tmp_path):
     refused(launch_with_server.validate, "tiny_teacher_sft", [f"output_dir={tmp_path}"], 1, 1,
