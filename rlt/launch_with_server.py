@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         gpus = visible_gpus()
         if gpus is not None and len(gpus) < num_vllm + num_train:
             raise ConfigError(f"{num_vllm} vLLM + {num_train} training GPUs requested, {len(gpus)} visible")
+        if gpus is not None and len(gpus) > num_vllm + num_train:
+            logger.warning("GPU(s) %s stay idle: %d vLLM + %d training GPUs requested, %d visible",
+                           ",".join(gpus[num_vllm + num_train:]), num_vllm, num_train, len(gpus))
         api_key = secrets.token_urlsafe(32)  # per run; only in the environment of the servers and trainers
         specs, log_dir = plan_servers(st, num_vllm, gpus, bind, api_key, nccl)
 

@@ -207,6 +207,33 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+NVIDIA_DEVICES = "/dev/nvidia[0-9]*"   # the driver's device nodes, one per GPU
+
+
+def check_cuda_usable() -> None:
+    """On a machine with NVIDIA GPUs (their device nodes exist) that torch cannot use (a CPU build of torch, a
+    driver older than torch's CUDA), one line saying why, instead of a silent run on CPU processes. Hiding the
+    GPUs on purpose (``CUDA_VISIBLE_DEVICES=`` empty) runs on the CPU."""
+    import glob
+
+    if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return
+    nodes = sorted(glob.glob(NVIDIA_DEVICES))
+    if not nodes:
+        return
+    if torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is a CPU build"
+    else:
+        try:
+            torch.cuda.init()
+            why = f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no usable GPU"
+        except Exception as e:   # torch's own reason, e.g. "The NVIDIA driver on your system is too old"
+            why = " ".join(str(e).split())[:300]
+    raise ConfigError(f"this machine has NVIDIA GPUs ({', '.join(nodes[:2])}{', ...' if len(nodes) > 2 else ''}) "
+                      f"but torch cannot use them: {why}; fix the install (scripts/setup_env.sh picks the CUDA "
+                      "build when nvidia-smi works), or set CUDA_VISIBLE_DEVICES= (empty) to run on the CPU on purpose")
+
+
 def resolve_device(setting: str, key: str) -> str:
     """A device setting of the offline tools, checked against what torch sees, before any model loads.
 

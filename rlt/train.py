@@ -36,8 +36,9 @@ def check_inputs(s) -> None:
 
 def check_gpus_for(num_processes: int) -> None:
     """With CUDA, each training process needs a GPU of its own: no more processes than visible GPUs."""
-    from rlt.models import gpu_count
+    from rlt.models import check_cuda_usable, gpu_count
 
+    check_cuda_usable()
     gpus = gpu_count()
     if gpus and num_processes > gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -323,3 +323,18 @@ def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monke
     with caplog.at_level("WARNING"):
         assert run_lock(str(tmp_path), hold=True) is None
     assert "cannot be locked on this filesystem (No locks available)" in caplog.text
+
+
+def test_gpus_torch_cannot_use_are_refused_not_run_on_cpu(tmp_path, monkeypatch):
+    """A machine with NVIDIA device nodes whose torch cannot use CUDA (here: this CPU build) would have trained on
+    CPU processes without a word; hiding the GPUs on purpose still runs on the CPU."""
+    import rlt.models
+
+    (tmp_path / "nvidia0").write_text("")
+    monkeypatch.setattr(rlt.models, "NVIDIA_DEVICES", str(tmp_path / "nvidia[0-9]*"))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cfg = compose("tiny_teacher_sft", [f"output_dir={tmp_path / 'out'}"])
+    refused(check, cfg, 1, match=r"^this machine has NVIDIA GPUs \(\S+nvidia0\) but torch cannot use them: this "
+                                 r"torch \(\S+\) is a CPU build; fix the install .* set CUDA_VISIBLE_DEVICES= \(empty\)")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    check(cfg, 1)
