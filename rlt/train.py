@@ -47,6 +47,21 @@ def check_gpus_for(num_processes: int) -> None:
                           + "; each training process needs a GPU of its own")
 
 
+def check_generation_memory(s, num_processes: int) -> None:
+    """In-process generation's KV cache against the first GPU's memory (nothing to check without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available() or s.rollout.vllm_host or s.args.use_vllm:
+        return
+    from transformers import AutoConfig
+
+    from rlt.models import resolve_model_path
+    from rlt.trainers.grpo_run import check_in_process_generation
+
+    config = AutoConfig.from_pretrained(resolve_model_path(s.model.require_model()))
+    check_in_process_generation(s, num_processes, torch.cuda.get_device_properties(0).total_memory, config)
+
+
 def check(cfg: dict, num_processes: int | None = None):
     """Validate a composed config and its data without loading a model or writing anything but a probe in
     output_dir. Returns (settings, examples, format)."""
@@ -62,6 +77,8 @@ def check(cfg: dict, num_processes: int | None = None):
     if s.run.trainer == "teacher_grpo":
         validate_grpo(s, n)
     check_inputs(s)
+    if s.run.trainer == "teacher_grpo" and num_processes is not None:
+        check_generation_memory(s, num_processes)
     examples, fmt = load_dataset_examples(s.data, s.format)
     check_writable(s.args.output_dir)
     if num_processes is not None:   # before a launch: no other run may hold output_dir

@@ -227,3 +227,29 @@ def test_shards_move_to_cpu_in_place():
         assert p.ds_tensor.device.type == ("cuda" if p is persist else "cpu")
         assert torch.equal(p.ds_tensor.cpu(), values[id(p)])
     assert shards_to(m, "cpu") == (0, set())
+
+
+def test_in_process_generation_too_large_for_the_gpu_is_refused(tmp_path):
+    """./launch.sh 8 teacher_rlt (no servers): 128 sequences of ~17k tokens per rank in one model.generate, a KV
+    cache of >= 120 GB at 7B shape; refused before any model loads, pointing to launch_with_server.sh."""
+    from types import SimpleNamespace
+
+    from rlt.config import build_train_settings, compose
+    from rlt.trainers.grpo_run import check_in_process_generation, kv_bytes_per_token
+
+    qwen7b = SimpleNamespace(num_attention_heads=28, num_key_value_heads=4, hidden_size=3584, num_hidden_layers=28)
+    assert kv_bytes_per_token(qwen7b) == 28 * 2 * 4 * 128 * 2 == 57344   # 56 KiB, as docs/gpu.md counts
+    s = build_train_settings(compose("teacher_rlt", [f"output_dir={tmp_path}"]), num_processes=8)
+    h100 = 80 * 10**9
+    with pytest.raises(ConfigError, match=r"^in-process generation \(no vllm_host, use_vllm=false\) holds 128 "
+                                          r"sequences of up to 16384 new tokens per rank at once: a KV cache of at least "
+                                          r"120 GB \(prompts not counted\), more than the GPU's 80 GB; run the "
+                                          r"rollouts on vLLM servers"):
+        check_in_process_generation(s, 8, h100, qwen7b)
+    check_in_process_generation(s, 8, None, qwen7b)   # no GPU: nothing to check
+    servers = build_train_settings(compose("teacher_rlt", [f"output_dir={tmp_path}", "vllm_host=127.0.0.1"]),
+                                   num_processes=4)
+    check_in_process_generation(servers, 4, h100, qwen7b)
+    short = build_train_settings(compose("teacher_rlt", [f"output_dir={tmp_path}", "max_completion_length=512",
+                                                         "train_batch_size=128"]), num_processes=8)
+    check_in_process_generation(short, 8, h100, qwen7b)   # 2 x 16 sequences of ~2k tokens: fits

@@ -60,6 +60,41 @@ def validate_grpo(s, num_processes: int) -> None:
     validate_sampling(args)
 
 
+def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int | None:
+    """Key + value cache bytes per token of a decoder (layers x 2 x KV heads x head size x dtype); None when the
+    config does not say (e.g. a multimodal wrapper)."""
+    c = getattr(config, "text_config", None) or config
+    try:
+        heads = c.num_attention_heads
+        kv = getattr(c, "num_key_value_heads", None) or heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return c.num_hidden_layers * 2 * kv * head_dim * dtype_bytes
+    except (AttributeError, TypeError):
+        return None
+
+
+def check_in_process_generation(s, num_processes: int, gpu_bytes: int | None, config) -> None:
+    """Without vLLM (no vllm_host, use_vllm=false) trl generates each rank's whole generation batch in one
+    ``model.generate``; when its KV cache alone would exceed the GPU (``gpu_bytes``; None: no GPU, nothing to
+    check), one line before three models load on every rank and the first round runs out of memory."""
+    args = s.args
+    if gpu_bytes is None or s.rollout.vllm_host or args.use_vllm:
+        return
+    per_token = kv_bytes_per_token(config, {"float32": 4, "float64": 8}.get(str(s.model.dtype), 2))  # the weights'
+
+    if per_token is None:
+        return
+    seqs = args.per_device_train_batch_size * (args.steps_per_generation or args.gradient_accumulation_steps)
+    need = seqs * args.max_completion_length * per_token   # the completions alone: a lower bound
+    if need > gpu_bytes:
+        raise ConfigError(
+            f"in-process generation (no vllm_host, use_vllm=false) holds {seqs} sequences of up to "
+            f"{args.max_completion_length} new tokens per rank at once: a KV cache of at least {need / 1e9:.0f} GB "
+            f"(prompts not counted), more than the GPU's {gpu_bytes / 1e9:.0f} GB; run the rollouts on vLLM servers "
+            "(./launch_with_server.sh V T ...), or lower per_device_train_batch_size, generation_aggregation_steps "
+            "or max_completion_length")
+
+
 def build_grpo_dataset(tokenizer, examples, fmt, max_prompt_length: int | None):
     """Columns prompt (RL prompt text), question, solution, student_system.
 
