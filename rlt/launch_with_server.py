@@ -209,8 +209,8 @@ def wait_for_training(trainer, servers, poll: float = 1.0) -> int:
     while (rc := trainer.poll()) is None:
         for server in servers:
             if server.proc.poll() is not None:
-                logger.error("%s exited with code %d during training: stopping training", server.describe(),
-                             server.proc.returncode)
+                logger.error("%s exited with code %d during training: stopping training; its last lines:\n%s",
+                             server.describe(), server.proc.returncode, server.tail())
                 return 1
         time.sleep(poll)
     rc = shell_exit_code(rc)   # a guard killed by signal N: 128 + N, as a shell reports it

@@ -334,6 +334,49 @@ def test_a_hung_server_is_given_up_within_the_health_window_not_the_request_time
         srv.server_close()
 
 
+class _SlowServer(_FakeService):
+    """Healthy all along; a POST takes 1.5 s (a long generation round)."""
+
+    def do_POST(self):
+        time.sleep(1.5)
+        self._answer(200, {"ok": True})
+
+
+def test_a_long_request_says_it_is_still_running(caplog):
+    """A generation round of many minutes printed nothing until it ended; now a line every ``heartbeat`` s."""
+    from rlt.generation.client import VLLMServerPool
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _SlowServer)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        pool = VLLMServerPool("127.0.0.1", srv.server_address[1], log_dir="/logs", api_key=None, connect_timeout=5,
+                              health_interval=0.2, heartbeat=0.5)
+        with caplog.at_level("INFO", logger="rlt.generation.client"):
+            assert pool._post(0, "/v1/completions", {}) == {"ok": True}
+        beats = [r.getMessage() for r in caplog.records if "still running after" in r.getMessage()]
+        assert beats and beats[0].startswith(f"vLLM server http://127.0.0.1:{srv.server_address[1]} (log: "
+                                             "/logs/server_0.log): /v1/completions still running after ")
+        assert len(beats) <= 3   # one per heartbeat, not one per health poll
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_servers_still_loading_are_named_every_heartbeat(caplog, tmp_path):
+    from types import SimpleNamespace
+
+    from rlt.generation.server import wait_until_healthy
+
+    t0 = time.monotonic()
+    server = SimpleNamespace(spec=SimpleNamespace(url="http://127.0.0.1:9", log_path=tmp_path / "server_0.log"),
+                             proc=SimpleNamespace(poll=lambda: None), ready=lambda: time.monotonic() - t0 > 1.0)
+    with caplog.at_level("INFO", logger="rlt.generation.server"):
+        wait_until_healthy([server], timeout=30, poll=0.1, heartbeat=0.4)
+    assert re.search(r"waiting for 1 vLLM server\(s\) to load \(\d+s of vllm_server_timeout=30s\): "
+                     rf"http://127\.0\.0\.1:9 \(log {re.escape(str(tmp_path / 'server_0.log'))}\)", caplog.text)
+    assert "vLLM server http://127.0.0.1:9 is ready" in caplog.text
+
+
 def test_no_server_at_the_address_is_named_with_the_last_error():
     from rlt.generation.client import ServerDown, VLLMServerPool
 
@@ -529,6 +572,19 @@ def test_trainer_killed_by_a_signal_exits_as_a_shell_reports_it():
 
     trainer = SimpleNamespace(poll=lambda: -9)
     assert wait_for_training(trainer, [], poll=0) == 137
+
+
+def test_a_server_dying_during_training_is_named_with_its_last_lines(caplog):
+    from types import SimpleNamespace
+
+    from rlt.launch_with_server import wait_for_training
+
+    dead = SimpleNamespace(proc=SimpleNamespace(poll=lambda: 1, returncode=1), describe=lambda: "vLLM server X",
+                           tail=lambda: "torch.OutOfMemoryError: CUDA out of memory")
+    with caplog.at_level("ERROR", logger="rlt.launch"):
+        assert wait_for_training(SimpleNamespace(poll=lambda: None), [dead], poll=0) == 1
+    assert ("vLLM server X exited with code 1 during training: stopping training; its last lines:\n"
+            "torch.OutOfMemoryError: CUDA out of memory") in caplog.text
 
 
 def test_nccl_sync_without_cuda_is_one_line_at_check(tmp_path):

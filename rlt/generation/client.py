@@ -95,18 +95,22 @@ class VLLMServerPool:
     server that refuses or ignores ``health_failures`` polls in a row (about
     ``health_interval * health_failures`` seconds) aborts the request.
 
+    A request that runs longer than ``heartbeat`` seconds says so in the log every ``heartbeat`` seconds.
+
     ``api_key``: sent on every request; at connect time each server must show that it holds it
     (:func:`server_model`), so a foreign service on a port is refused.
     """
 
     def __init__(self, host: str, port: int, num_servers: int = 1, log_dir: str | None = None,
                  connect_timeout: float = 120.0, request_timeout: float = 3600.0,
-                 health_interval: float = 5.0, health_failures: int = 3, api_key: str | None = None):
+                 health_interval: float = 5.0, health_failures: int = 3, api_key: str | None = None,
+                 heartbeat: float = 120.0):
         self.urls = [server_url(host, port + i) for i in range(num_servers)]
         self.log_dir = log_dir
         self.request_timeout = request_timeout
         self.health_interval = health_interval
         self.health_failures = health_failures
+        self.heartbeat = heartbeat   # seconds between two "still running" lines of a long request
         self.api_key = api_key or None
         self.headers = auth_headers(self.api_key)
         self.models = [self._wait_and_model_id(u, connect_timeout) for u in self.urls]
@@ -139,12 +143,16 @@ class VLLMServerPool:
         to its timeout in a daemon thread)."""
         fut = in_background(requests.post, self.urls[i] + path, json=body, headers=self.headers,
                             timeout=timeout or self.request_timeout)
-        misses = 0
+        misses, start = 0, time.monotonic()
+        next_beat = start + self.heartbeat
         while True:
             try:
                 r = fut.result(timeout=self.health_interval)
                 break
             except cf.TimeoutError:
+                if time.monotonic() >= next_beat:   # long generation rounds say they are still going
+                    next_beat += self.heartbeat
+                    logger.info("%s: %s still running after %.0fs", self.describe(i), path, time.monotonic() - start)
                 misses = 0 if self.alive(i) else misses + 1
                 if misses >= self.health_failures:
                     raise ServerDown(f"{self.describe(i)} stopped answering during {path}") from None

@@ -173,12 +173,20 @@ class ServerStartError(RuntimeError):
     pass
 
 
-def wait_until_healthy(servers: list[ServerProcess], timeout: float, poll: float = 1.0) -> None:
+def wait_until_healthy(servers: list[ServerProcess], timeout: float, poll: float = 1.0,
+                       heartbeat: float = 60.0) -> None:
     """Poll every server until it answers as the server started here (/health, then the run's key); fail fast,
-    with the log's tail, if one exits or something else answers on its port."""
-    deadline = time.monotonic() + timeout
+    with the log's tail, if one exits or something else answers on its port. Every ``heartbeat`` seconds a line
+    names the servers still loading and their logs."""
+    start = time.monotonic()
+    deadline, next_beat = start + timeout, start + heartbeat
     pending = list(servers)
     while pending:
+        if time.monotonic() >= next_beat:
+            next_beat += heartbeat
+            logger.info("waiting for %d vLLM server(s) to load (%.0fs of vllm_server_timeout=%.0fs): %s",
+                        len(pending), time.monotonic() - start, timeout,
+                        ", ".join(f"{s.spec.url} (log {s.spec.log_path})" for s in pending))
         for s in list(pending):
             if s.proc.poll() is not None:
                 raise ServerStartError(f"vLLM server {s.spec.url} exited with code {s.proc.returncode} before it was "
