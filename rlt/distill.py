@@ -3,7 +3,8 @@
     python -m rlt.distill teacher=PATH dataset=ID_OR_FILE output=OUT.jsonl \
         [num_explanations=4] [select=all|best_of_k] [student=PATH (best_of_k)] \
         [missing_end_tag=drop|penalise] [temperature=0.7] [max_completion_length=16384] \
-        [vllm_host=HOST vllm_port=8765 vllm_num_servers=1]  (default: vLLM's offline engine)
+        [vllm_local_servers=N (N servers started here, one per GPU) | vllm_host=HOST vllm_port=8765
+         vllm_num_servers=1 (running servers)]  (default: vLLM's offline engine, one GPU)
         [data_format=auto] [dataset_split=train] [max_samples=N] [reward keys, e.g. kl_penalty_reward_coeff=[3,0.03]]
     python -m rlt.distill --help      # every key with its default
 
@@ -67,10 +68,11 @@ class DistillConfig:
     max_completion_length: int = field(default=16384, metadata={
         "help": "longest explanation in tokens (clamped to the model's context)"})
     seed: int = field(default=0, metadata={"help": "engine seed"})
-    chunk_size: int = field(default=16, metadata={"help": "questions per generation call (and per progress write)"})
+    chunk_size: int = field(default=16, metadata={"help": "questions per generation call (and per progress write); raise it with several servers"})
     scorer_device: str = field(default="auto", metadata={
-        "help": "where best_of_k scores: auto (GPU 0 with vllm_host servers; the last GPU when vLLM's offline "
-                "engine holds GPU 0 and there are several; else cpu) | cpu | cuda | cuda:N"})
+        "help": "where best_of_k scores: auto (GPU 0 with vllm_host servers; the first GPU vllm_local_servers "
+                "leave free; the last GPU when vLLM's offline engine holds GPU 0 and there are several; else cpu) | "
+                "cpu | cuda | cuda:N"})
 
     def __post_init__(self):
         if not self.output:
@@ -87,11 +89,13 @@ class DistillConfig:
         check_sampling(self.temperature, self.top_p, "num_explanations", self.num_explanations)
 
 
-def scorer_device(setting: str, servers: bool, gpus: int | None = None) -> str:
-    """The device best_of_k scores on (``scorer_device``); ``servers``: generation runs on vLLM servers.
+def scorer_device(setting: str, servers: bool, gpus: int | None = None, local_servers: int = 0) -> str:
+    """The device best_of_k scores on (``scorer_device``); ``servers``: generation runs on vLLM servers
+    elsewhere; ``local_servers``: on that many servers started here (GPUs 0..local_servers-1).
 
-    ``auto``: no GPU -> cpu; servers -> cuda:0; vLLM's offline engine in this process (it takes 90% of GPU 0)
-    -> the last GPU when there are several, else cpu (said in the log). Other settings: checked as given.
+    ``auto``: no GPU -> cpu; servers -> cuda:0; local servers -> the first GPU they leave free, else cpu; vLLM's
+    offline engine in this process (it takes 90% of GPU 0) -> the last GPU when there are several, else cpu
+    (said in the log). Other settings: checked as given.
     """
     from rlt.models import gpu_count, resolve_device
 
@@ -99,6 +103,12 @@ def scorer_device(setting: str, servers: bool, gpus: int | None = None) -> str:
         return resolve_device(setting, "scorer_device")
     gpus = gpu_count() if gpus is None else gpus
     if gpus == 0:
+        return "cpu"
+    if local_servers:
+        if gpus > local_servers:
+            return f"cuda:{local_servers}"
+        logger.info("scorer_device=auto: best_of_k scores on the CPU, the %d local server(s) hold every GPU (start "
+                    "one server fewer to score on a GPU)", local_servers)
         return "cpu"
     if servers:
         return "cuda:0"
@@ -298,12 +308,12 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
 
         if not reward.student_model:
             raise ConfigError("select=best_of_k scores explanations with the teacher reward: give student=PATH")
-        device = scorer_device(cfg.scorer_device, bool(rollout.vllm_host))
+        device = scorer_device(cfg.scorer_device, bool(rollout.vllm_host), local_servers=rollout.vllm_local_servers)
         check_reward_device(reward, device)
     from tqdm import tqdm
 
     from rlt.data.loading import load_dataset_examples
-    from rlt.generation.offline import make_engine
+    from rlt.generation.offline import close_engine, make_engine
     from rlt.models import load_tokenizer, resolve_model_path
 
     out, progress, summary = output_paths(cfg.output)
@@ -323,14 +333,19 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
 
         scorer = load_scorer(teacher, student, tok, fmt, reward, cfg.temperature, model.dtype, device)
     totals = new_totals()
+    made = None
     if todo and engine is None:
-        engine = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
-                             model.dtype, longest_prompt=max(map(len, prompt_ids.values())))
-    if todo:
-        write_json_atomic(settings_path(progress), settings)
-    with open(progress, "a") as f:
-        starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
-        distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts)
+        engine = made = make_engine(teacher, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed,
+                                    model.dtype, longest_prompt=max(map(len, prompt_ids.values())),
+                                    log_dir=progress.parent / "vllm_logs")
+    try:
+        if todo:
+            write_json_atomic(settings_path(progress), settings)
+        with open(progress, "a") as f:
+            starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
+            distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts)
+    finally:
+        close_engine(made)
     logger.info("explanations %d, without end tag %d (%s), with the student's tags in the thought %d (dropped), "
                 "questions with no row %d, rows written %d", totals["explanations"], totals["no_end_tag"],
                 cfg.missing_end_tag, totals["tags_in_thought"], totals["questions_without_rows"], totals["rows"])

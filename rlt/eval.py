@@ -2,7 +2,7 @@
 
     python -m rlt.eval model=PATH dataset=ID_OR_FILE output_dir=DIR [n_samples=1] [temperature=0.0]
         [max_completion_length=16384] [dataset_split=train] [max_samples=N] [data_format=auto]
-        [vllm_host=HOST vllm_port=8765]   (default: vLLM's offline engine)
+        [vllm_local_servers=N | vllm_host=HOST vllm_port=8765]   (default: vLLM's offline engine, one GPU)
     python -m rlt.eval --help      # every key with its default
 
 Rows of any supported format: Stratos rows (system + conversations) take the
@@ -179,7 +179,7 @@ def fitting_rows(rows: list[dict], tokenizer, fmt, max_prompt_length: int) -> tu
 
 def run_eval(cfg: EvalConfig, model_cfg: ModelConfig, data: DataConfig, fmt_cfg: FormatConfig,
              rollout: RolloutConfig) -> dict:
-    from rlt.generation.offline import make_engine
+    from rlt.generation.offline import close_engine, make_engine
     from rlt.models import load_tokenizer, resolve_model_path
 
     out = Path(cfg.output_dir)
@@ -189,14 +189,17 @@ def run_eval(cfg: EvalConfig, model_cfg: ModelConfig, data: DataConfig, fmt_cfg:
     tok = load_tokenizer(model)
     rows, ids = fitting_rows(rows, tok, fmt, data.max_prompt_length)
     engine = make_engine(model, rollout, data.max_prompt_length + cfg.max_completion_length, cfg.seed, model_cfg.dtype,
-                         longest_prompt=max(map(len, ids.values())))
+                         longest_prompt=max(map(len, ids.values())), log_dir=out / "vllm_logs")
 
     def generate(prompts, n):
         outs = engine.generate([ids[p] for p in prompts], n, cfg.max_completion_length, cfg.temperature, cfg.top_p,
                                seed=cfg.seed)
         return [[tok.decode(c, skip_special_tokens=True) for c in per] for per in outs]
 
-    results, summary = evaluate(rows, generate, tok, fmt, cfg.n_samples)
+    try:
+        results, summary = evaluate(rows, generate, tok, fmt, cfg.n_samples)
+    finally:
+        close_engine(engine)
     with open(out / "results.jsonl", "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")

@@ -190,7 +190,7 @@ def test_distill_drops_prompts_longer_than_max_prompt_length(tmp_path, tokenizer
 
     seen = {}
 
-    def fake_make_engine(model, rollout, max_model_len, seed, dtype, longest_prompt=None):
+    def fake_make_engine(model, rollout, max_model_len, seed, dtype, longest_prompt=None, log_dir=None):
         seen["longest"] = longest_prompt
         return engine
 
@@ -217,7 +217,7 @@ def test_eval_drops_prompts_longer_than_max_prompt_length_before_the_engine(tmp_
 
     seen = {}
 
-    def fake_make_engine(model, rollout, max_model_len, seed, dtype, longest_prompt=None):
+    def fake_make_engine(model, rollout, max_model_len, seed, dtype, longest_prompt=None, log_dir=None):
         seen["longest"] = longest_prompt
         return FakeEngine(tokenizer)
 

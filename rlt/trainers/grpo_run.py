@@ -37,6 +37,9 @@ def validate_grpo(s, num_processes: int) -> None:
     if not s.reward.student_model:
         raise ConfigError("student_model is required for the teacher reward (a path, hub id or rlt-tiny:SEED); it "
                           "is never replaced by the reference model")
+    if s.rollout.vllm_local_servers:
+        raise ConfigError(f"vllm_local_servers={s.rollout.vllm_local_servers} is for rlt.distill and rlt.eval; "
+                          "training starts its servers with ./launch_with_server.sh NUM_VLLM NUM_TRAIN RECIPE")
     if s.rollout.vllm_host and args.use_vllm:
         raise ConfigError("use_vllm=true (trl's colocated engine) and vllm_host (rlt's servers) exclude each other; "
                           "set use_vllm=false for server rollouts")
