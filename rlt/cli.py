@@ -24,10 +24,12 @@ def user_errors(prog: str):
         yield
     except ConfigError as e:
         msg = " ".join(str(e).split("\n")[0].split())
-        if rank() == 0:  # from the launcher's environment: the error may come before accelerate's state
+        # rank from the launcher's environment: the error may come before accelerate's state; a RANK without
+        # torchrun (inherited from a cluster's job) prints too, as nothing else would
+        if rank() == 0 or not os.environ.get("TORCHELASTIC_ERROR_FILE"):
             sys.stderr.write(f"{prog}: error: {msg}\n")
             sys.stderr.flush()
-        elif os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        else:
             # Another rank stays quiet (every rank usually meets the same error); its message goes to the error
             # file torchrun reads, so the failure summary names it when rank 0 did not fail the same way.
             from torch.distributed.elastic.multiprocessing.errors import ErrorHandler

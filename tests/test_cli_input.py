@@ -289,3 +289,14 @@ def test_a_user_error_on_another_rank_reaches_torchruns_summary(tmp_path, failin
         assert "ConfigError: row 3: seen by rank 1" in out and "prog: error:" not in out
     else:
         assert out.count("prog: error: row 3: seen by rank 0\n") == 1
+
+
+def test_a_user_error_under_an_inherited_rank_without_torchrun_is_printed(monkeypatch, capsys):
+    """RANK=1 left in the environment by a cluster's job (no torchrun to report it) printed nothing."""
+    from rlt.cli import user_errors
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE", raising=False)
+    with pytest.raises(SystemExit) as e, user_errors("rlt.eval"):
+        raise ConfigError("dataset=x.jsonl: no such file")
+    assert e.value.code == 2 and capsys.readouterr().err == "rlt.eval: error: dataset=x.jsonl: no such file\n"
