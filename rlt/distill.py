@@ -164,6 +164,13 @@ def check_settings(progress: Path, settings: dict) -> None:
                                 "resumed without checking that its rows come from this teacher and these settings")
 
 
+def has_end_tag_column(progress: Path) -> bool:
+    """Whether the rows already in ``progress`` record ``end_tag`` (those of rlt before it did not)."""
+    with open(progress, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    return "end_tag" in json.loads(first) if first else True
+
+
 def load_progress(progress: Path, questions: list[str] | None = None) -> set[int]:
     """Finished question indices of a progress file, after repairing it.
 
@@ -265,10 +272,12 @@ def select_rows(examples, completions, fmt, cfg: DistillConfig, scorer=None, tea
 
 
 def distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg: DistillConfig, scorer, f, totals: dict,
-                   starts=None) -> None:
+                   starts=None, end_tag_column: bool = True) -> None:
     """Generate ``cfg.num_explanations`` per question of ``todo`` (``cfg.chunk_size`` questions per call) from
     ``prompt_ids`` ({index: token ids} of ``prompts``), select the rows, append each question's rows to ``f`` and
-    add the counts to ``totals``. ``starts``: the chunk offsets to iterate (e.g. wrapped in a progress bar)."""
+    add the counts to ``totals``. ``starts``: the chunk offsets to iterate (e.g. wrapped in a progress bar).
+    ``end_tag_column=False``: rows without ``end_tag`` (resuming a file written before rlt recorded it: the
+    ``datasets`` JSON reader refuses columns that change within a file)."""
     for s in starts if starts is not None else range(0, len(todo), cfg.chunk_size):
         chunk = todo[s:s + cfg.chunk_size]
         gen = engine.generate([prompt_ids[i] for i, _ in chunk], cfg.num_explanations, cfg.max_completion_length,
@@ -276,6 +285,8 @@ def distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg: DistillConf
         texts = [[tok.decode(c, skip_special_tokens=True) for c in per_q] for per_q in gen]
         per_question, counts = select_rows(chunk, texts, fmt, cfg, scorer, prompts)
         for _, rows in per_question:
+            if not end_tag_column:
+                rows = [{k: v for k, v in r.items() if k != "end_tag"} for r in rows]
             append_jsonl_synced(f, rows)
             totals["rows"] += len(rows)
         for k, v in counts.items():
@@ -343,7 +354,8 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
             write_json_atomic(settings_path(progress), settings)
         with open(progress, "a") as f:
             starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
-            distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts)
+            distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts,
+                       end_tag_column=not done or has_end_tag_column(progress))
     finally:
         close_engine(made)
     logger.info("explanations %d, without end tag %d (%s), with the student's tags in the thought %d (dropped), "

@@ -166,6 +166,24 @@ def changed_keys(before: dict, now: dict) -> list[str]:
     return sorted(k for k in before.keys() | now.keys() if norm(before.get(k)) != norm(now.get(k)))
 
 
+def keys_added_since(before: dict, now: dict) -> set[str]:
+    """Keys of rlt's settings a saved config lacks (rlt gained them after that run) and that ``now`` leaves at
+    their defaults: the run behaves as before, so they are no change."""
+    import dataclasses
+
+    from rlt.config import CONCERNS
+
+    norm = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731
+    defaults = {}
+    for cls in CONCERNS.values():
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+    return {k for k in now if k not in before and k in defaults and norm(now[k]) == norm(defaults[k])}
+
+
 def check_resume(composed: dict, output_dir: str, resume_from: str | None) -> None:
     """A run that would resume the checkpoint in ``output_dir`` on its own (no ``resume_from``) must have the
     settings of the run that wrote it (its ``rlt_config.yaml``), but for :data:`RESUME_MAY_CHANGE`: else the new
@@ -182,8 +200,9 @@ def check_resume(composed: dict, output_dir: str, resume_from: str | None) -> No
     from omegaconf import OmegaConf
 
     before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    added = keys_added_since(before, composed)
     changed = [f"{k}: {before.get(k)!r} -> {composed.get(k)!r}"
-               for k in changed_keys(before, composed) if k not in RESUME_MAY_CHANGE]
+               for k in changed_keys(before, composed) if k not in RESUME_MAY_CHANGE and k not in added]
     if not changed:
         return
     shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")

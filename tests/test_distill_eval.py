@@ -125,6 +125,24 @@ def test_resume_skips_finished_questions(tmp_path, tokenizer, tiny_path):
     assert len(datasets.load_dataset("parquet", data_files=str(tmp_path / "d.parquet"), split="train")) == 12
 
 
+def test_a_resume_of_rows_written_before_end_tag_keeps_the_file_one_shape(tmp_path, tokenizer, tiny_path):
+    """Rows of a file written before rlt recorded end_tag are resumed without the column: the datasets JSON reader
+    refuses a column that appears partway through a file."""
+    import datasets
+
+    out = tmp_path / "d.jsonl"
+    base = dict(teacher=tiny_path, dataset="rlt-countdown:4:3", output=str(out), num_explanations=2, chunk_size=2)
+    distill(*distill_args(**base, max_samples=2), engine=FakeEngine(tokenizer))
+    old = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["end_tag"] is True for r in old)
+    out.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "end_tag"}) + "\n" for r in old))
+    distill(*distill_args(**base), engine=FakeEngine(tokenizer))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 8 and not any("end_tag" in r for r in rows)
+    ds = datasets.Dataset.from_json(str(out), chunksize=256)   # chunks of a few rows, as a big file's are
+    assert len(ds) == 8 and "end_tag" not in ds.column_names
+
+
 def test_a_resume_with_another_teacher_or_settings_is_refused(tmp_path, tokenizer, tiny_path, caplog):
     """The rows already written must come from this teacher (same path, same weights) and these settings, else
     one line naming what differs and the file is left as it was; only the run's length may change."""

@@ -151,6 +151,15 @@ def test_a_rerun_with_other_settings_does_not_silently_resume_the_old_run(tmp_pa
     fits = compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.001", "per_device_train_batch_size=2",
                                         "gradient_checkpointing=true", "attn_implementation=eager"])
     check(fits, 1)  # after an out-of-memory crash: the same batch in smaller pieces, recomputed activations
+    # a key rlt gained after that run (absent from its rlt_config.yaml), left at its default: the same run
+    from omegaconf import OmegaConf
+
+    older = {k: v for k, v in first.composed.items() if k != "max_prompt_length"}
+    OmegaConf.save(OmegaConf.create(older), out / "rlt_config.yaml")
+    check(same, 1)
+    refused(check, compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.001", "max_prompt_length=99"]),
+            1, match=r"made with other settings \(max_prompt_length: None -> 99\)")
+    save_composed_config(first.composed, str(out), True)
     other = compose("tiny_teacher_sft", [f"output_dir={out}", "learning_rate=0.05", "model_name_or_path=rlt-tiny:5"])
     message = refused(check, other, 1, match=rf"output_dir={out} holds a run to resume \(checkpoint-4\) made with "
                                              r"other settings \(learning_rate: 0\.001 -> 0\.05; model_name_or_path: "
