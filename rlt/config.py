@@ -70,6 +70,18 @@ TRAIN_CONCERNS = {
 }
 
 
+def concern_defaults() -> dict[str, Any]:
+    """{key: default} of every rlt setting (the concerns' fields)."""
+    out = {}
+    for cls in CONCERNS.values():
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+    return out
+
+
 def field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -218,9 +230,10 @@ def check_trl_choices(args_cls: type, kw: dict[str, Any]) -> None:
 # run uses: it tokenizes the rows itself (the loss masks: rlt.trainers.sft), passes its own loaded model, and has
 # tokenized with the model's own tokenizer before trl could change it. Set to anything but trl's default, refused.
 SFT_UNUSED = {
-    "packing": "trl packs in its dataset preparation", "packing_strategy": "it only acts with packing",
+    "packing": "rlt's rows are not packed; trl would only switch its collator to padding-free batches",
+    "packing_strategy": "it only acts with packing",
     "eval_packing": "trl packs in its dataset preparation",
-    "padding_free": "with max_length set trl refuses it after the model loads",
+    "padding_free": "trl refuses it after the model loads when max_length is set, as the recipes do",
     "completion_only_loss": "the loss masks are rlt's (the explanation, or the student's whole turn)",
     "assistant_only_loss": "the loss masks are rlt's (the explanation, or the student's whole turn)",
     "dataset_text_field": "rlt reads the dataset's columns by data_format",

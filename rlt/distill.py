@@ -305,8 +305,14 @@ def main(argv: list[str] | None = None) -> None:
             rc = run_supervised("rlt.distill", argv)
             if rc is not None:
                 raise SystemExit(rc)
-        distill(objs[DistillConfig], objs[ModelConfig], objs[DataConfig], objs[FormatConfig], objs[RewardConfig],
-                objs[RolloutConfig])
+        from rlt.generation.server import ServerStartError
+
+        try:
+            distill(objs[DistillConfig], objs[ModelConfig], objs[DataConfig], objs[FormatConfig], objs[RewardConfig],
+                    objs[RolloutConfig])
+        except ServerStartError as e:   # a local server did not start: its log's tail, not a traceback
+            logger.error("%s", e)
+            raise SystemExit(1) from None
 
 
 def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: FormatConfig, reward: RewardConfig,
@@ -314,6 +320,10 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     """Run distillation; ``engine`` (with .generate(prompt_ids, n, max_tokens, temperature, top_p, seed))
     defaults to vLLM (offline, or the servers at vllm_host). Returns the counts of this run."""
     device = None
+    if rollout.vllm_local_servers:
+        from rlt.generation.offline import check_local_servers
+
+        check_local_servers(rollout.vllm_local_servers)   # before any model loads
     if cfg.select == "best_of_k":
         from rlt.rewards.logprobs import check_reward_device
 

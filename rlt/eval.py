@@ -157,7 +157,13 @@ def main(argv: list[str] | None = None) -> None:
             rc = run_supervised("rlt.eval", argv)
             if rc is not None:
                 raise SystemExit(rc)
-        run_eval(objs[EvalConfig], objs[ModelConfig], objs[DataConfig], objs[FormatConfig], objs[RolloutConfig])
+        from rlt.generation.server import ServerStartError
+
+        try:
+            run_eval(objs[EvalConfig], objs[ModelConfig], objs[DataConfig], objs[FormatConfig], objs[RolloutConfig])
+        except ServerStartError as e:   # a local server did not start: its log's tail, not a traceback
+            logger.error("%s", e)
+            raise SystemExit(1) from None
 
 
 def check_output_dir(out: Path) -> None:
@@ -184,6 +190,10 @@ def run_eval(cfg: EvalConfig, model_cfg: ModelConfig, data: DataConfig, fmt_cfg:
 
     out = Path(cfg.output_dir)
     check_output_dir(out)
+    if rollout.vllm_local_servers:
+        from rlt.generation.offline import check_local_servers
+
+        check_local_servers(rollout.vllm_local_servers)
     model = resolve_model_path(model_cfg.require_model(), "model")
     rows, fmt = eval_rows(data, fmt_cfg)
     tok = load_tokenizer(model)

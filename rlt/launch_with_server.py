@@ -22,13 +22,13 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
 
 from rlt.cli import user_errors
 from rlt.errors import ConfigError
+from rlt.generation.server import check_ports_free, visible_gpus
 from rlt.logging_utils import setup_logging
 from rlt.procs import drop_cluster_env, shell_exit_code
 
@@ -72,15 +72,6 @@ def trainer_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if override_key(o) not in SET_HERE]
 
 
-def visible_gpus() -> list[str] | None:
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]
-
-
 def bind_address(rollout) -> str:
     """127.0.0.1, or 0.0.0.0 with vllm_bind_all=true (logged as a warning)."""
     from rlt.generation.server import ANY_ADDRESS, LOOPBACK
@@ -103,49 +94,6 @@ def ports_in_use(s, num_vllm: int, nccl: bool) -> list[tuple[str, int]]:
     if nccl:
         ports += [("vllm_group_port", s.args.vllm_group_port + i) for i in range(num_vllm)]
     return ports
-
-
-def _bind_error(address: str, port: int, reuse: bool) -> OSError | None:
-    with socket.socket() as sock:
-        if reuse:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((address, port))
-        except OSError as e:
-            return e
-    return None
-
-
-def only_time_wait(port: int, tables=("/proc/net/tcp", "/proc/net/tcp6")) -> bool:
-    """Whether the kernel lists TCP sockets on local ``port`` and all are in TIME_WAIT (what a run that just ended
-    leaves; a server binding with SO_REUSEADDR may take the port over)."""
-    states = []
-    for table in tables:
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) > 3 and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                states.append(fields[3])
-    return bool(states) and all(state == "06" for state in states)   # 06: TIME_WAIT
-
-
-def check_ports_free(ports: list[tuple[str, int]], address: str) -> None:
-    """Each port is free to bind; one already taken is an error naming it and its key.
-
-    A plain bind fails where any socket holds the port, including another run's vLLM server that has bound it
-    (with SO_REUSEADDR, as uvicorn does) but listens only once its engine has loaded, minutes later: a check
-    with SO_REUSEADDR would pass there. A port held only by TIME_WAIT leftovers is free for the server (the
-    kernel does not list bound, not yet listening sockets, so one of those beside TIME_WAIT leftovers still
-    passes: rare, and the server then fails at start, naming the port)."""
-    for key, port in ports:
-        err = _bind_error(address, port, reuse=False)
-        if err is None or (only_time_wait(port) and _bind_error(address, port, reuse=True) is None):
-            continue
-        raise ConfigError(f"{key}: port {port} on {address} is already in use ({err.strerror}) by another "
-                          f"service or run (maybe a server still starting); choose another {key}")
 
 
 def plan_servers(s, num_vllm: int, gpus: list[str] | None, bind: str, api_key: str | None, nccl: bool):
@@ -186,10 +134,15 @@ def validate(recipe: str, overrides: list[str], num_vllm: int, num_train: int):
     cfg = compose(recipe, [*overrides, *extra, f"++vllm_num_servers={num_vllm}"])
     if cfg.get("trainer") != "teacher_grpo":
         raise ConfigError(f"{recipe} is not a teacher RL recipe (trainer={cfg.get('trainer')}); use ./launch.sh")
-    if "vllm_group_port" not in given and isinstance(cfg.get("vllm_port"), int):
-        # NCCL group ports right after the server ports (not trl's fixed 51216): a second run on the node with
-        # another vllm_port gets other group ports too (they are bound only at the first weight sync)
+    if cfg.get("vllm_group_port") is None and isinstance(cfg.get("vllm_port"), int):
+        # unless the overrides or the recipe give them, NCCL group ports right after the server ports (not trl's
+        # fixed 51216): a second run on the node with another vllm_port gets other group ports too (they are
+        # bound only at the first weight sync)
         cfg["vllm_group_port"] = cfg["vllm_port"] + num_vllm
+    group = cfg.get("vllm_group_port")
+    if isinstance(group, int) and not 0 < group <= 65535 - num_vllm:
+        raise ConfigError(f"vllm_group_port={group}: the NCCL group ports vllm_group_port + i must lie in 1..65535; "
+                          "choose a lower vllm_port (or give vllm_group_port)")
     s = build_train_settings(cfg, num_processes=num_train)
     nccl = resolve_sync_mode(s.rollout.vllm_weight_sync) == "nccl"
     bind = bind_address(s.rollout)

@@ -213,10 +213,11 @@ NVIDIA_DEVICES = "/dev/nvidia[0-9]*"   # the driver's device nodes, one per GPU
 def check_cuda_usable() -> None:
     """On a machine with NVIDIA GPUs (their device nodes exist) that torch cannot use (a CPU build of torch, a
     driver older than torch's CUDA), one line saying why, instead of a silent run on CPU processes. Hiding the
-    GPUs on purpose (``CUDA_VISIBLE_DEVICES=`` empty) runs on the CPU."""
+    GPUs on purpose (``CUDA_VISIBLE_DEVICES`` empty or ``-1``: it names no device) runs on the CPU."""
     import glob
 
-    if torch.cuda.is_available() or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").split(",")[0].strip()
+    if torch.cuda.is_available() or hidden == "" or hidden.startswith("-"):
         return
     nodes = sorted(glob.glob(NVIDIA_DEVICES))
     if not nodes:
@@ -231,7 +232,7 @@ def check_cuda_usable() -> None:
             why = " ".join(str(e).split())[:300]
     raise ConfigError(f"this machine has NVIDIA GPUs ({', '.join(nodes[:2])}{', ...' if len(nodes) > 2 else ''}) "
                       f"but torch cannot use them: {why}; fix the install (scripts/setup_env.sh picks the CUDA "
-                      "build when nvidia-smi works), or set CUDA_VISIBLE_DEVICES= (empty) to run on the CPU on purpose")
+                      "build when nvidia-smi works), or set CUDA_VISIBLE_DEVICES= (empty) or -1 to run on the CPU on purpose")
 
 
 def resolve_device(setting: str, key: str) -> str:

@@ -166,29 +166,19 @@ def changed_keys(before: dict, now: dict) -> list[str]:
     return sorted(k for k in before.keys() | now.keys() if norm(before.get(k)) != norm(now.get(k)))
 
 
-def keys_added_since(before: dict, now: dict) -> set[str]:
-    """Keys of rlt's settings a saved config lacks (rlt gained them after that run) and that ``now`` leaves at
-    their defaults: the run behaves as before, so they are no change."""
-    import dataclasses
-
-    from rlt.config import CONCERNS
-
+def keys_added_since(before: dict, now: dict, defaults: dict) -> set[str]:
+    """Keys of rlt's settings (``defaults``: {key: default}) a saved config lacks (rlt gained them after that
+    run) and that ``now`` leaves at their defaults: the run behaves as before, so they are no change."""
     norm = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731
-    defaults = {}
-    for cls in CONCERNS.values():
-        for f in dataclasses.fields(cls):
-            if f.default is not dataclasses.MISSING:
-                defaults[f.name] = f.default
-            elif f.default_factory is not dataclasses.MISSING:
-                defaults[f.name] = f.default_factory()
     return {k for k in now if k not in before and k in defaults and norm(now[k]) == norm(defaults[k])}
 
 
-def check_resume(composed: dict, output_dir: str, resume_from: str | None) -> None:
+def check_resume(composed: dict, output_dir: str, resume_from: str | None, defaults: dict | None = None) -> None:
     """A run that would resume the checkpoint in ``output_dir`` on its own (no ``resume_from``) must have the
     settings of the run that wrote it (its ``rlt_config.yaml``), but for :data:`RESUME_MAY_CHANGE`: else the new
     settings would be silently dropped for the old run's weights, optimizer and schedule. One line naming the
-    keys that differ. With ``resume_from`` the differences are logged and the resume goes ahead."""
+    keys that differ. With ``resume_from`` the differences are logged and the resume goes ahead. ``defaults``
+    ({key: default} of rlt's settings): keys the saved run predates, left at their defaults, are no change."""
     ckpt = last_checkpoint(output_dir, resume_from)
     saved = Path(ckpt).parent / "rlt_config.yaml" if ckpt else None
     if saved is None:
@@ -200,7 +190,7 @@ def check_resume(composed: dict, output_dir: str, resume_from: str | None) -> No
     from omegaconf import OmegaConf
 
     before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
-    added = keys_added_since(before, composed)
+    added = keys_added_since(before, composed, defaults or {})
     changed = [f"{k}: {before.get(k)!r} -> {composed.get(k)!r}"
                for k in changed_keys(before, composed) if k not in RESUME_MAY_CHANGE and k not in added]
     if not changed:

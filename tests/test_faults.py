@@ -413,7 +413,7 @@ def test_a_port_bound_by_a_server_still_loading_is_in_use(tmp_path):
     check must see the port taken then too; a port with only TIME_WAIT leftovers is free."""
     import socket
 
-    from rlt.launch_with_server import check_ports_free, only_time_wait
+    from rlt.generation.server import check_ports_free, only_time_wait
 
     with socket.socket() as loading:
         loading.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

