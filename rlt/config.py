@@ -232,7 +232,7 @@ def check_trl_choices(args_cls: type, kw: dict[str, Any]) -> None:
 SFT_UNUSED = {
     "packing": "rlt's rows are not packed; trl would only switch its collator to padding-free batches",
     "packing_strategy": "it only acts with packing",
-    "eval_packing": "trl packs in its dataset preparation",
+    "eval_packing": "trl's dataset preparation, where it acts, does not run",
     "padding_free": "trl refuses it after the model loads when max_length is set, as the recipes do",
     "completion_only_loss": "the loss masks are rlt's (the explanation, or the student's whole turn)",
     "assistant_only_loss": "the loss masks are rlt's (the explanation, or the student's whole turn)",

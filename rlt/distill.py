@@ -323,7 +323,7 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     if rollout.vllm_local_servers:
         from rlt.generation.offline import check_local_servers
 
-        check_local_servers(rollout.vllm_local_servers)   # before any model loads
+        check_local_servers(rollout.vllm_local_servers, rollout.vllm_port)   # before any model loads
     if cfg.select == "best_of_k":
         from rlt.rewards.logprobs import check_reward_device
 

@@ -193,7 +193,7 @@ def run_eval(cfg: EvalConfig, model_cfg: ModelConfig, data: DataConfig, fmt_cfg:
     if rollout.vllm_local_servers:
         from rlt.generation.offline import check_local_servers
 
-        check_local_servers(rollout.vllm_local_servers)
+        check_local_servers(rollout.vllm_local_servers, rollout.vllm_port)
     model = resolve_model_path(model_cfg.require_model(), "model")
     rows, fmt = eval_rows(data, fmt_cfg)
     tok = load_tokenizer(model)

@@ -87,6 +87,16 @@ def bind_address(rollout) -> str:
     return LOOPBACK
 
 
+def check_group_ports(port: int, group: int, num_vllm: int) -> None:
+    """The NCCL group ports (group + i) lie in 1..65535 and apart from the server ports (port + i)."""
+    if not 0 < group <= 65536 - num_vllm:
+        raise ConfigError(f"vllm_group_port={group}: the NCCL group ports vllm_group_port + i (i < {num_vllm}) must "
+                          "lie in 1..65535")
+    if group < port + num_vllm and port < group + num_vllm:
+        raise ConfigError(f"vllm_group_port={group} overlaps the server ports vllm_port={port} + i (i < {num_vllm}); "
+                          "give ports apart (or drop vllm_group_port: it then follows the server ports)")
+
+
 def ports_in_use(s, num_vllm: int, nccl: bool) -> list[tuple[str, int]]:
     """(key, port) for the server ports (vllm_port + i) and, with NCCL sync, trl's group ports
     (vllm_group_port + i)."""
@@ -139,12 +149,10 @@ def validate(recipe: str, overrides: list[str], num_vllm: int, num_train: int):
         # fixed 51216): a second run on the node with another vllm_port gets other group ports too (they are
         # bound only at the first weight sync)
         cfg["vllm_group_port"] = cfg["vllm_port"] + num_vllm
-    group = cfg.get("vllm_group_port")
-    if isinstance(group, int) and not 0 < group <= 65535 - num_vllm:
-        raise ConfigError(f"vllm_group_port={group}: the NCCL group ports vllm_group_port + i must lie in 1..65535; "
-                          "choose a lower vllm_port (or give vllm_group_port)")
     s = build_train_settings(cfg, num_processes=num_train)
     nccl = resolve_sync_mode(s.rollout.vllm_weight_sync) == "nccl"
+    if nccl:
+        check_group_ports(s.rollout.vllm_port, s.args.vllm_group_port, num_vllm)
     bind = bind_address(s.rollout)
     check_ports_free(ports_in_use(s, num_vllm, nccl), bind)
     s, _, _ = check(cfg, num_processes=num_train)  # the data, and a probe in output_dir

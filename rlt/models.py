@@ -217,7 +217,7 @@ def check_cuda_usable() -> None:
     import glob
 
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").split(",")[0].strip()
-    if torch.cuda.is_available() or hidden == "" or hidden.startswith("-"):
+    if torch.cuda.is_available() or hidden in ("", "NoDevFiles") or hidden.startswith("-"):   # NoDevFiles: SLURM
         return
     nodes = sorted(glob.glob(NVIDIA_DEVICES))
     if not nodes:

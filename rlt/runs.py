@@ -191,6 +191,8 @@ def check_resume(composed: dict, output_dir: str, resume_from: str | None, defau
 
     before = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
     added = keys_added_since(before, composed, defaults or {})
+    if added:
+        logger.info("%s predates rlt's %s; left at their defaults, they change nothing", saved, ", ".join(sorted(added)))
     changed = [f"{k}: {before.get(k)!r} -> {composed.get(k)!r}"
                for k in changed_keys(before, composed) if k not in RESUME_MAY_CHANGE and k not in added]
     if not changed:

