@@ -25,8 +25,9 @@ def test_rl_run_logs_reward_components_and_saves(tmp_path):
                 "teacher_reward/thought_kl/mean", "teacher_reward/solution_log_prob/min", "'kl'",
                 "completions/mean_length", "time/generation", "time/reward", "time/update"):
         assert all(key in line for line in logs), key
-    for step in (1, 2, 3):
+    for step in (2, 3):   # save_total_limit: 2 keeps the newest two checkpoints
         assert (out / f"checkpoint-{step}" / "trainer_state.json").exists()
+    assert not (out / "checkpoint-1").exists()
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert (out / "teacher_chats" / "log.txt").read_text().count("===== step") > 0
     stored = [json.loads(line) for f in (out / "stored_completions").glob("*.jsonl") for line in f.read_text().splitlines()]
