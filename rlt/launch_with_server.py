@@ -108,7 +108,7 @@ def ports_in_use(s, num_vllm: int, nccl: bool) -> list[tuple[str, int]]:
 
 def plan_servers(s, num_vllm: int, gpus: list[str] | None, bind: str, api_key: str | None, nccl: bool):
     """ServerSpecs for typed teacher GRPO settings (:class:`rlt.config.TrainSettings`)."""
-    from rlt.generation.server import ServerSpec
+    from rlt.generation.server import server_specs
     from rlt.models import resolve_model_path
 
     model = resolve_model_path(s.model.require_model())  # builds rlt-tiny:N
@@ -117,13 +117,9 @@ def plan_servers(s, num_vllm: int, gpus: list[str] | None, bind: str, api_key: s
     from rlt.generation.offline import clamp_model_len
 
     max_model_len = clamp_model_len(model, s.data.max_prompt_length + s.args.max_completion_length)
-    return [ServerSpec(model=model, host=bind, port=r.vllm_port + i, seed=s.args.seed + i,
-                       max_model_len=max_model_len,
-                       dtype=s.model.dtype, log_path=log_dir / f"server_{i}.log",
-                       prefix_caching=r.vllm_enable_prefix_caching, gpu=None if gpus is None else gpus[i],
-                       gpu_memory_utilization=s.args.vllm_gpu_memory_utilization, nccl_weight_transfer=nccl,
-                       api_key=api_key, enforce_eager=r.vllm_enforce_eager)
-            for i in range(num_vllm)], log_dir
+    return server_specs(model, num_vllm, bind, r, max_model_len, s.args.seed, s.model.dtype, log_dir, gpus, api_key,
+                        gpu_memory_utilization=s.args.vllm_gpu_memory_utilization,
+                        nccl_weight_transfer=nccl), log_dir
 
 
 def validate(recipe: str, overrides: list[str], num_vllm: int, num_train: int):

