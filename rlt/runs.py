@@ -234,7 +234,6 @@ def train_and_save(trainer, tokenizer, run: RunConfig, output_dir: str) -> None:
     ckpt = last_checkpoint(output_dir, run.resume_from)
     if ckpt:
         logger.info("resuming from %s", ckpt)
-        warn_reference_restarts(trainer.args, _step(ckpt))
     trainer.train(resume_from_checkpoint=ckpt)
     trainer.save_state()  # output_dir/trainer_state.json: the log history rlt.plot reads
     if run.save_final_model:
@@ -244,19 +243,6 @@ def train_and_save(trainer, tokenizer, run: RunConfig, output_dir: str) -> None:
         logger.info("final %s saved to %s", "LoRA adapter" if _is_peft(trainer) else "model", output_dir)
     if run.save_merged_model:
         save_merged_model(trainer, tokenizer, str(Path(output_dir) / "merged"))
-
-
-def warn_reference_restarts(args, step: int) -> None:
-    """trl's checkpoints hold no reference model: with ``sync_ref_model`` a run resumed after a sync starts its
-    reference from the initial model again, not from the mix the run had reached (a warning saying so)."""
-    every = getattr(args, "ref_model_sync_steps", 0)
-    if not (getattr(args, "sync_ref_model", False) and getattr(args, "beta", 0) and every and step >= every):
-        return
-    alpha = args.ref_model_mixup_alpha
-    logger.warning("resuming at step %d: the reference model restarts from model_name_or_path (trl does not "
-                   "checkpoint it), while the run had mixed the policy into it %d time(s) (sync_ref_model, every "
-                   "%d steps); the KL term differs from an uninterrupted run's until later syncs shrink the "
-                   "difference (x%.2g each)", step, step // every, every, 1 - alpha)
 
 
 def _is_peft(trainer) -> bool:

@@ -35,15 +35,28 @@ def test_rl_run_logs_reward_components_and_saves(tmp_path):
 
 
 def test_crash_after_first_checkpoint_then_resume(tmp_path):
+    """ZeRO-3 over 2 processes: the resume continues at step 2 and restores the reference model that step 1's
+    sync_ref_model mix left (rlt saves it in the checkpoint; trl does not)."""
+    from safetensors.torch import load_file
+    import torch
+
     out = tmp_path / "r"
-    crashed = run_cmd(CMD + [f"output_dir={out}", "max_steps=3"], env={"RLT_INJECT_CRASH_AFTER_STEP": "1"},
-                      check=False)
+    cmd = CMD + [f"output_dir={out}", "max_steps=3", "ref_model_sync_steps=1"]
+    crashed = run_cmd(cmd, env={"RLT_INJECT_CRASH_AFTER_STEP": "1"}, check=False)
     assert crashed.returncode != 0
     assert (out / "checkpoint-1").exists() and not (out / "checkpoint-2").exists()
-    resumed = run_cmd(CMD + [f"output_dir={out}", "max_steps=3"])
+    ref1 = load_file(out / "checkpoint-1" / "reference_model.safetensors")   # checkpoint-1 is rotated away later
+    resumed = run_cmd(cmd)
     text = resumed.stdout + resumed.stderr
     assert re.search(r"resuming from .*checkpoint-1", text)
+    assert re.search(r"reference model restored from .*checkpoint-1/reference_model.safetensors \(step 1\)", text)
     assert len(step_logs(text)) == 2  # steps 2 and 3 only
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert (out / "model.safetensors").exists()
+    ref2 = load_file(out / "checkpoint-2" / "reference_model.safetensors")
+    policy2 = load_file(out / "checkpoint-2" / "model.safetensors")
+    # trl's mix at the end of step 2, ref <- 0.1 ref + 0.9 policy, started from the restored reference
+    assert set(ref2) == set(ref1) and all(
+        torch.allclose(v, ref1[k].clone().mul_(0.1).add_(policy2[k], alpha=0.9), rtol=0, atol=1e-7)
+        for k, v in ref2.items())

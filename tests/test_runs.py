@@ -41,24 +41,3 @@ def test_offline_wandb_run_lands_in_output_dir(tmp_path):
              "report_to=wandb"], env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}, cwd=tmp_path)
     assert list((out / "wandb").glob("offline-run-*"))
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "train.log").exists()
-
-
-def test_a_resume_after_a_reference_sync_warns_that_the_reference_restarts(caplog):
-    """trl does not checkpoint the reference model; with sync_ref_model a resume past a sync changes the KL term."""
-    from types import SimpleNamespace
-
-    from rlt.runs import warn_reference_restarts
-
-    args = SimpleNamespace(sync_ref_model=True, beta=0.04, ref_model_sync_steps=32, ref_model_mixup_alpha=0.9)
-    with caplog.at_level("WARNING", logger="rlt.runs"):
-        warn_reference_restarts(args, 31)   # no sync yet: the reference is still the initial model
-        assert not caplog.text
-        warn_reference_restarts(args, 75)
-    assert ("resuming at step 75: the reference model restarts from model_name_or_path (trl does not checkpoint "
-            "it), while the run had mixed the policy into it 2 time(s) (sync_ref_model, every 32 steps)") in caplog.text
-    assert "(x0.1 each)" in caplog.text
-    caplog.clear()
-    for other in (dict(sync_ref_model=False), dict(beta=0.0)):
-        with caplog.at_level("WARNING", logger="rlt.runs"):
-            warn_reference_restarts(SimpleNamespace(**{**vars(args), **other}), 75)
-        assert not caplog.text

@@ -142,6 +142,71 @@ def test_training_changes_policy_not_student(tmp_path):
     assert len(logs) == 2 and all("time/reward" in h and "time/generation" in h for h in logs)
 
 
+def test_checkpoints_hold_the_synced_reference_and_a_resume_restores_it(tmp_path, caplog):
+    """trl checkpoints no reference model; rlt's do once sync_ref_model has changed it (trl mixes it in place:
+    ref <- (1 - alpha) ref + alpha policy at the end of every ref_model_sync_steps-th step), and a resume restores
+    it, so the resumed run's next sync starts from the saved reference, bit for bit."""
+    from safetensors.torch import load_file
+
+    from rlt.trainers.frozen import REFERENCE_FILE
+
+    sync = ["ref_model_sync_steps=1", "beta=0.04", "ref_model_mixup_alpha=0.9"]
+    first, _ = make_trainer(tmp_path, "max_steps=1", *sync)
+    init = {n: p.detach().clone() for n, p in first.ref_model.named_parameters()}
+    first.train()
+    ckpt1 = tmp_path / "checkpoint-1"
+    ref1, policy1 = load_file(ckpt1 / REFERENCE_FILE), load_file(ckpt1 / "model.safetensors")
+    assert set(ref1) == set(init)
+
+    def mixed(ref, policy):   # trl's SyncRefModelCallback, the same float operations
+        return {k: ref[k].clone().mul_(0.1).add_(policy[k], alpha=0.9) for k in ref}
+
+    assert all(torch.equal(v, mixed(init, policy1)[k]) for k, v in ref1.items())
+    assert max((ref1[k] - init[k]).abs().max().item() for k in init) > 1e-5   # the sync changed it
+
+    second, _ = make_trainer(tmp_path, "max_steps=2", *sync)
+    with caplog.at_level("INFO", logger="rlt.trainers.teacher_grpo"):
+        second.train(resume_from_checkpoint=str(ckpt1))
+    assert f"reference model restored from {ckpt1 / REFERENCE_FILE} (step 1)" in caplog.text
+    ckpt2 = tmp_path / "checkpoint-2"
+    ref2, policy2 = load_file(ckpt2 / REFERENCE_FILE), load_file(ckpt2 / "model.safetensors")
+    assert all(torch.equal(v, mixed(ref1, policy2)[k]) for k, v in ref2.items())
+    restarted = mixed(init, policy2)   # what a resume without the saved reference would have given
+    assert max((ref2[k] - restarted[k]).abs().max().item() for k in ref2) > 1e-6
+
+    (ckpt1 / REFERENCE_FILE).unlink()   # a checkpoint saved before rlt kept the reference: a warning says so
+    caplog.clear()
+    third, _ = make_trainer(tmp_path / "old", "max_steps=1", *sync)
+    with caplog.at_level("WARNING", logger="rlt.trainers.teacher_grpo"):
+        third._restore_reference(str(ckpt1))
+    assert (f"resuming at step 1: {ckpt1} holds no reference model (saved before rlt checkpointed it), so the "
+            "reference restarts from model_name_or_path, while the run had mixed the policy into it 1 time(s) "
+            "(sync_ref_model, every 1 steps)") in caplog.text
+
+
+def test_no_reference_file_before_the_first_sync(tmp_path):
+    from rlt.trainers.frozen import REFERENCE_FILE
+
+    trainer, _ = make_trainer(tmp_path, "max_steps=1", "ref_model_sync_steps=2", "beta=0.04")
+    trainer.train()
+    assert (tmp_path / "checkpoint-1" / "trainer_state.json").exists()
+    assert not (tmp_path / "checkpoint-1" / REFERENCE_FILE).exists()   # still model_name_or_path's weights
+
+
+def test_a_reference_file_of_another_model_is_refused_before_copying(tmp_path):
+    from safetensors.torch import save_file
+
+    from rlt.trainers.frozen import load_frozen_weights
+
+    model = torch.nn.Linear(3, 2)
+    save_file({"weight": torch.zeros(2, 4), "bias": torch.zeros(2)}, tmp_path / "ref.safetensors")
+    before = model.weight.detach().clone()
+    with pytest.raises(ConfigError, match=r"ref.safetensors: does not fit the model it would restore \(missing "
+                                          r"\[\], unexpected \[\], other shapes \['weight'\]\)"):
+        load_frozen_weights(model, str(tmp_path / "ref.safetensors"))
+    assert torch.equal(model.weight, before)
+
+
 def zero3_like(device: str):
     """A module whose parameters carry ZeRO-3 shards as DeepSpeed keeps them (``ds_tensor``, with attributes)."""
     m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
+
+from rlt.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +86,58 @@ def prepare_frozen(model, accelerator, offload: bool = False, what: str = "stude
     if offload and stage == 3:
         offload_frozen(model, what)
     return engine
+
+
+REFERENCE_FILE = "reference_model.safetensors"   # in a checkpoint-N folder, once sync_ref_model has changed it
+
+
+def save_frozen_weights(model, path: str, is_main: bool) -> None:
+    """Write ``model``'s parameters to one safetensors file at ``path`` (parameter names as
+    ``named_parameters`` gives them, each in its own dtype). Every rank must call it (ZeRO-3 gathers one
+    parameter at a time); the main process writes, to a temporary name first so that a cut-off save leaves no
+    file that looks whole."""
+    from rlt.models import full_state_dict
+
+    state = full_state_dict(model, keep=is_main)
+    if is_main:
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+
+def load_frozen_weights(model, path: str) -> None:
+    """Copy the tensors of :func:`save_frozen_weights`' file into ``model``'s parameters, in place. Every rank
+    must call it. Names and shapes are checked on every rank before anything is copied (a mismatch is one
+    :class:`ConfigError` naming the file). Under ZeRO-3 each parameter is gathered, rank 0 writes it, and
+    DeepSpeed re-partitions it into the existing shards (which stay where they are, e.g. offloaded to CPU);
+    otherwise every rank copies its replica."""
+    from safetensors import safe_open
+
+    from rlt.models import checkpoint_name
+
+    params = [(checkpoint_name(n), p) for n, p in model.named_parameters()]
+    with safe_open(path, framework="pt", device="cpu") as f:
+        stored = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in params}
+        if stored != shapes:
+            missing = sorted(set(shapes) - set(stored))
+            extra = sorted(set(stored) - set(shapes))
+            wrong = sorted(n for n in set(shapes) & set(stored) if shapes[n] != stored[n])
+            raise ConfigError(f"{path}: does not fit the model it would restore (missing {missing[:3]}, unexpected "
+                              f"{extra[:3]}, other shapes {wrong[:3]}); it was saved for another model")
+        zero3 = any(hasattr(p, "ds_id") for _, p in params)
+        if not zero3:
+            with torch.no_grad():
+                for n, p in params:
+                    p.data.copy_(f.get_tensor(n))
+            return
+        import deepspeed
+        import torch.distributed as dist
+
+        writer = dist.get_rank() == 0
+        for n, p in params:
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+                if writer:
+                    p.data.copy_(f.get_tensor(n))

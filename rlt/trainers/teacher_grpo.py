@@ -6,25 +6,29 @@ Only small hooks are overridden:
     reward component;
   * ``_generate_single_turn`` and ``training_step`` are wrapped to time
     generation, reward scoring and the policy update.
-Everything else (advantages, loss, KL to the reference, reference syncing,
-checkpointing) is trl's, configured to the reference's GRPO in
-cfgs/trainer_cfg/grpo.yaml.
+Checkpoints also hold the reference model once ``sync_ref_model`` has mixed the
+policy into it (trl's do not), and a resume restores it. Everything else
+(advantages, loss, KL to the reference, reference syncing, checkpointing) is
+trl's, configured to the reference's GRPO in cfgs/trainer_cfg/grpo.yaml.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
 import random
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOTrainer
 
 from rlt.rewards.teacher_reward import RewardInput, TeacherReward
-from rlt.trainers.frozen import deepspeed_stage, offload_frozen, prepare_frozen
+from rlt.trainers.frozen import (REFERENCE_FILE, deepspeed_stage, load_frozen_weights, offload_frozen,
+                                 prepare_frozen, save_frozen_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,48 @@ class TeacherGRPOTrainer(GRPOTrainer):
         if offload_untrained_models and self.ref_model is not None and deepspeed_stage(self.accelerator) == 3:
             # trl built and placed the reference (its engine, its forward patches); only its shards move
             offload_frozen(getattr(self.ref_model, "module", self.ref_model), "reference model")
+
+    # ------------------------------------------------------------------ reference in checkpoints
+    def _reference_syncs(self, step: int) -> int:
+        """How many times trl's SyncRefModelCallback has mixed the policy into the reference by ``step``."""
+        args = self.args
+        if self.ref_model is None or not args.sync_ref_model or not args.ref_model_sync_steps:
+            return 0
+        return step // args.ref_model_sync_steps
+
+    def _save_checkpoint(self, model, trial):
+        """trl's checkpoint, plus the reference model (:data:`REFERENCE_FILE`) once a sync has changed it; written
+        before the Trainer's files, so a checkpoint with ``trainer_state.json`` (written last) has it whole."""
+        if self._reference_syncs(self.state.global_step) and not self.args.save_only_model:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            save_frozen_weights(getattr(self.ref_model, "module", self.ref_model), os.path.join(folder, REFERENCE_FILE),
+                                self.args.should_save)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # None: trl's train says so
+        if resume_from_checkpoint:
+            self._restore_reference(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+
+    def _restore_reference(self, checkpoint: str) -> None:
+        """The reference model of ``checkpoint``, when it holds one; a warning when a sync had changed the
+        reference but the checkpoint predates rlt saving it (the reference then restarts from the initial model)."""
+        if self.ref_model is None:
+            return
+        path = os.path.join(checkpoint, REFERENCE_FILE)
+        step = json.loads(Path(checkpoint, "trainer_state.json").read_text())["global_step"]
+        if os.path.exists(path):
+            load_frozen_weights(getattr(self.ref_model, "module", self.ref_model), path)
+            logger.info("reference model restored from %s (step %d)", path, step)
+        elif self._reference_syncs(step):
+            logger.warning(
+                "resuming at step %d: %s holds no reference model (saved before rlt checkpointed it), so the "
+                "reference restarts from model_name_or_path, while the run had mixed the policy into it %d time(s) "
+                "(sync_ref_model, every %d steps); the KL term differs from an uninterrupted run's until later syncs "
+                "shrink the difference (x%.2g each)", step, checkpoint, self._reference_syncs(step),
+                self.args.ref_model_sync_steps, 1 - self.args.ref_model_mixup_alpha)
 
     # ------------------------------------------------------------------ prompts
     def _tokenize_prompts(self, prompts: list):
