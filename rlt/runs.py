@@ -243,6 +243,11 @@ def train_and_save(trainer, tokenizer, run: RunConfig, output_dir: str) -> None:
         logger.info("final %s saved to %s", "LoRA adapter" if _is_peft(trainer) else "model", output_dir)
     if run.save_merged_model:
         save_merged_model(trainer, tokenizer, str(Path(output_dir) / "merged"))
+    # No rank leaves while another still saves, and none exits with the process group alive: a rank that did
+    # could abort in the communication backend's teardown (seen once on CPU: rank 1 "terminate called without an
+    # active exception" while rank 0 still wrote the tokenizer), and torchrun then kills the others.
+    trainer.accelerator.wait_for_everyone()
+    trainer.end()   # transformers' end of script: accelerate's end_training, which destroys the process group
 
 
 def _is_peft(trainer) -> bool:

@@ -41,3 +41,38 @@ def test_offline_wandb_run_lands_in_output_dir(tmp_path):
              "report_to=wandb"], env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}, cwd=tmp_path)
     assert list((out / "wandb").glob("offline-run-*"))
     assert not (tmp_path / "wandb").exists() and not (tmp_path / "train.log").exists()
+
+
+def test_train_and_save_waits_for_every_rank_then_ends_the_process_group(tmp_path):
+    """The last thing each rank does: wait for the others' saves, then transformers' Trainer.end (accelerate's
+    end_training, which destroys the process group); a rank exiting with the group alive once aborted in the
+    backend's teardown while rank 0 still saved."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rlt.runs import RunConfig, train_and_save
+
+    calls = []
+
+    class Trainer:
+        args = SimpleNamespace(report_to=[], output_dir=str(tmp_path))
+        model = torch.nn.Linear(1, 1)
+        accelerator = SimpleNamespace(is_main_process=True, unwrap_model=lambda m: m,
+                                      wait_for_everyone=lambda: calls.append("wait"))
+
+        def train(self, resume_from_checkpoint=None):
+            calls.append("train")
+
+        def save_state(self):
+            calls.append("save_state")
+
+        def save_model(self, path):
+            calls.append("save_model")
+
+        def end(self):
+            calls.append("end")
+
+    tokenizer = SimpleNamespace(save_pretrained=lambda path: calls.append("tokenizer"))
+    train_and_save(Trainer(), tokenizer, RunConfig(trainer="sft"), str(tmp_path))
+    assert calls == ["train", "save_state", "save_model", "tokenizer", "wait", "end"]
