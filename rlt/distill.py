@@ -280,7 +280,7 @@ def distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg: DistillConf
     ``datasets`` JSON reader refuses columns that change within a file).
     ``overlap``: the next chunk is generated (in a thread) while this one is scored and written, for an engine
     that generates outside this process (vLLM servers or vLLM's engine core) beside a scorer of its own; the
-    calls, their seeds and the rows written are those of the plain loop, in the same order."""
+    same calls go to the engine in the same order as in the plain loop, and the rows are written in that order."""
     def generate(s: int):
         chunk = todo[s:s + cfg.chunk_size]
         return chunk, engine.generate([prompt_ids[i] for i, _ in chunk], cfg.num_explanations,
@@ -300,7 +300,7 @@ def distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg: DistillConf
             bar.update(1)
 
     starts = range(0, len(todo), cfg.chunk_size)
-    if not overlap:
+    if not overlap or not starts:
         for s in starts:
             write(*generate(s))
         return

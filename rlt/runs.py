@@ -227,7 +227,8 @@ def crash_after_step_callback(step: int):
 
 
 def train_and_save(trainer, tokenizer, run: RunConfig, output_dir: str) -> None:
-    """Train (resuming when a checkpoint exists) and save the final model + tokenizer."""
+    """Train (resuming when a checkpoint exists) and save the final model + tokenizer; once per process: it
+    ends the process group of a distributed run."""
     if os.environ.get(CRASH_ENV):
         trainer.add_callback(crash_after_step_callback(int(os.environ[CRASH_ENV])))
     configure_reporting(run, trainer.args)

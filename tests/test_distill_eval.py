@@ -581,7 +581,9 @@ def test_plot_and_report_of_a_wrong_directory_are_one_line_and_write_nothing(tmp
 
 # ------------------------------------------------------------------ generation beside scoring (overlap)
 class SeededEngine:
-    """Each call's completions come from its seed (as a server's seeded sampling does); ``started`` holds an event
+    """Each call's completions come from the call's arguments (seed = cfg.seed + chunk offset, so the call's
+    place in the run: vLLM's sampling, seeded once per engine, gives each call what the calls before it leave);
+    ``started`` holds an event
     per seed, set when that call begins; ``fail_at``: the seed whose call raises; ``block_at``: the seed whose call
     waits for ``release``."""
 
@@ -661,6 +663,7 @@ def test_a_failed_generation_ahead_keeps_the_chunks_before_it(tmp_path, tokenize
 
 
 def test_a_failed_scoring_does_not_wait_for_the_generation_ahead(tmp_path, tokenizer):
+    import threading
     import time
 
     engine = SeededEngine(tokenizer, block_at=9)   # the call ahead would run 30 s
@@ -671,5 +674,16 @@ def test_a_failed_scoring_does_not_wait_for_the_generation_ahead(tmp_path, token
     t0 = time.perf_counter()
     with pytest.raises(MemoryError, match="scorer out of memory"):
         run_chunks(tokenizer, engine, scorer, True, tmp_path / "o.jsonl")
-    assert time.perf_counter() - t0 < 10 and engine.started[9].is_set()
+    assert time.perf_counter() - t0 < 10
+    assert engine.started.setdefault(9, threading.Event()).wait(10)   # the call ahead had been sent
     engine.release.set()
+
+
+def test_overlap_with_nothing_to_do_writes_nothing(tmp_path, tokenizer):
+    from rlt.distill import distill_chunks, new_totals
+
+    engine, totals = SeededEngine(tokenizer), new_totals()
+    cfg = DistillConfig(output=str(tmp_path / "o.jsonl"), select="best_of_k")
+    with open(tmp_path / "o.jsonl", "w") as f:
+        distill_chunks(engine, tokenizer, [], {}, {}, FMT, cfg, length_scorer, f, totals, overlap=True)
+    assert engine.seeds == [] and totals["rows"] == 0 and (tmp_path / "o.jsonl").read_text() == ""

@@ -45,16 +45,16 @@ def test_crash_after_first_checkpoint_then_resume(tmp_path):
     crashed = run_cmd(cmd, env={"RLT_INJECT_CRASH_AFTER_STEP": "1"}, check=False)
     assert crashed.returncode != 0
     assert (out / "checkpoint-1").exists() and not (out / "checkpoint-2").exists()
-    ref1 = load_file(out / "checkpoint-1" / "reference_model.safetensors")   # checkpoint-1 is rotated away later
+    ref1 = load_file(out / "checkpoint-1" / "reference_model" / "model.safetensors")   # checkpoint-1 is rotated away later
     resumed = run_cmd(cmd)
     text = resumed.stdout + resumed.stderr
     assert re.search(r"resuming from .*checkpoint-1", text)
-    assert re.search(r"reference model restored from .*checkpoint-1/reference_model.safetensors \(step 1\)", text)
+    assert re.search(r"reference model restored from .*checkpoint-1/reference_model/model.safetensors \(step 1\)", text)
     assert len(step_logs(text)) == 2  # steps 2 and 3 only
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
     assert (out / "model.safetensors").exists()
-    ref2 = load_file(out / "checkpoint-2" / "reference_model.safetensors")
+    ref2 = load_file(out / "checkpoint-2" / "reference_model" / "model.safetensors")
     policy2 = load_file(out / "checkpoint-2" / "model.safetensors")
     # trl's mix at the end of step 2, ref <- 0.1 ref + 0.9 policy, started from the restored reference
     assert set(ref2) == set(ref1) and all(

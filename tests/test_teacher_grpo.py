@@ -155,6 +155,7 @@ def test_checkpoints_hold_the_synced_reference_and_a_resume_restores_it(tmp_path
     init = {n: p.detach().clone() for n, p in first.ref_model.named_parameters()}
     first.train()
     ckpt1 = tmp_path / "checkpoint-1"
+    assert [f.name for f in ckpt1.glob("*.safetensors")] == ["model.safetensors"]   # all vLLM would load there
     ref1, policy1 = load_file(ckpt1 / REFERENCE_FILE), load_file(ckpt1 / "model.safetensors")
     assert set(ref1) == set(init)
 
@@ -179,9 +180,16 @@ def test_checkpoints_hold_the_synced_reference_and_a_resume_restores_it(tmp_path
     third, _ = make_trainer(tmp_path / "old", "max_steps=1", *sync)
     with caplog.at_level("WARNING", logger="rlt.trainers.teacher_grpo"):
         third._restore_reference(str(ckpt1))
-    assert (f"resuming at step 1: {ckpt1} holds no reference model (saved before rlt checkpointed it), so the "
-            "reference restarts from model_name_or_path, while the run had mixed the policy into it 1 time(s) "
-            "(sync_ref_model, every 1 steps)") in caplog.text
+    assert (f"resuming at step 1: {ckpt1} holds no reference model (saved before rlt checkpointed it, or by a run "
+            "without sync_ref_model), so the reference restarts from model_name_or_path, while this run's settings "
+            "would have mixed the policy into it 1 time(s) (sync_ref_model, every 1 steps)") in caplog.text
+
+
+def test_resume_true_without_a_checkpoint_is_refused_as_transformers_refuses_it(tmp_path):
+    trainer, _ = make_trainer(tmp_path, "max_steps=1", "ref_model_sync_steps=1", "beta=0.04")
+    with pytest.raises(ValueError, match="No valid checkpoint found in output directory"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0
 
 
 def test_no_reference_file_before_the_first_sync(tmp_path):

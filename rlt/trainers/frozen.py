@@ -88,7 +88,10 @@ def prepare_frozen(model, accelerator, offload: bool = False, what: str = "stude
     return engine
 
 
-REFERENCE_FILE = "reference_model.safetensors"   # in a checkpoint-N folder, once sync_ref_model has changed it
+# In a checkpoint-N folder once sync_ref_model has changed the reference. A subfolder, not a second *.safetensors
+# beside model.safetensors: vLLM loads every *.safetensors at the top of a folder without an index file (a
+# checkpoint's policy is one file up to 50 GB), so it would load both under the same names when given checkpoint-N.
+REFERENCE_FILE = "reference_model/model.safetensors"
 
 
 def save_frozen_weights(model, path: str, is_main: bool) -> None:

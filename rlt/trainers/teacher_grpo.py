@@ -97,11 +97,10 @@ class TeacherGRPOTrainer(GRPOTrainer):
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # None: trl's train says so
-        if resume_from_checkpoint:
-            self._restore_reference(resume_from_checkpoint)
-        return super().train(resume_from_checkpoint or None, *args, **kwargs)
+        ckpt = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        if ckpt:   # True without a checkpoint: transformers' train refuses it
+            self._restore_reference(ckpt)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _restore_reference(self, checkpoint: str) -> None:
         """The reference model of ``checkpoint``, when it holds one; a warning when a sync had changed the
@@ -115,8 +114,9 @@ class TeacherGRPOTrainer(GRPOTrainer):
             logger.info("reference model restored from %s (step %d)", path, step)
         elif self._reference_syncs(step):
             logger.warning(
-                "resuming at step %d: %s holds no reference model (saved before rlt checkpointed it), so the "
-                "reference restarts from model_name_or_path, while the run had mixed the policy into it %d time(s) "
+                "resuming at step %d: %s holds no reference model (saved before rlt checkpointed it, or by a run "
+                "without sync_ref_model), so the reference restarts from model_name_or_path, while this run's "
+                "settings would have mixed the policy into it %d time(s) "
                 "(sync_ref_model, every %d steps); the KL term differs from an uninterrupted run's until later syncs "
                 "shrink the difference (x%.2g each)", step, checkpoint, self._reference_syncs(step),
                 self.args.ref_model_sync_steps, 1 - self.args.ref_model_mixup_alpha)
