@@ -45,6 +45,8 @@ def test_crash_after_first_checkpoint_then_resume(tmp_path):
     crashed = run_cmd(cmd, env={"RLT_INJECT_CRASH_AFTER_STEP": "1"}, check=False)
     assert crashed.returncode != 0
     assert (out / "checkpoint-1").exists() and not (out / "checkpoint-2").exists()
+    assert re.search(r"reference model saved to .*checkpoint-1/reference_model/model.safetensors in [0-9.]+s",
+                     crashed.stdout + crashed.stderr)
     ref1 = load_file(out / "checkpoint-1" / "reference_model" / "model.safetensors")   # checkpoint-1 is rotated away later
     resumed = run_cmd(cmd)
     text = resumed.stdout + resumed.stderr

@@ -92,8 +92,10 @@ class TeacherGRPOTrainer(GRPOTrainer):
         before the Trainer's files, so a checkpoint with ``trainer_state.json`` (written last) has it whole."""
         if self._reference_syncs(self.state.global_step) and not self.args.save_only_model:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_frozen_weights(getattr(self.ref_model, "module", self.ref_model), os.path.join(folder, REFERENCE_FILE),
-                                self.args.should_save)
+            t0 = time.perf_counter()
+            path = os.path.join(folder, REFERENCE_FILE)
+            save_frozen_weights(getattr(self.ref_model, "module", self.ref_model), path, self.args.should_save)
+            logger.info("reference model saved to %s in %.1fs", path, time.perf_counter() - t0)
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
