@@ -31,7 +31,8 @@ def _segments() -> set[str]:
 
 @pytest.fixture(autouse=True)
 def _shared_memory_left_behind(request):
-    """Notes the /dev/shm segments (psm_*, sem.mp-*) a test created and nothing removed within 5 s."""
+    """Notes the /dev/shm segments (psm_*, sem.mp-*) a test created and nothing removed within 5 s; the run then
+    fails (:func:`pytest_sessionfinish`)."""
     before = _segments()
     yield
     deadline = time.monotonic() + 5
@@ -44,6 +45,12 @@ def _shared_memory_left_behind(request):
 def pytest_terminal_summary(terminalreporter):
     for test, names in LEAKS:
         terminalreporter.write_line(f"shared memory left behind by {test}: {' '.join(names)}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A run that leaves shared memory behind fails (nothing rlt starts may outlive it, nor what it made)."""
+    if LEAKS and exitstatus == 0:
+        session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +77,27 @@ def run_cmd(args, timeout=900, env=None, check=True, cwd=ROOT):
     return proc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(n: int = 1) -> int:
+    """A loopback port P with P .. P+n-1 all free now: a run with n servers, or a server and its NCCL group port
+    (P + servers), takes consecutive ports."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + n - 1 > 65535:
+            continue
+        socks = []
+        try:
+            for q in range(port, port + n):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", q))
+            return port
+        except OSError:
+            continue
+        finally:
+            for t in socks:
+                t.close()
+    raise RuntimeError(f"no {n} consecutive free loopback ports found")
 
 
 @contextlib.contextmanager

@@ -147,8 +147,10 @@ def test_dataset_ids_load_and_reject_bad_ones():
     ds = load_rows("rlt-arith:validation:12:4:trace-full+max_terms-5")
     assert len(ds) == 12 and set(ds.column_names) >= {"system", "conversations", "answer", "operands"}
     assert all(len(o) <= 5 for o in ds["operands"])
-    for bad in ("rlt-arith:dev:10:0", "rlt-arith:train:10:0:trace-long", "rlt-arith:train:10:0:colour-red"):
-        with pytest.raises(ConfigError):
+    for bad, why in (("rlt-arith:dev:10:0", r"\(SPLIT one of \['train', 'validation', 'test'\], N >= 1\)"),
+                     ("rlt-arith:train:10:0:trace-long", r"trace='long': choose raw or full"),
+                     ("rlt-arith:train:10:0:colour-red", r"bad option 'colour-red'; keys: \[")):
+        with pytest.raises(ConfigError, match=rf"^dataset_id_or_path={bad}: .*{why}"):
             load_rows(bad)
 
 
@@ -267,12 +269,16 @@ def test_a_failed_job_lets_the_running_ones_finish_and_keeps_their_results(tmp_p
                 str(tmp_path / "slow.log")),
             Job("bad", "experiment_job_fns:fail_after_writing", {"path": str(marker)}, str(tmp_path / "bad.log")),
             Job("after", "experiment_job_fns:fail_after_writing", {"path": str(tmp_path / "x")},
-                str(tmp_path / "after.log"), deps=("bad",))]
+                str(tmp_path / "after.log"), deps=("bad",)),
+            # ready all along, but both workers are busy until bad fails: it would start only after the failure
+            Job("free", "experiment_job_fns:fail_after_writing", {"path": str(tmp_path / "y")},
+                str(tmp_path / "free.log"))]
     saved = {}
     with pytest.raises(JobFailed, match=r"bad failed \(RuntimeError: injected failure\); see .*bad\.log"):
         run_jobs(jobs, workers=2, threads=1, on_done=lambda r: saved.update(r))
     assert out.read_text() == "done" and list(saved) == ["slow"]  # finished after the failure, and kept
-    assert not (tmp_path / "x").exists()  # nothing new started after the failure
+    assert not (tmp_path / "x").exists()  # a job depending on the failed one never starts
+    assert not (tmp_path / "y").exists()  # nor does any job after the failure, ready or not
     assert "injected failure" in (tmp_path / "bad.log").read_text()
 
 

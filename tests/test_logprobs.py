@@ -2,6 +2,7 @@
 import logging
 import os
 import socket
+import threading
 
 import pytest
 import torch
@@ -94,7 +95,8 @@ def test_pack_plan_properties():
     assert sorted(i for p in plan for i in p) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in p) <= 512 or len(p) == 1 for p in plan)
     assert sum(lengths) / (512 * len(plan)) > 0.9   # FFD fills the packs
-    assert plan == L.pack_plan(lengths, 512)        # deterministic
+    # first-fit decreasing by hand: longest first, each into the first pack it fits, alone when over the cap
+    assert L.pack_plan([300, 100, 250, 600, 200], 512) == [[3], [0, 4], [2, 1]]
 
 
 def test_padded_plan_by_tokens_and_rows():
@@ -387,10 +389,17 @@ def test_overlap_gives_identical_results(reward_setup, tokenizer):
     _, teacher, _, items = reward_setup
     r = _reward(reward_setup, tokenizer, reward_token_budget=96)
     r.round_budgets = 2                                      # several rounds
+    threads = []
+    real = r.prepare
+    r.prepare = lambda it: threads.append(threading.current_thread()) or real(it)
     r.overlap = False
     seq = r(teacher, items)
+    assert threads and set(threads) == {threading.main_thread()}
+    threads.clear()
     r.overlap = True
     ahead = r(teacher, items)
+    assert len(threads) == len(items) and threading.main_thread() not in threads   # prepared in the thread
+    r.prepare = real
     prepared = r.score_prepared(teacher, [r.prepare(it) for it in items])
     for other in (ahead, prepared):
         assert other.components.keys() == seq.components.keys()

@@ -107,8 +107,13 @@ def test_readme_command(cmd, tmp_path):
         recipe, overrides = (tokens[2], tokens[3:]) if head == "./launch.sh" else (tokens[3], tokens[4:])
         check_training(recipe, overrides, n)
     elif head.startswith("scripts/") or head.startswith(".venv/bin/python"):
-        script = tokens[0] if head.startswith("scripts/") else tokens[1]
+        script, args = (tokens[0], tokens[1:]) if head.startswith("scripts/") else (tokens[1], tokens[2:])
         assert (ROOT / script).is_file(), script
+        flags = [a.split("=")[0] for a in args if a.startswith("--")]
+        if flags:   # each flag the README gives is one the script's --help names
+            runner = ["bash"] if script.endswith(".sh") else [sys.executable]
+            usage = subprocess.run(runner + [script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+            assert usage.returncode == 0 and all(f in usage.stdout for f in flags), (cmd, usage.stdout[-2000:])
     elif head in ("python", "python3") and tokens[1] == "-":  # a script given on stdin (here-document)
         return
     elif head in ("python", "python3") and tokens[1] == "-m":
@@ -131,8 +136,14 @@ def test_readme_command(cmd, tmp_path):
             path = args[args.index("--middleware") + 1]
             mod, _, name = path.rpartition(".")
             assert callable(getattr(importlib.import_module(mod), name)), path
-        elif module in ("rlt.plot", "rlt.report", "rlt.train"):
-            assert module != "rlt.train" or is_template(args), f"rlt.train example not checked: {cmd}"
+        elif module in ("rlt.plot", "rlt.report"):   # each flag the README gives is one its --help names
+            usage = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
+                                   text=True, timeout=120)
+            flags = [a.split("=")[0] for a in args if a.startswith("--")]
+            assert usage.returncode == 0 and usage.stdout.startswith("usage:"), usage.stderr[-2000:]
+            assert all(f in usage.stdout for f in flags), (cmd, usage.stdout)
+        elif module == "rlt.train":
+            assert is_template(args), f"rlt.train example not checked: {cmd}"
         else:
             pytest.fail(f"unknown module in README: {cmd}")
     elif head in ("cd", "git", "pip"):

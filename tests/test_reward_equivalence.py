@@ -60,22 +60,46 @@ def make_cases(tokenizer, teacher, n_sampled=40, seed=0):
 
 CONFIGS = {
     "paper": {},
+    # no clips here: after "exp" a log-prob is > 0 > -clip_log_prob, and after "exp_norm" the near-uniform tiny
+    # student's -log p gives 1 - p, about 0.999, above any clip_kl that binds only sometimes ("clips" below)
     "variants": dict(use_schulman_kl_estimation=True, normalize_log_prob_fn="exp", normalize_kl_fn="exp_norm",
-                     clip_log_prob=3.0, clip_kl=0.2, reduction_log_prob_fn=["median", "first_quartile", "sum"],
+                     reduction_log_prob_fn=["median", "first_quartile", "sum"],
                      answer_log_prob_coeff=[1, 0.5, 0.01], reduction_kl_fn=["last_quartile", "min"],
                      kl_penalty_reward_coeff=[2, 0.1], include_teacher_think_entropy=False,
                      unbias_student_log_probs_temp=None, unbias_teacher_log_probs=False,
                      reward_micro_batch_size=3, reward_logit_chunk_size=7, reward_vocab_chunk_size=100),
+    # clip_log_prob and clip_kl are set in the test at the cases' median token values, so that they bind on
+    # about half of the tokens (a fixed value would clip all or none of a random tiny model's tokens)
+    "clips": dict(reduction_log_prob_fn=["mean", "min"], answer_log_prob_coeff=[1, 0.5],
+                  reduction_kl_fn=["mean", "max"], kl_penalty_reward_coeff=[1, 0.5], reward_micro_batch_size=4),
 }
+
+
+def binding_clips(teacher, student, tokenizer, cases, cfg: dict) -> dict:
+    """``cfg`` with clip_log_prob / clip_kl at the median over the cases of each one's median solution log-prob /
+    thought KL token (the reward's own components, unclipped)."""
+    c = TeacherReward(student, tokenizer, FMT, RewardConfig(**cfg), 0.7)(teacher, cases).components
+    lp, kl = c["solution_log_prob/median"], c["thought_kl/median"]
+    return {**cfg, "clip_log_prob": -lp[lp.isfinite()].median().item(), "clip_kl": kl[kl.isfinite()].median().item()}
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_rlt_matches_oracle(tokenizer, models, name):
     teacher, student = models
-    cfg = RewardConfig(**CONFIGS[name])
     cases = make_cases(tokenizer, teacher, n_sampled=42 if name == "paper" else 12)
     assert len(cases) >= (50 if name == "paper" else 20)
+    settings = binding_clips(teacher, student, tokenizer, cases, CONFIGS[name]) if name == "clips" else CONFIGS[name]
+    cfg = RewardConfig(**settings)
     res = TeacherReward(student, tokenizer, FMT, cfg, teacher_temperature=0.7)(teacher, cases)
+    if name == "clips":   # each clip changes the terms it applies to, for most cases
+        plain = TeacherReward(student, tokenizer, FMT, RewardConfig(**CONFIGS[name]), 0.7)(teacher, cases).components
+        for key in ("r_ss", "r_kl"):
+            changed = (res.components[key] - plain[key]).abs() > 1e-6
+            assert changed.sum() >= len(cases) // 2, (key, changed.tolist())
+    # every compared term depends on the case (with "clips" -log p of the thought, about 7, is always above the
+    # KL-sized clip_kl: the no-entropy term is clipped flat there, and compared unclipped in the other two)
+    for key in ("r_ss", "r_kl") + (("r_kl_no_entropy",) if name != "clips" else ()):
+        assert res.components[key].unique().numel() > len(cases) // 2, key
     kinds = {"no_tag": 0, "after_tag": 0}
     for i, item in enumerate(cases):
         ref = oracle_reward(teacher, student, tokenizer, FMT, cfg, 0.7, item)

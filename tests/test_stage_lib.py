@@ -31,9 +31,17 @@ def test_sigterm_stops_the_running_stage(tmp_path, wrapped):
     cmd = f'bash -c "sleep {marker}; echo done"' if wrapped else f"sleep {marker}"
     path = script(tmp_path, f'run_stage "long" {tmp_path}/c.log {cmd}')
     proc = subprocess.Popen(["bash", str(path)], stdout=subprocess.PIPE, text=True)
-    time.sleep(2)
-    assert subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 0
+
+    def sleeping() -> bool:
+        return subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 0
+
+    deadline = time.monotonic() + 30
+    while not sleeping():   # the stage has started
+        assert time.monotonic() < deadline and proc.poll() is None, "the stage's sleep never started"
+        time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 130
-    time.sleep(0.5)
-    assert subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 1
+    deadline = time.monotonic() + 10
+    while sleeping():   # and is gone soon after
+        assert time.monotonic() < deadline, "the stage's sleep outlived the SIGTERM"
+        time.sleep(0.2)

@@ -40,6 +40,7 @@ def test_countdown_files_in_both_formats_parse_identically(tmp_path):
     paths = countdown.write_dataset(tmp_path, n=12, seed=5)
     s = load_examples(str(paths["stratos"]), resolve_format("bespoke_stratos"))
     c = load_examples(str(paths["custom"]), resolve_format("custom"))
+    assert len(s) == len(c) == 12
     assert [(e.question, e.solution, e.thought) for e in s] == [(e.question, e.solution, e.thought) for e in c]
     first = json.loads(paths["stratos"].read_text().splitlines()[0])
     assert set(first) >= {"system", "conversations"}
