@@ -21,7 +21,7 @@ no_out_dir() { echo "experiment.sh: error: --out needs a directory" >&2; exit 2;
 while [ $# -gt 0 ]; do
   case "$1" in
     --curves) CMD=curves ;;
-    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;  # the header
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$ROOT/scripts/experiment.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;  # the header
     --out) [ $# -ge 2 ] || no_out_dir; OUT="$2"; shift ;;
     --out=*) OUT="${1#--out=}"; [ -n "$OUT" ] || no_out_dir ;;
     *) ARGS+=("$1") ;;

@@ -50,7 +50,7 @@ MODE=gpu
 case "${1:-}" in
   "") ;;
   --cpu-smoke) MODE=cpu-smoke ;;
-  -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,/^set -uo/p' "$ROOT/scripts/gpu_check.sh" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   *) echo "gpu_check.sh: unknown argument '$1' (accepted: --cpu-smoke, --help)" >&2; exit 2 ;;
 esac
 ALL_STAGES=(install cuda_tests bench_output_layer bench_reward_7b_bf16 bench_reward_0.5b_fp32 models build_cpu_adam

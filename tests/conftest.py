@@ -42,15 +42,36 @@ def _shared_memory_left_behind(request):
         LEAKS.append((request.node.nodeid, sorted(new)))
 
 
-def pytest_terminal_summary(terminalreporter):
-    for test, names in LEAKS:
-        terminalreporter.write_line(f"shared memory left behind by {test}: {' '.join(names)}")
+SURVIVING: list[tuple[str, list[str]]] = []  # the LEAKS still there when the run ends: they fail it
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """A run that leaves shared memory behind fails (nothing rlt starts may outlive it, nor what it made)."""
-    if LEAKS and exitstatus == 0:
+    """A run that leaves shared memory behind fails (nothing rlt starts may outlive it, nor what it made): the
+    segments a test left that still exist once every fixture is torn down, a garbage collection has run (a
+    spawn-context lock lives until its object goes) and 10 s have passed."""
+    if not LEAKS:
+        return
+    import gc
+
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while True:
+        SURVIVING[:] = [(t, alive) for t, names in LEAKS if (alive := [n for n in names if (SHM / n).exists()])]
+        if not SURVIVING or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if SURVIVING and exitstatus == 0:
         session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):   # runs after pytest_sessionfinish above
+    for test, names in LEAKS:
+        terminalreporter.write_line(f"shared memory left behind by {test}: {' '.join(names)}")
+    if SURVIVING:
+        terminalreporter.write_sep("=", "FAILED: shared memory still left behind at the end: "
+                                   + "; ".join(f"{t}: {' '.join(n)}" for t, n in SURVIVING), red=True)
+    elif LEAKS:
+        terminalreporter.write_line("(all of it was removed by the end of the run)")
 
 
 @pytest.fixture(scope="session")

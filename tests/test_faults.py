@@ -702,10 +702,17 @@ class Run:
         return server, trainer
 
     def finish(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
         rc = self.proc.wait(timeout=timeout)
-        while (line := self._queue.get(timeout=timeout)) is not None:   # the rest of the output
+        while True:   # the rest of the output, until the pipe closes (a process left holding it: see the log)
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"the launcher exited ({rc}) but its output stayed open {timeout:.0f}s (a "
+                                     f"process it started holds it):\n{self.log[-5000:]}") from None
+            if line is None:
+                return rc
             self.lines.append(line)
-        return rc
 
     def cleanup(self):
         """After a failed test: let the launcher clean up (SIGTERM), then SIGKILL whatever is left of it."""

@@ -88,6 +88,11 @@ def test_readme_has_commands():
     assert len(COMMANDS) >= 10
 
 
+def names_flag(usage: str, flag: str) -> bool:
+    """``flag`` appears in a usage text as a whole option (``--out`` is not named by ``--out-dir``)."""
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", usage) is not None
+
+
 @pytest.mark.parametrize("cmd", COMMANDS)
 def test_readme_command(cmd, tmp_path):
     if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\$\(.*\)", cmd.strip()):  # a shell variable, e.g. KEY=$(python -c ...)
@@ -113,7 +118,7 @@ def test_readme_command(cmd, tmp_path):
         if flags:   # each flag the README gives is one the script's --help names
             runner = ["bash"] if script.endswith(".sh") else [sys.executable]
             usage = subprocess.run(runner + [script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-            assert usage.returncode == 0 and all(f in usage.stdout for f in flags), (cmd, usage.stdout[-2000:])
+            assert usage.returncode == 0 and all(names_flag(usage.stdout, f) for f in flags), (cmd, usage.stdout[-2000:])
     elif head in ("python", "python3") and tokens[1] == "-":  # a script given on stdin (here-document)
         return
     elif head in ("python", "python3") and tokens[1] == "-m":
@@ -141,7 +146,7 @@ def test_readme_command(cmd, tmp_path):
                                    text=True, timeout=120)
             flags = [a.split("=")[0] for a in args if a.startswith("--")]
             assert usage.returncode == 0 and usage.stdout.startswith("usage:"), usage.stderr[-2000:]
-            assert all(f in usage.stdout for f in flags), (cmd, usage.stdout)
+            assert all(names_flag(usage.stdout, f) for f in flags), (cmd, usage.stdout)
         elif module == "rlt.train":
             assert is_template(args), f"rlt.train example not checked: {cmd}"
         else:

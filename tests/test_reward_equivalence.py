@@ -75,11 +75,11 @@ CONFIGS = {
 }
 
 
-def binding_clips(teacher, student, tokenizer, cases, cfg: dict) -> dict:
+def binding_clips(unclipped: dict, cfg: dict) -> dict:
     """``cfg`` with clip_log_prob / clip_kl at the median over the cases of each one's median solution log-prob /
-    thought KL token (the reward's own components, unclipped)."""
-    c = TeacherReward(student, tokenizer, FMT, RewardConfig(**cfg), 0.7)(teacher, cases).components
-    lp, kl = c["solution_log_prob/median"], c["thought_kl/median"]
+    thought KL token (``unclipped``: the reward's components without the clips)."""
+    lp, kl = unclipped["solution_log_prob/median"], unclipped["thought_kl/median"]
+    assert lp.isfinite().sum() >= len(lp) // 2 and kl.isfinite().sum() >= len(kl) // 2   # spans to clip
     return {**cfg, "clip_log_prob": -lp[lp.isfinite()].median().item(), "clip_kl": kl[kl.isfinite()].median().item()}
 
 
@@ -88,11 +88,13 @@ def test_rlt_matches_oracle(tokenizer, models, name):
     teacher, student = models
     cases = make_cases(tokenizer, teacher, n_sampled=42 if name == "paper" else 12)
     assert len(cases) >= (50 if name == "paper" else 20)
-    settings = binding_clips(teacher, student, tokenizer, cases, CONFIGS[name]) if name == "clips" else CONFIGS[name]
+    settings = CONFIGS[name]
+    if name == "clips":
+        plain = TeacherReward(student, tokenizer, FMT, RewardConfig(**settings), 0.7)(teacher, cases).components
+        settings = binding_clips(plain, settings)
     cfg = RewardConfig(**settings)
     res = TeacherReward(student, tokenizer, FMT, cfg, teacher_temperature=0.7)(teacher, cases)
     if name == "clips":   # each clip changes the terms it applies to, for most cases
-        plain = TeacherReward(student, tokenizer, FMT, RewardConfig(**CONFIGS[name]), 0.7)(teacher, cases).components
         for key in ("r_ss", "r_kl"):
             changed = (res.components[key] - plain[key]).abs() > 1e-6
             assert changed.sum() >= len(cases) // 2, (key, changed.tolist())

@@ -33,7 +33,8 @@ def test_sigterm_stops_the_running_stage(tmp_path, wrapped):
     proc = subprocess.Popen(["bash", str(path)], stdout=subprocess.PIPE, text=True)
 
     def sleeping() -> bool:
-        return subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True).returncode == 0
+        # the sleep itself (^: not the wrapper shell, whose command line holds it too)
+        return subprocess.run(["pgrep", "-f", f"^sleep {marker}"], capture_output=True).returncode == 0
 
     deadline = time.monotonic() + 30
     while not sleeping():   # the stage has started
