@@ -304,7 +304,7 @@ def distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg: DistillConf
         for s in starts:
             write(*generate(s))
         return
-    ahead = Ahead(generate, starts[0]) if starts else None
+    ahead = Ahead(generate, starts[0])
     for s in [*starts[1:], None]:
         chunk, gen = ahead.result()
         ahead = Ahead(generate, s) if s is not None else None
@@ -404,7 +404,7 @@ def distill(cfg: DistillConfig, model: ModelConfig, data: DataConfig, fmt_cfg: F
     try:
         if todo:
             write_json_atomic(settings_path(progress), settings)
-        with open(progress, "a") as f, tqdm(total=-(-len(todo) // cfg.chunk_size), desc="distilling", unit="chunk",
+        with open(progress, "a") as f, tqdm(total=len(range(0, len(todo), cfg.chunk_size)), desc="distilling", unit="chunk",
                                             disable=not todo) as bar:
             # best_of_k: the scorer works on one chunk while vLLM generates the next
             distill_chunks(engine, tok, todo, prompts, prompt_ids, fmt, cfg, scorer, f, totals, bar,

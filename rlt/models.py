@@ -341,14 +341,20 @@ def _pieces(model) -> list[_Piece]:
     return pieces
 
 
-def _gathered(params):
-    """Materialise ZeRO-3 partitioned parameters for reading (every rank must enter; no-op otherwise)."""
+def is_zero3(params) -> bool:
+    """Whether any of ``params`` is a ZeRO-3 partitioned parameter."""
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def gathered(params, modifier_rank: int | None = None):
+    """Materialise ZeRO-3 partitioned parameters (every rank must enter; no-op otherwise): for reading, or, with
+    ``modifier_rank``, for that rank to write them (DeepSpeed re-partitions its values on exit)."""
     import contextlib
 
-    if any(hasattr(p, "ds_id") for p in params):
+    if is_zero3(params):
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
 
 
@@ -383,7 +389,7 @@ def full_named_weights(model):
     its names come with :func:`full_weight_metadata` without a gather.
     """
     for piece in _pieces(model):
-        with _gathered(piece.params):
+        with gathered(piece.params):
             if piece.layer is None:
                 yield piece.names[0], piece.sources[0].data
                 continue

@@ -95,8 +95,8 @@ def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
             raise ConfigError(f"resume_from={resume_from}: not a checkpoint (no optimizer state: a finished run's "
                               "output, or saved with save_only_model?); give one of its checkpoint-N folders, or "
                               "model_name_or_path= to start from its weights")
-        step = _step(resume_from)
-        newer = [Path(c).name for c in complete if _step(c) > step]
+        step = checkpoint_step(resume_from)
+        newer = [Path(c).name for c in complete if checkpoint_step(c) > step]
         if newer:   # a later rerun without resume_from would resume those, another run's or this one's future
             raise ConfigError(f"resume_from={resume_from}: output_dir={output_dir} holds newer checkpoints "
                               f"({', '.join(newer)}); a later plain rerun would resume them, not this branch. Give "
@@ -113,7 +113,7 @@ def last_checkpoint(output_dir: str, resume_from: str | None) -> str | None:
     return ckpt
 
 
-def _step(ckpt: str | Path) -> int:
+def checkpoint_step(ckpt: str | Path) -> int:
     """The step a checkpoint was saved at: its trainer_state.json's global_step, else N of checkpoint-N (-1)."""
     try:
         return int(json.loads(Path(ckpt, "trainer_state.json").read_text())["global_step"])

@@ -118,7 +118,7 @@ def load_frozen_weights(model, path: str) -> None:
     otherwise every rank copies its replica."""
     from safetensors import safe_open
 
-    from rlt.models import checkpoint_name
+    from rlt.models import checkpoint_name, gathered, is_zero3
 
     params = [(checkpoint_name(n), p) for n, p in model.named_parameters()]
     with safe_open(path, framework="pt", device="cpu") as f:
@@ -130,17 +130,8 @@ def load_frozen_weights(model, path: str) -> None:
             wrong = sorted(n for n in set(shapes) & set(stored) if shapes[n] != stored[n])
             raise ConfigError(f"{path}: does not fit the model it would restore (missing {missing[:3]}, unexpected "
                               f"{extra[:3]}, other shapes {wrong[:3]}); it was saved for another model")
-        zero3 = any(hasattr(p, "ds_id") for _, p in params)
-        if not zero3:
-            with torch.no_grad():
-                for n, p in params:
-                    p.data.copy_(f.get_tensor(n))
-            return
-        import deepspeed
-        import torch.distributed as dist
-
-        writer = dist.get_rank() == 0
+        writer = not is_zero3([p for _, p in params]) or torch.distributed.get_rank() == 0
         for n, p in params:
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            with gathered([p], modifier_rank=0), torch.no_grad():
                 if writer:
                     p.data.copy_(f.get_tensor(n))

@@ -110,7 +110,9 @@ class TeacherGRPOTrainer(GRPOTrainer):
         if self.ref_model is None:
             return
         path = os.path.join(checkpoint, REFERENCE_FILE)
-        step = json.loads(Path(checkpoint, "trainer_state.json").read_text())["global_step"]
+        from rlt.runs import checkpoint_step
+
+        step = checkpoint_step(checkpoint)
         if os.path.exists(path):
             load_frozen_weights(getattr(self.ref_model, "module", self.ref_model), path)
             logger.info("reference model restored from %s (step %d)", path, step)
